@@ -1,0 +1,150 @@
+"""The configuration file: one YAML document, validated once at start-up, passed explicitly.
+
+Lookup order: ``--config PATH``, then ``$DYNVM_CONFIG``, then /etc/dynvm/dynvm.yaml; when none exists the
+embedded default (a local farm on libvirt's test driver) is used.  Errors name the file, the dotted path
+and the problem in one line: ``dynvm.yaml: hosts[2].uri: ...``.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from provisioner.catalogue.model import NAME_RE, VO_RE
+
+DEFAULT_CONFIG_PATH = Path("/etc/dynvm/dynvm.yaml")
+CONFIG_ENV = "DYNVM_CONFIG"
+SCHEMA_VERSION = 1
+
+HostName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+LabelKey = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,62}$")]
+LabelValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{0,63}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DomainType(StrEnum):
+    KVM = "kvm"
+    QEMU = "qemu"
+    TEST = "test"
+
+
+class DetectionClass(Strict):
+    """How fast a host of this class is declared dead (counted from its last lease renewal)."""
+
+    lease_ttl_s: float = Field(default=3.0, gt=0)
+    dead_after_s: float = Field(default=4.0, gt=0)
+    samples: int = Field(default=2, ge=1, le=100)
+
+
+class HostConfig(Strict):
+    name: HostName
+    uri: str = Field(min_length=1, max_length=512)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    detection_class: Annotated[str, Field(pattern=NAME_RE.pattern)] = "standard"
+    fence_command: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _uri_scheme(self) -> HostConfig:
+        scheme = self.uri.split(":", 1)[0]
+        if "://" not in self.uri or not scheme.replace("+", "").isalnum():
+            raise ValueError(f"uri {self.uri!r} is not a libvirt URI (e.g. qemu:///system)")
+        return self
+
+
+class IdentitySource(StrEnum):
+    UNIX_GROUP = "unix_group"  # pool account's primary group (cms001 -> cms)
+    SLURM_ACCOUNT = "slurm_account"  # only with slurmdbd enforcement
+    CONDOR_PROXY_VO = "condor_proxy_vo"  # x509UserProxyVOName as the schedd recorded it
+
+
+class VOConfig(Strict):
+    """A VO the site supports: which image its jobs get and which trusted identities map to it."""
+
+    image: str = Field(min_length=1, max_length=128)  # "name[:version|:channel]" of a worker image
+    groups: list[Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")]] = Field(default_factory=list)
+    accounts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = Field(default_factory=list)
+    max_vcpus: int | None = Field(default=None, ge=0)
+    max_instances: int | None = Field(default=None, ge=0)
+
+
+class IdentityConfig(Strict):
+    sources: list[IdentitySource] = Field(default_factory=lambda: [IdentitySource.UNIX_GROUP])
+
+
+class StorageConfig(Strict):
+    shared_dir: Path = Path("/var/lib/dynvm/shared")
+    artefact_dir: Path | None = None  # default: <shared_dir>/images
+    overlay_dir: Path | None = None  # default: <shared_dir>/instances
+
+    @property
+    def artefacts(self) -> Path:
+        return self.artefact_dir or self.shared_dir / "images"
+
+    @property
+    def overlays(self) -> Path:
+        return self.overlay_dir or self.shared_dir / "instances"
+
+
+class SchedulerConfig(Strict):
+    weigher: Literal["least_loaded", "pack"] = "least_loaded"
+    cpu_overcommit: float = Field(default=1.0, gt=0, le=16)
+    memory_overcommit: float = Field(default=1.0, gt=0, le=4)
+
+
+class TimeoutsConfig(Strict):
+    libvirt_call_s: float = Field(default=10.0, gt=0)
+    provision_s: float = Field(default=300.0, gt=0)
+    visibility_s: float = Field(default=3600.0, gt=0)
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
+
+
+class Config(Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    catalogue_dir: Path = Path("images")
+    domain_type: DomainType = DomainType.KVM
+    storage: StorageConfig = StorageConfig()
+    hosts: list[HostConfig] = Field(default_factory=list)
+    identity: IdentityConfig = IdentityConfig()
+    vos: dict[Annotated[str, Field(pattern=VO_RE.pattern)], VOConfig] = Field(default_factory=dict)
+    detection_classes: dict[str, DetectionClass] = Field(
+        default_factory=lambda: {
+            "fast": DetectionClass(lease_ttl_s=2.0, dead_after_s=2.5, samples=2),
+            "standard": DetectionClass(),
+            "slow": DetectionClass(lease_ttl_s=10.0, dead_after_s=30.0, samples=3),
+        }
+    )
+    scheduler: SchedulerConfig = SchedulerConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    source: str = Field(default="<embedded default>", exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_hosts(self) -> Config:
+        seen: set[str] = set()
+        for i, h in enumerate(self.hosts):
+            if h.name in seen:
+                raise ValueError(f"hosts[{i}].name: duplicate host name {h.name!r}")
+            seen.add(h.name)
+            if h.detection_class not in self.detection_classes:
+                raise ValueError(f"hosts[{i}].detection_class: unknown class {h.detection_class!r}")
+        return self
+
+    def host(self, name: str) -> HostConfig | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+
+def config_path(explicit: str | None) -> Path | None:
+    """The file to read, or None for the embedded default."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
