@@ -147,4 +147,22 @@ def config_path(explicit: str | None) -> Path | None:
     env = os.environ.get(CONFIG_ENV)
     if env:
         return Path(env)
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    running_farm = farm_dir() / "dynvm.yaml"  # written by `dynvm farm up`
+    return running_farm if running_farm.exists() else None
+
+
+def farm_dir() -> Path:
+    """Where ``dynvm farm up`` keeps its state (config, pids, Redis, shared storage)."""
+    env = os.environ.get("DYNVM_FARM_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/dynvm/farm")
+    return Path.home() / ".local" / "state" / "dynvm" / "farm"
+
+
+def checkout_images_dir() -> Path:
+    """The images/ directory of a source checkout (the embedded default's catalogue)."""
+    return Path(__file__).resolve().parent.parent / "images"
