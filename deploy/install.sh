@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install everything dynvm needs on a Debian 12 machine: system packages and a Python venv in .venv.
+# Idempotent; safe to re-run.  Needs root (or sudo) for apt-get.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+PKGS=(redis-server libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86 qemu-utils
+      busybox-static cpio iproute2 xz-utils python3-venv python3-dev gcc slurm-wlm munge)
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "dynvm install: apt-get install ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts these via systemd on a normal machine; we start our own private instances, so stop
+# nothing and start nothing here.
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.dynvm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+echo "dynvm install: ok ($(.venv/bin/dynvm --version 2>/dev/null || echo dynvm))" >&2
