@@ -1,0 +1,1 @@
+"""Per-instance disks on the shared storage (qcow2 overlays over catalogue images)."""
