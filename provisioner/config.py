@@ -149,8 +149,8 @@ def config_path(explicit: str | None) -> Path | None:
         return Path(env)
     if DEFAULT_CONFIG_PATH.exists():
         return DEFAULT_CONFIG_PATH
-    running_farm = farm_dir() / "dynvm.yaml"  # written by `dynvm farm up`
-    return running_farm if running_farm.exists() else None
+    running_farm = farm_dir() / "dynvm.yaml"  # written by `dynvm farm up`, gone with `farm down`
+    return running_farm if (farm_dir() / "farm.json").exists() else None
 
 
 def farm_dir() -> Path:

@@ -1,0 +1,1 @@
+"""The host agent: alone drives its host's libvirt, renews its lease, reconciles what runs."""

@@ -1,0 +1,116 @@
+"""Boot and release of one instance on this agent's host.
+
+Every step checks the world first, so a redelivered task (agent killed mid-boot) never creates a second VM
+or leaks an overlay: the overlay is reused when it already has the right backing file, define_and_start is a
+no-op for a running domain, and the state transitions are atomic compare-and-set operations in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from provisioner.agent.domain import instance_disks, overlay_paths, spec_for
+from provisioner.control.runtime import Runtime
+from provisioner.errors import ConflictError, DeadlineExceeded, DynvmError, PermanentError
+from provisioner.interfaces import DomainState
+from provisioner.model import Instance, InstanceState
+
+log = logging.getLogger(__name__)
+BOOTABLE = (InstanceState.PLACED, InstanceState.BOOTING)
+
+
+def boot_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -> None:
+    inst = rt.store.get_instance(instance_id)
+    if inst is None or inst.host != rt.host or inst.state not in BOOTABLE:
+        return  # released, moved elsewhere, or already booted: nothing to do
+    try:
+        rt.store.transition(inst.id, InstanceState.BOOTING, expected=inst.state)
+    except ConflictError:
+        return  # someone else moved it on in the meantime
+    try:
+        _boot(rt, inst)
+    except PermanentError as err:
+        _fail(rt, inst, str(err))
+    except DynvmError as err:
+        if final_attempt:
+            _fail(rt, inst, str(err))
+        else:
+            rt.store.add_event("retry", instance=inst.id, host=rt.host, message=str(err))
+            raise
+
+
+def _boot(rt: Runtime, inst: Instance) -> None:
+    assert rt.hypervisor is not None and rt.host is not None
+    image = rt.catalogue.resolve(inst.image)
+    started = time.monotonic()
+    disks = instance_disks(rt, inst, image)
+    xml = spec_for(rt, inst, image, disks)
+    rt.hypervisor.define_and_start(inst.domain_name, xml)
+    from provisioner.agent.ready import wait_ready
+
+    wait_ready(rt, inst, image)
+    try:
+        rt.store.transition(inst.id, InstanceState.READY, expected=InstanceState.BOOTING)
+    except ConflictError:
+        # Released while booting: the release task tears the domain down; do not resurrect it.
+        return
+    ms = (time.monotonic() - started) * 1000
+    rt.store.add_event("ready", instance=inst.id, host=rt.host, message=f"{inst.image} ready in {ms:.0f} ms")
+    rt.store.notify(inst.id)
+
+
+def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
+    """Leave nothing behind: domain, overlay and claim go; the record says why."""
+    log.warning("instance %s failed on %s: %s", inst.id, rt.host, reason)
+    _teardown(rt, inst)
+    try:
+        rt.store.transition(inst.id, InstanceState.FAILED, reason=reason[:500])
+    except ConflictError:
+        pass
+    rt.store.add_event("failed", instance=inst.id, host=rt.host, message=reason[:500])
+    rt.store.notify(inst.id)
+
+
+def _teardown(rt: Runtime, inst: Instance) -> None:
+    from provisioner.storage.overlay import remove_overlay
+
+    assert rt.hypervisor is not None and rt.host is not None
+    rt.hypervisor.destroy(inst.domain_name)
+    rt.hypervisor.undefine(inst.domain_name)
+    for path in overlay_paths(rt, inst):
+        remove_overlay(path, rt.config.storage.overlays)
+    rt.store.release_claim(rt.host, inst.id)
+
+
+def release_instance(rt: Runtime, instance_id: str) -> None:
+    inst = rt.store.get_instance(instance_id)
+    if inst is None or inst.state is InstanceState.GONE:
+        return
+    if inst.host is not None and inst.host != rt.host:
+        return  # it moved: the release was re-sent to its current host
+    if inst.state is not InstanceState.STOPPING:
+        try:
+            rt.store.transition(inst.id, InstanceState.STOPPING)
+        except ConflictError:
+            return
+    if inst.host is not None:
+        _teardown(rt, inst)
+    rt.store.transition(inst.id, InstanceState.GONE, reason="released")
+    rt.store.add_event("released", instance=inst.id, host=rt.host, message=f"{inst.image} released")
+    rt.store.notify(inst.id)
+
+
+def domain_running(rt: Runtime, inst: Instance) -> bool:
+    assert rt.hypervisor is not None
+    return rt.hypervisor.state(inst.domain_name) is DomainState.RUNNING
+
+
+def wait_domain_running(rt: Runtime, inst: Instance, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while not domain_running(rt, inst):
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"{inst.id} on {rt.host}: domain not running after {timeout_s:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)

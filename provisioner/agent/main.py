@@ -1,0 +1,95 @@
+"""``dynvm agent --host NAME``: register the host, renew its lease, reconcile, serve ``host.NAME``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+
+from provisioner.config import Config
+from provisioner.control.runtime import Runtime, build_runtime
+from provisioner.errors import DynvmError, NotFoundError
+from provisioner.model import Host
+
+log = logging.getLogger(__name__)
+
+
+def start_agent_runtime(config: Config, host: str) -> Runtime:
+    """Connect, register the host with the capacity libvirt reports, and re-drive unfinished work."""
+    from provisioner.control.app import make_app
+    from provisioner.hypervisor.libvirt_host import LibvirtHost
+
+    hc = config.host(host)
+    if hc is None:
+        raise NotFoundError(f"host {host!r} is not in the configuration ({config.source})")
+    rt = build_runtime(config, host=host)
+    rt.hypervisor = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
+    cap = rt.hypervisor.capacity()
+    rt.store.register_host(Host(name=host, uri=hc.uri, capacity=cap, labels=dict(hc.labels),
+                                detection_class=hc.detection_class, last_seen=time.time()))
+    rt.extra["lease_token"] = f"{os.getpid()}-{secrets.token_hex(4)}"
+    rt.app = make_app(config)
+    rt.app.dynvm_runtime = rt
+    _renew(rt)
+    from provisioner.agent.reconcile import reconcile_host
+
+    reconcile_host(rt, startup=True)
+    return rt
+
+
+def _renew(rt: Runtime) -> None:
+    assert rt.host is not None
+    hc = rt.config.host(rt.host)
+    klass = rt.config.detection_classes[hc.detection_class if hc else "standard"]
+    rt.store.renew_lease(rt.host, rt.extra["lease_token"], klass.lease_ttl_s)
+
+
+def _background(rt: Runtime, stop: threading.Event) -> None:
+    """Lease renewal every third of the TTL; reconciliation every reconcile interval."""
+    from provisioner.agent.reconcile import reconcile_host
+
+    assert rt.host is not None
+    hc = rt.config.host(rt.host)
+    ttl = rt.config.detection_classes[hc.detection_class if hc else "standard"].lease_ttl_s
+    next_reconcile = time.monotonic() + rt.config.timeouts.reconcile_interval_s
+    while not stop.wait(ttl / 3):
+        try:
+            _renew(rt)
+            if time.monotonic() >= next_reconcile:
+                reconcile_host(rt)
+                next_reconcile = time.monotonic() + rt.config.timeouts.reconcile_interval_s
+        except DynvmError as err:
+            log.warning("agent %s: %s", rt.host, err)
+
+
+def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
+    from provisioner.control.app import host_queue
+
+    rt = start_agent_runtime(config, host)
+    stop = threading.Event()
+    t = threading.Thread(target=_background, args=(rt, stop), name=f"lease-{host}", daemon=True)
+    t.start()
+    try:
+        worker = rt.app.Worker(queues=[host_queue(host)], pool="threads", concurrency=concurrency,
+                               hostname=f"agent-{host}@{os.uname().nodename}", loglevel="WARNING",
+                               without_heartbeat=True, without_mingle=True, without_gossip=True)
+        worker.start()
+    finally:
+        stop.set()
+        assert rt.hypervisor is not None
+        rt.hypervisor.close()
+
+
+def run_worker(config: Config, concurrency: int = 8) -> None:
+    """``dynvm worker``: a control worker on the ``provision`` queue (never talks to libvirt)."""
+    from provisioner.control.app import PROVISION_QUEUE, make_app
+
+    rt = build_runtime(config)
+    rt.app = make_app(config)
+    rt.app.dynvm_runtime = rt
+    worker = rt.app.Worker(queues=[PROVISION_QUEUE], pool="threads", concurrency=concurrency,
+                           hostname=f"worker-{os.getpid()}@{os.uname().nodename}", loglevel="WARNING",
+                           without_heartbeat=True, without_mingle=True, without_gossip=True)
+    worker.start()

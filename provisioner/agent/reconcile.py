@@ -1,0 +1,80 @@
+"""Reconciliation on one host: libvirt is the truth for what runs, Redis for what should run.
+
+Decide (pure ``diff``) then do (``reconcile_host``).  Orphans (dynvm domains Redis does not want) are
+destroyed; ghosts (records that claim a running VM libvirt does not have) are marked lost; instances left
+placed/booting by a dead agent are re-driven.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from provisioner.control.runtime import Runtime
+from provisioner.errors import ConflictError, DynvmError
+from provisioner.interfaces import DomainInfo, DomainState
+from provisioner.model import Instance, InstanceState
+
+log = logging.getLogger(__name__)
+WANTED_RUNNING = frozenset({InstanceState.READY, InstanceState.DRAINING})
+KEEP_DOMAIN = frozenset({InstanceState.PLACED, InstanceState.BOOTING, InstanceState.READY,
+                         InstanceState.DRAINING, InstanceState.MIGRATING, InstanceState.STOPPING})
+
+
+@dataclass
+class Diff:
+    orphans: list[str] = field(default_factory=list)  # domain names to destroy
+    ghosts: list[str] = field(default_factory=list)  # instance ids whose VM is gone
+    redrive: list[str] = field(default_factory=list)  # instance ids to boot again
+
+
+def diff(host: str, domains: list[DomainInfo], instances: list[Instance], now: float,
+         boot_grace_s: float, startup: bool) -> Diff:
+    by_id = {i.id: i for i in instances if i.host == host}
+    running = {d.metadata.get("instance"): d for d in domains if d.metadata.get("instance")}
+    out = Diff()
+    for iid, dom in running.items():
+        inst = by_id.get(iid or "")
+        if inst is None or inst.state not in KEEP_DOMAIN:
+            out.orphans.append(dom.name)
+    for inst in by_id.values():
+        dom = running.get(inst.id)
+        alive = dom is not None and dom.state in (DomainState.RUNNING, DomainState.PAUSED)
+        if inst.state in WANTED_RUNNING and not alive:
+            out.ghosts.append(inst.id)
+        elif inst.state in (InstanceState.PLACED, InstanceState.BOOTING) and (
+            startup or now - inst.updated > boot_grace_s
+        ):
+            out.redrive.append(inst.id)
+    return out
+
+
+def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
+    assert rt.hypervisor is not None and rt.host is not None
+    instances = rt.store.list_instances(host=rt.host)
+    d = diff(rt.host, rt.hypervisor.list_domains(), instances, time.time(),
+             rt.config.timeouts.provision_s, startup)
+    for name in d.orphans:
+        log.warning("reconcile %s: destroying orphan domain %s", rt.host, name)
+        rt.hypervisor.destroy(name)
+        rt.hypervisor.undefine(name)
+        rt.store.add_event("orphan_destroyed", host=rt.host, message=f"domain {name} had no live record")
+    for iid in d.ghosts:
+        try:
+            rt.store.transition(iid, InstanceState.LOST, reason=f"VM not running on {rt.host}")
+        except ConflictError:
+            continue
+        rt.store.release_claim(rt.host, iid)
+        rt.store.add_event("lost", instance=iid, host=rt.host, message="record said running; libvirt disagrees")
+        rt.store.notify(iid)
+    if d.redrive:
+        from provisioner.agent.lifecycle import boot_instance
+
+        for iid in d.redrive:
+            rt.store.add_event("redrive", instance=iid, host=rt.host, message="re-driving an unfinished boot")
+            try:
+                boot_instance(rt, iid)
+            except DynvmError as err:
+                log.warning("reconcile %s: re-driving %s failed: %s", rt.host, iid, err)
+    return d

@@ -1,0 +1,1 @@
+"""The control plane: Celery app factory, tasks, the control worker's planning and the client side."""

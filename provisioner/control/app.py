@@ -1,0 +1,58 @@
+"""Celery app factory (no module-level app: the config is passed explicitly).
+
+Queues: ``provision`` (control workers: plan and place, never touch libvirt) and ``host.<name>`` (the host's
+agent, alone drives its libvirt).  HA starts are sent to the host queue with a higher priority than
+provisioning work, so an agent serves them first (kombu's Redis transport pops priority sub-queues in order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from provisioner.config import Config
+
+PROVISION_QUEUE = "provision"
+PRIORITY_HA = 0  # kombu's Redis transport: lower number = served first
+PRIORITY_DEFAULT = 5
+
+
+def host_queue(host: str) -> str:
+    return f"host.{host}"
+
+
+def make_app(config: Config, name: str = "dynvm") -> Celery:
+    app = Celery(name, broker=config.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=PROVISION_QUEUE,
+        task_default_priority=PRIORITY_DEFAULT,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # Above the slowest operation (a boot waiting for readiness), so a slow task is not
+            # redelivered while it still runs.  A killed agent's tasks come back after this; the agent's
+            # start-up reconciliation re-drives its placed/booting instances long before that.
+            "visibility_timeout": int(config.timeouts.visibility_s),
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+            "sep": ":",
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        enable_utc=True,
+    )
+    from provisioner.control import tasks
+
+    tasks.register(app)
+    return app
+
+
+def send(app: Celery, task: str, args: list[Any], queue: str, priority: int = PRIORITY_DEFAULT) -> None:
+    app.send_task(task, args=args, queue=queue, priority=priority)

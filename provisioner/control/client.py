@@ -1,0 +1,104 @@
+"""The requesting side (CLI, batch hooks): record a request, send it, wait for its outcome."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from provisioner.catalogue.model import ImageKind, ResolvedImage
+from provisioner.control.runtime import Runtime
+from provisioner.errors import DeadlineExceeded, NotFoundError, ValidationError
+from provisioner.model import Instance, InstanceState, Role, Tier
+
+SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(6)
+
+
+def choose_image(rt: Runtime, image_ref: str | None, vo: str | None) -> tuple[ResolvedImage, str | None]:
+    """The image to boot and the VO it is booted for; a VO only ever gets an image that serves it."""
+    from provisioner.identity import image_for_vo
+
+    if vo is not None:
+        return image_for_vo(vo, rt.catalogue, rt.config, requested=image_ref), vo
+    if image_ref is None:
+        raise ValidationError("give --image or --vo")
+    image = rt.catalogue.resolve(image_ref)
+    if image.kind is ImageKind.WORKER:
+        if len(image.vos) != 1:
+            raise ValidationError(f"image {image.ref} serves several VOs ({', '.join(image.vos)}): give --vo")
+        return image, image.vos[0]
+    return image, None
+
+
+def submit(rt: Runtime, image: ResolvedImage, vo: str | None, *, owner: str | None = None,
+           idempotency_key: str | None = None, vcpus: int | None = None, memory_mib: int | None = None,
+           tier: Tier | None = None, host: str | None = None, service: str | None = None,
+           mac: str | None = None, ip: str | None = None) -> tuple[Instance, bool]:
+    """Record the request (idempotent by key) and send it to the control workers."""
+    spec = image.spec
+    vcpus = spec.vcpus.default if vcpus is None else vcpus
+    memory_mib = spec.memory_mib.default if memory_mib is None else memory_mib
+    if not spec.vcpus.min <= vcpus <= spec.vcpus.max:
+        raise ValidationError(f"vcpus={vcpus} outside {image.ref}'s bounds {spec.vcpus.min}..{spec.vcpus.max}")
+    if not spec.memory_mib.min <= memory_mib <= spec.memory_mib.max:
+        raise ValidationError(
+            f"memory={memory_mib} MiB outside {image.ref}'s bounds {spec.memory_mib.min}..{spec.memory_mib.max}")
+    role = Role.WORKER if image.kind is ImageKind.WORKER else Role.SERVICE
+    if tier is None:
+        tier = Tier.WORKER if role is Role.WORKER else Tier(image.ha.priority.value if image.ha else "normal")
+    now = time.time()
+    inst = Instance(id=new_instance_id(), role=role, image=image.ref, vcpus=vcpus, memory_mib=memory_mib,
+                    tier=tier, vo=vo, owner=owner, idempotency_key=idempotency_key, service=service,
+                    mac=mac, ip=ip, host=host, anti_affinity=image.ha.anti_affinity if image.ha else None,
+                    created=now, updated=now)
+    inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
+    if created:
+        rt.store.add_event("requested", instance=inst.id, message=f"{image.ref} for {vo or service or '-'}")
+        from provisioner.control.tasks import PROVISION
+
+        rt.app.send_task(PROVISION, args=[inst.id], queue="provision")
+    return inst, created
+
+
+def wait(rt: Runtime, instance_id: str, timeout_s: float) -> Instance:
+    """Block until the instance settles (ready, failed, gone, lost) or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        inst = rt.store.get_instance(instance_id)
+        if inst is None:
+            raise NotFoundError(f"instance {instance_id} not found")
+        if inst.state in SETTLED:
+            return inst
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"instance {instance_id} still {inst.state.value} after {timeout_s:.0f} s")
+        rt.store.wait_notified(instance_id, min(left, 1.0))
+
+
+def release(rt: Runtime, instance_id: str) -> Instance:
+    from provisioner.control.app import host_queue
+    from provisioner.control.tasks import RELEASE
+
+    inst = rt.store.get_instance(instance_id)
+    if inst is None:
+        raise NotFoundError(f"instance {instance_id} not found")
+    if inst.state is InstanceState.GONE:
+        return inst
+    if inst.host is None:
+        rt.store.transition(inst.id, InstanceState.GONE, reason="released before placement")
+        return inst
+    rt.app.send_task(RELEASE, args=[inst.id], queue=host_queue(inst.host))
+    return inst
+
+
+def client_runtime(config: Any) -> Runtime:
+    from provisioner.control.app import make_app
+    from provisioner.control.runtime import build_runtime
+
+    rt = build_runtime(config)
+    rt.app = make_app(config)
+    return rt

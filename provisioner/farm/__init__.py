@@ -1,0 +1,1 @@
+"""``dynvm farm``: the embedded default — everything on one machine."""
