@@ -1,0 +1,1 @@
+"""The image catalogue: schema (model), loading and queries (store), atomic edits (edit)."""
