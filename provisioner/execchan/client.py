@@ -1,0 +1,144 @@
+"""Host side of the `serial` exec method (the guest side is images/build/guest/exec-runner.sh).
+
+Each guest has one virtio-serial port named ``org.dynvm.exec.0`` whose host end is a unix socket that only
+that guest's QEMU listens on (``<channel type='unix'><source mode='bind' path=.../>``), so a job sent to
+one guest can never be read by another.  Protocol, one line each way, base64 so that no job output can break
+the framing:
+
+    host  -> guest: ``DYNVM-EXEC <id> <timeout_s> <base64 script>\\n``
+    guest -> host : ``DYNVM-RESULT <id> <exit_code> <base64 stdout> <base64 stderr>\\n``
+
+The id is random per request: a reply left over from an earlier client that gave up is skipped.  QEMU
+serves one socket connection at a time, which serialises concurrent callers.  The guest enforces the
+timeout with busybox ``timeout`` (the job then ends with 143, SIGTERM); the host gives up a grace period
+later with DeadlineExceeded.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import shlex
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioner.errors import DeadlineExceeded, UnavailableError, ValidationError
+
+EXEC_PORT_NAME = "org.dynvm.exec.0"
+MAX_SCRIPT_BYTES = 64 * 1024
+MAX_REPLY_BYTES = 4 * 1024 * 1024  # the guest caps stdout and stderr at 1 MiB each (base64: 4/3 of that)
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+GRACE_S = 10.0  # a busy TCG guest needs a moment after its own timeout to report
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str = ""
+    duration_s: float = 0.0
+
+    @property
+    def timed_out(self) -> bool:
+        """The guest killed the job at its deadline (busybox timeout sends SIGTERM: 128 + 15)."""
+        return self.exit_code == 143
+
+
+def build_script(argv: list[str] | None, script: str | None) -> str:
+    """Exactly one of argv (quoted, exec'd) or a shell script; validated."""
+    if (argv is None) == (script is None):
+        raise ValidationError("run_in_guest: give exactly one of argv or script")
+    if argv is not None:
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ValidationError(f"run_in_guest: argv must be a non-empty list of strings, got {argv!r}")
+        text = "exec " + " ".join(shlex.quote(a) for a in argv) + "\n"
+    else:
+        if not isinstance(script, str) or not script.strip():
+            raise ValidationError("run_in_guest: script must be a non-empty string")
+        text = script
+    if "\x00" in text:
+        raise ValidationError("run_in_guest: the command contains a NUL byte")
+    if len(text.encode()) > MAX_SCRIPT_BYTES:
+        raise ValidationError(f"run_in_guest: the command is longer than {MAX_SCRIPT_BYTES} bytes")
+    return text
+
+
+def _check_socket(path: Path) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UnavailableError(f"exec channel {path}: no such socket (guest not running here?)") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValidationError(f"exec channel {path}: not a unix socket")
+
+
+def _read_reply(sock: socket.socket, req_id: str, deadline: float, path: Path) -> list[str]:
+    buf = b""
+    while True:
+        nl = buf.find(b"\n")
+        while nl >= 0:
+            line, buf = buf[:nl].decode("ascii", "replace"), buf[nl + 1 :]
+            parts = line.split(" ")
+            if len(parts) == 5 and parts[0] == "DYNVM-RESULT" and parts[1] == req_id:
+                return parts
+            nl = buf.find(b"\n")  # a stale reply of an earlier, abandoned request: skip it
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"exec channel {path}: no reply to request {req_id} in time")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise DeadlineExceeded(f"exec channel {path}: no reply to request {req_id} in time") from None
+        if not chunk:
+            raise UnavailableError(f"exec channel {path}: closed before the reply (guest gone?)")
+        buf += chunk
+        if len(buf) > MAX_REPLY_BYTES:
+            raise UnavailableError(f"exec channel {path}: reply longer than {MAX_REPLY_BYTES} bytes")
+
+
+def _decode(field: str, path: Path) -> str:
+    try:
+        return base64.b64decode(field, validate=True).decode("utf-8", "replace")
+    except (binascii.Error, ValueError):
+        raise UnavailableError(f"exec channel {path}: garbled reply (bad base64)") from None
+
+
+def run_in_guest(
+    socket_path: str | os.PathLike[str],
+    argv: list[str] | None = None,
+    *,
+    script: str | None = None,
+    timeout: float = 60.0,
+) -> ExecResult:
+    """Run argv (or a shell script) in the guest behind ``socket_path``; return its exit code and output."""
+    text = build_script(argv, script)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ValidationError(f"run_in_guest: timeout must be in (0, {MAX_TIMEOUT_S:.0f}] s, got {timeout!r}")
+    path = Path(socket_path)
+    _check_socket(path)
+    req_id = secrets.token_hex(8)
+    guest_timeout = max(1, int(timeout + 0.999))
+    payload = base64.b64encode(text.encode()).decode()
+    started = time.monotonic()
+    deadline = started + timeout + GRACE_S
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            sock.connect(str(path))
+            sock.sendall(f"DYNVM-EXEC {req_id} {guest_timeout} {payload}\n".encode())
+        except TimeoutError:
+            raise DeadlineExceeded(f"exec channel {path}: could not send request in time") from None
+        except OSError as e:
+            raise UnavailableError(f"exec channel {path}: {e.strerror or e}") from None
+        parts = _read_reply(sock, req_id, deadline, path)
+    try:
+        code = int(parts[2])
+    except ValueError:
+        raise UnavailableError(f"exec channel {path}: garbled exit code {parts[2]!r}") from None
+    return ExecResult(code, _decode(parts[3], path), _decode(parts[4], path), time.monotonic() - started)
