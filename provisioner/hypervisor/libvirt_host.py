@@ -81,6 +81,7 @@ _PERMANENT_TEXT = (
     'failed to get "write" lock',
     "cannot access storage file",
     "no such file or directory",
+    "already exists with uuid",  # same name, another VM: a name clash, not a passing fault
 )
 _CONNECTION_DOMAINS = frozenset({libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE})
 
@@ -151,6 +152,13 @@ def _is_test_uri(uri: str) -> bool:
     return uri.split(":", 1)[0] == "test"
 
 
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:  # a closed connection object raises instead of answering False
+        return False
+
+
 def _lookup(conn: Any, name: str) -> Any | None:
     try:
         return conn.lookupByName(name)
@@ -191,7 +199,7 @@ class LibvirtHost:
             raise HypervisorTimeout(f"{self.uri}: connection busy for more than {self.call_timeout_s}s")
         try:
             conn = self._conn
-            if conn is not None and conn.isAlive():
+            if conn is not None and _alive(conn):
                 return conn
             if conn is not None:
                 self.reconnects += 1
