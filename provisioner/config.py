@@ -92,6 +92,13 @@ class StorageConfig(Strict):
         return self.overlay_dir or self.shared_dir / "instances"
 
 
+class NetworkConfig(Strict):
+    """Where service VMs' NICs go: a bridge on the site network (the farm's bridge locally)."""
+
+    bridge: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+    prefix_len: int = Field(default=24, ge=1, le=32)
+
+
 class SchedulerConfig(Strict):
     weigher: Literal["least_loaded", "pack"] = "least_loaded"
     cpu_overcommit: float = Field(default=1.0, gt=0, le=16)
@@ -122,6 +129,7 @@ class Config(Strict):
         }
     )
     scheduler: SchedulerConfig = SchedulerConfig()
+    network: NetworkConfig = NetworkConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     source: str = Field(default="<embedded default>", exclude=True)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
-from provisioner.agent.domain import instance_disks, overlay_paths, spec_for
+from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
 from provisioner.control.runtime import Runtime
 from provisioner.errors import ConflictError, DeadlineExceeded, DynvmError, PermanentError
 from provisioner.interfaces import DomainState
-from provisioner.model import Instance, InstanceState
+from provisioner.model import Instance, InstanceState, Role
 
 log = logging.getLogger(__name__)
 BOOTABLE = (InstanceState.PLACED, InstanceState.BOOTING)
@@ -72,14 +72,14 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
     rt.store.notify(inst.id)
 
 
-def _teardown(rt: Runtime, inst: Instance) -> None:
-    from provisioner.storage.overlay import remove_overlay
-
+def _teardown(rt: Runtime, inst: Instance, keep_service_data: bool = True) -> None:
+    """Domain and claim go.  A worker's disks go too; a service's data disk stays unless the service
+    itself is being released (a failed boot must never cost an SE its files)."""
     assert rt.hypervisor is not None and rt.host is not None
     rt.hypervisor.destroy(inst.domain_name)
     rt.hypervisor.undefine(inst.domain_name)
-    for path in overlay_paths(rt, inst):
-        remove_overlay(path, rt.config.storage.overlays)
+    if inst.role is Role.WORKER or not keep_service_data:
+        remove_instance_files(rt, inst)
     rt.store.release_claim(rt.host, inst.id)
 
 
@@ -95,7 +95,7 @@ def release_instance(rt: Runtime, instance_id: str) -> None:
         except ConflictError:
             return
     if inst.host is not None:
-        _teardown(rt, inst)
+        _teardown(rt, inst, keep_service_data=False)
     rt.store.transition(inst.id, InstanceState.GONE, reason="released")
     rt.store.add_event("released", instance=inst.id, host=rt.host, message=f"{inst.image} released")
     rt.store.notify(inst.id)

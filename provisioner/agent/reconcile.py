@@ -32,7 +32,7 @@ class Diff:
 def diff(host: str, domains: list[DomainInfo], instances: list[Instance], now: float,
          boot_grace_s: float, startup: bool) -> Diff:
     by_id = {i.id: i for i in instances if i.host == host}
-    running = {d.metadata.get("instance"): d for d in domains if d.metadata.get("instance")}
+    running = {d.metadata.get("instance_id"): d for d in domains if d.metadata.get("instance_id")}
     out = Diff()
     for iid, dom in running.items():
         inst = by_id.get(iid or "")

@@ -21,17 +21,7 @@ CLAIM_ATTEMPTS = 4
 def policy_for(rt: Runtime):  # type: ignore[no-untyped-def]
     from provisioner.scheduler import SchedulerPolicy
 
-    vo_quotas = {
-        vo: (v.max_vcpus, v.max_instances)
-        for vo, v in rt.config.vos.items()
-        if v.max_vcpus is not None or v.max_instances is not None
-    }
-    return SchedulerPolicy(
-        weigher=rt.config.scheduler.weigher,
-        cpu_overcommit=rt.config.scheduler.cpu_overcommit,
-        memory_overcommit=rt.config.scheduler.memory_overcommit,
-        vo_quotas=vo_quotas,
-    )
+    return SchedulerPolicy.from_config(rt.config)
 
 
 def request_for(inst: Instance):  # type: ignore[no-untyped-def]

@@ -1,0 +1,92 @@
+"""``dynvm host list|show|drain|undrain``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from provisioner.cli.common import runtime, ts
+from provisioner.cli.context import CliContext
+from provisioner.errors import EXIT_OK, ConflictError, NotFoundError
+from provisioner.model import Host, HostState
+
+COLUMNS = ["name", "state", "lease", "vcpus", "memory_mib", "instances", "labels", "uri"]
+
+
+def register(sub: Any) -> None:
+    host = sub.add_parser("host", help="hypervisor hosts")
+    hs = host.add_subparsers(dest="host_cmd", metavar="COMMAND")
+    hs.add_parser("list", help="all hosts").set_defaults(func=host_list)
+    show = hs.add_parser("show", help="one host")
+    show.add_argument("name")
+    show.set_defaults(func=host_show)
+    drain = hs.add_parser("drain", help="refuse new placements on a host")
+    drain.add_argument("name")
+    drain.set_defaults(func=host_drain)
+    undrain = hs.add_parser("undrain", help="accept placements again")
+    undrain.add_argument("name")
+    undrain.set_defaults(func=host_undrain)
+
+
+def _row(rt: Any, h: Host, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "name": h.name, "state": h.state, "lease": "alive" if rt.store.lease_alive(h.name) else "expired",
+        "vcpus": f"{h.used_vcpus}/{h.capacity.vcpus}", "memory_mib": f"{h.used_memory_mib}/{h.capacity.memory_mib}",
+        "instances": counts.get(h.name, 0), "labels": ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
+        "uri": h.uri, "last_seen": ts(h.last_seen),
+    }
+
+
+def _counts(rt: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i in rt.store.list_instances():
+        if i.host and i.state.value not in ("gone", "failed", "lost"):
+            counts[i.host] = counts.get(i.host, 0) + 1
+    return counts
+
+
+def host_list(ctx: CliContext, args: argparse.Namespace) -> int:
+    rt = runtime(ctx)
+    counts = _counts(rt)
+    ctx.out.table([_row(rt, h, counts) for h in rt.store.list_hosts()], COLUMNS, title="hosts")
+    return EXIT_OK
+
+
+def _get(rt: Any, name: str) -> Host:
+    h = rt.store.get_host(name)
+    if h is None:
+        raise NotFoundError(f"host {name!r} not found (known: {', '.join(x.name for x in rt.store.list_hosts())})")
+    return h  # type: ignore[no-any-return]
+
+
+def host_show(ctx: CliContext, args: argparse.Namespace) -> int:
+    rt = runtime(ctx)
+    h = _get(rt, args.name)
+    row = _row(rt, h, _counts(rt))
+    row["instances"] = [i.id for i in rt.store.list_instances(host=h.name) if i.state.value != "gone"]
+    ctx.out.obj(row, title=f"host {h.name}")
+    return EXIT_OK
+
+
+def host_drain(ctx: CliContext, args: argparse.Namespace) -> int:
+    rt = runtime(ctx)
+    h = _get(rt, args.name)
+    if h.state not in (HostState.UP, HostState.DRAINING):
+        raise ConflictError(f"host {h.name} is {h.state.value}; only an up host can be drained")
+    rt.store.set_host_state(h.name, HostState.DRAINING, reason="operator drain")
+    rt.store.add_event("host_draining", host=h.name, message="no new placements")
+    ctx.out.obj({"name": h.name, "state": HostState.DRAINING, "at": ts(time.time())})
+    return EXIT_OK
+
+
+def host_undrain(ctx: CliContext, args: argparse.Namespace) -> int:
+    rt = runtime(ctx)
+    h = _get(rt, args.name)
+    if h.state not in (HostState.UP, HostState.DRAINING, HostState.MAINTENANCE):
+        raise ConflictError(f"host {h.name} is {h.state.value}; a fenced/dead host rejoins only by "
+                            "`dynvm host rejoin` after the operator checked it")
+    rt.store.set_host_state(h.name, HostState.UP, reason="operator undrain")
+    rt.store.add_event("host_up", host=h.name, message="accepting placements")
+    ctx.out.obj({"name": h.name, "state": HostState.UP, "at": ts(time.time())})
+    return EXIT_OK

@@ -1,0 +1,97 @@
+"""``dynvm vm provision|list|show|release``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from provisioner.cli.common import instance_row, runtime
+from provisioner.cli.context import CliContext
+from provisioner.errors import EXIT_OK, NotFoundError
+from provisioner.model import InstanceState, Role
+
+COLUMNS = ["id", "state", "role", "image", "vo", "host", "vcpus", "memory_mib", "owner", "reason"]
+
+
+def register(sub: Any) -> None:
+    vm = sub.add_parser("vm", help="virtual machines (instances)")
+    vs = vm.add_subparsers(dest="vm_cmd", metavar="COMMAND")
+    p = vs.add_parser("provision", help="request a VM")
+    p.add_argument("--image", help="image NAME[:VERSION|:CHANNEL] (a bare name means its stable channel)")
+    p.add_argument("--vo", help="the VO it is for (a worker image must serve it)")
+    p.add_argument("--vcpus", type=int)
+    p.add_argument("--memory", type=int, metavar="MIB")
+    p.add_argument("--key", help="idempotency key: a second request with the same key returns the first VM")
+    p.add_argument("--owner", help="owner label (e.g. a batch job key)")
+    p.add_argument("--wait", action="store_true", help="wait until it is ready (or failed)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    p.set_defaults(func=vm_provision)
+    ls = vs.add_parser("list", help="VMs")
+    ls.add_argument("--host")
+    ls.add_argument("--state", choices=[s.value for s in InstanceState])
+    ls.add_argument("--role", choices=[r.value for r in Role])
+    ls.add_argument("--all", action="store_true", help="include gone VMs")
+    ls.set_defaults(func=vm_list)
+    show = vs.add_parser("show", help="one VM")
+    show.add_argument("id")
+    show.set_defaults(func=vm_show)
+    rel = vs.add_parser("release", help="stop and remove a VM")
+    rel.add_argument("id")
+    rel.add_argument("--wait", action="store_true")
+    rel.add_argument("--timeout", type=float, default=120.0)
+    rel.set_defaults(func=vm_release)
+
+
+def vm_provision(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.control.client import choose_image, submit, wait
+    from provisioner.identity import validate_token
+
+    if args.key is not None:
+        validate_token(args.key, "--key", r"^[A-Za-z0-9_.:-]+$", 128)
+    if args.owner is not None:
+        validate_token(args.owner, "--owner", r"^[A-Za-z0-9_.:@-]+$", 128)
+    rt = runtime(ctx)
+    image, vo = choose_image(rt, args.image, args.vo)
+    inst, created = submit(rt, image, vo, owner=args.owner, idempotency_key=args.key,
+                           vcpus=args.vcpus, memory_mib=args.memory)
+    if args.wait:
+        inst = wait(rt, inst.id, args.timeout)
+    row = instance_row(inst.to_dict())
+    row["created_now"] = created
+    ctx.out.obj(row, title=f"vm {inst.id}")
+    if inst.state in (InstanceState.FAILED, InstanceState.LOST):
+        from provisioner.errors import EXIT_CONFLICT
+
+        return EXIT_CONFLICT
+    return EXIT_OK
+
+
+def vm_list(ctx: CliContext, args: argparse.Namespace) -> int:
+    rt = runtime(ctx)
+    state = InstanceState(args.state) if args.state else None
+    role = Role(args.role) if args.role else None
+    rows = [instance_row(i.to_dict()) for i in rt.store.list_instances(host=args.host, state=state, role=role)
+            if args.all or state is InstanceState.GONE or i.state is not InstanceState.GONE]
+    rows.sort(key=lambda r: r["created"] or 0)
+    ctx.out.table(rows, COLUMNS, title="vms")
+    return EXIT_OK
+
+
+def vm_show(ctx: CliContext, args: argparse.Namespace) -> int:
+    rt = runtime(ctx)
+    inst = rt.store.get_instance(args.id)
+    if inst is None:
+        raise NotFoundError(f"vm {args.id!r} not found")
+    ctx.out.obj(instance_row(inst.to_dict()), title=f"vm {inst.id}")
+    return EXIT_OK
+
+
+def vm_release(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.control.client import release, wait
+
+    rt = runtime(ctx)
+    inst = release(rt, args.id)
+    if args.wait:
+        inst = wait(rt, args.id, args.timeout)
+    ctx.out.obj(instance_row(inst.to_dict()), title=f"vm {inst.id}")
+    return EXIT_OK
