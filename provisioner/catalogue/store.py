@@ -78,7 +78,7 @@ def scan(directory: Path) -> tuple[dict[str, Entry], list[CatalogueError]]:
     files = sorted(directory.glob("*.yaml"))
     if not files:
         raise CatalogueError(f"{directory}: catalogue directory has no *.yaml files (empty catalogue)")
-    entries: dict[str, Entry] = {}
+    by_name: dict[str, list[Entry]] = {}
     problems: list[CatalogueError] = []
     for path in files:
         try:
@@ -86,28 +86,32 @@ def scan(directory: Path) -> tuple[dict[str, Entry], list[CatalogueError]]:
         except CatalogueError as err:
             problems.append(err)
             continue
-        name = entry.family.name
-        line = entry.doc.line(("name",))
-        if name in entries:
+        by_name.setdefault(entry.family.name, []).append(entry)
+    entries: dict[str, Entry] = {}
+    for name, found in by_name.items():
+        first = found[0]
+        line = first.doc.line(("name",))
+        if len(found) > 1:
+            others = ", ".join(str(e.file) for e in found[1:])
             problems.append(
                 yamlio.located(
                     CatalogueError,
-                    str(path),
+                    str(first.file),
                     line,
-                    f"name: family {name!r} is also defined in {entries[name].file}",
+                    f"name: family {name!r} is also defined in {others}",
                 )
             )
-        elif path.stem != name:
+        elif first.file.stem != name:
             problems.append(
                 yamlio.located(
                     CatalogueError,
-                    str(path),
+                    str(first.file),
                     line,
                     f"name: family {name!r} must live in a file named {name}.yaml",
                 )
             )
         else:
-            entries[name] = entry
+            entries[name] = first
     return entries, problems
 
 

@@ -1,0 +1,1 @@
+"""The ``dynvm`` command line (entry point :func:`provisioner.cli.main.main`)."""
