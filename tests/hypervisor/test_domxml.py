@@ -34,18 +34,33 @@ META = {
 
 
 def worker_test() -> DomainSpec:
-    return DomainSpec(name="dynvm-i-0001", uuid=UUID, domain_type="test", vcpus=2, memory_mib=2048,
-                      disks=(DiskSpec("/srv/dynvm/instances/i-0001.qcow2"),), metadata=META)
+    return DomainSpec(
+        name="dynvm-i-0001",
+        uuid=UUID,
+        domain_type="test",
+        vcpus=2,
+        memory_mib=2048,
+        disks=(DiskSpec("/srv/dynvm/instances/i-0001.qcow2"),),
+        metadata=META,
+    )
 
 
 def tcg_direct_boot() -> DomainSpec:
     return DomainSpec(
-        name="dynvm-i-0002", uuid=UUID, domain_type="qemu", vcpus=1, memory_mib=256,
-        kernel="/srv/dynvm/images/vmlinux-6.1", initrd="/srv/dynvm/images/initrd.img",
+        name="dynvm-i-0002",
+        uuid=UUID,
+        domain_type="qemu",
+        vcpus=1,
+        memory_mib=256,
+        kernel="/srv/dynvm/images/vmlinux-6.1",
+        initrd="/srv/dynvm/images/initrd.img",
         cmdline="console=ttyS0 root=/dev/vda rw quiet",
-        disks=(DiskSpec("/srv/dynvm/instances/i-0002.qcow2"),
-               DiskSpec("/srv/dynvm/images/scratch.raw", format="raw", target="vdb", readonly=True,
-                        shareable=True)),
+        disks=(
+            DiskSpec("/srv/dynvm/instances/i-0002.qcow2"),
+            DiskSpec(
+                "/srv/dynvm/images/scratch.raw", format="raw", target="vdb", readonly=True, shareable=True
+            ),
+        ),
         serial_log="/var/log/dynvm/i-0002.log",
         channel=ChannelSpec("/run/dynvm/i-0002.sock"),
         metadata={**META, "instance_id": "i-0002"},
@@ -54,10 +69,17 @@ def tcg_direct_boot() -> DomainSpec:
 
 def service_bridge() -> DomainSpec:
     return DomainSpec(
-        name="ce-01", uuid=UUID, domain_type="kvm", vcpus=4, memory_mib=8192,
-        disks=(DiskSpec("/srv/dynvm/instances/ce-01.qcow2"), DiskSpec("/srv/dynvm/instances/ce-01.data.qcow2",
-                                                                       target="vdb")),
-        serial_log="/var/log/dynvm/ce-01.log", console_pty=False,
+        name="ce-01",
+        uuid=UUID,
+        domain_type="kvm",
+        vcpus=4,
+        memory_mib=8192,
+        disks=(
+            DiskSpec("/srv/dynvm/instances/ce-01.qcow2"),
+            DiskSpec("/srv/dynvm/instances/ce-01.data.qcow2", target="vdb"),
+        ),
+        serial_log="/var/log/dynvm/ce-01.log",
+        console_pty=False,
         nics=(NicSpec("52:54:00:12:34:56", bridge="br-site"),),
         metadata={"instance_id": "svc-ce-01", "role": "service", "owner": "ce-01", "image": "ce:1.4"},
     )
@@ -123,11 +145,9 @@ def test_hostile_metadata_is_refused(value: str) -> None:
         build_domain_xml(spec)
 
 
-@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize("value", [v for v in HOSTILE if "\x00" not in v])  # XML 1.0 cannot carry NUL
 def test_hostile_text_cannot_inject_even_unvalidated(value: str) -> None:
     # Second line of defence: were validation ever loosened, ElementTree still escapes the text.
-    if "\x00" in value:
-        pytest.skip("XML 1.0 cannot carry NUL at all; validation is the only defence")
     dom = ET.Element("domain")
     domxml._metadata(dom, {"vo": value, "role": "worker"})
     text = ET.tostring(dom, encoding="unicode")

@@ -24,10 +24,21 @@ _seq = itertools.count()
 
 def spec(name: str, **meta: str) -> DomainSpec:
     return DomainSpec(
-        name=name, uuid=str(uuid.uuid4()), domain_type="test", vcpus=2, memory_mib=512,
-        disks=(DiskSpec(f"/srv/dynvm/instances/{name}.qcow2"),), serial_log=f"/var/log/dynvm/{name}.log",
-        metadata={"instance_id": name, "role": "worker", "vo": "cms", "owner": "slurm:1", "image": "cms-wn:1",
-                  **meta},
+        name=name,
+        uuid=str(uuid.uuid4()),
+        domain_type="test",
+        vcpus=2,
+        memory_mib=512,
+        disks=(DiskSpec(f"/srv/dynvm/instances/{name}.qcow2"),),
+        serial_log=f"/var/log/dynvm/{name}.log",
+        metadata={
+            "instance_id": name,
+            "role": "worker",
+            "vo": "cms",
+            "owner": "slurm:1",
+            "image": "cms-wn:1",
+            **meta,
+        },
     )
 
 
@@ -178,9 +189,27 @@ def test_reconnects_after_connection_dropped() -> None:
     h = LibvirtHost("test:///default")
     try:
         before = h.capacity()
+        assert h._conn is not None
         h._conn.close()  # drop the real connection behind the host's back
         assert h.capacity() == before
         assert h.reconnects == 1
+    finally:
+        h.close()
+
+
+def test_reconnects_once_when_connection_drops_mid_call() -> None:
+    h = LibvirtHost("test:///default")
+    calls: list[int] = []
+
+    def op(conn):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            conn.close()  # the connection dies under a running operation
+        return conn.getInfo()[2]
+
+    try:
+        assert h._call("get cpus", op) > 0
+        assert len(calls) == 2 and h.reconnects == 1
     finally:
         h.close()
 

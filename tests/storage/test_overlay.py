@@ -27,8 +27,13 @@ def sha256(path: Path) -> str:
 
 
 def qemu_io(image: Path, fmt: str, command: str) -> str:
-    out = subprocess.run(["qemu-io", "-f", fmt, "-c", command, str(image)], capture_output=True, text=True,
-                         check=True, timeout=30)
+    out = subprocess.run(
+        ["qemu-io", "-f", fmt, "-c", command, str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     return out.stdout
 
 
