@@ -1,0 +1,18 @@
+-- KEYS[1] instance hash, KEYS[2] (optional) idempotency key
+-- ARGV: prefix, id, state, role, host ('' if none), field, value, ...
+-- Returns {1, id} created, {0, existing id} idempotent hit, {-1, id} id already taken.
+local prefix, id = ARGV[1], ARGV[2]
+if KEYS[2] then
+  local existing = redis.call('GET', KEYS[2])
+  if existing and redis.call('EXISTS', prefix .. ':inst:' .. existing) == 1 then
+    return {0, existing}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, id} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('SADD', prefix .. ':insts', id)
+redis.call('SADD', prefix .. ':idx:state:' .. ARGV[3], id)
+redis.call('SADD', prefix .. ':idx:role:' .. ARGV[4], id)
+if ARGV[5] ~= '' then redis.call('SADD', prefix .. ':idx:host:' .. ARGV[5], id) end
+if KEYS[2] then redis.call('SET', KEYS[2], id) end
+return {1, id}

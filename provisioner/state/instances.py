@@ -1,0 +1,162 @@
+"""Instances: records, indexes, idempotent creation and atomic lifecycle transitions.
+
+Truth: Redis holds what *should* run (this record); libvirt holds what runs.  Every write goes through
+one Lua script so the record, its index sets and its claim never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, cast
+
+from provisioner.errors import ConflictError, InvalidTransition, NotFoundError
+from provisioner.model import CLAIMING_STATES, TRANSITIONS, Instance, InstanceState, Role
+from provisioner.state.base import StoreBase, as_str_dict, guarded, pairs_to_dict
+from provisioner.state.codec import instance_from_fields, instance_to_fields, update_fields
+from provisioner.state.keys import check_id
+
+# For each target state, the states it may be entered from (the Lua script checks membership).
+_ALLOWED_FROM: dict[InstanceState, str] = {
+    new: ",".join(sorted(cur.value for cur, targets in TRANSITIONS.items() if new in targets))
+    for new in InstanceState
+}
+_CLAIMING_CSV = ",".join(sorted(s.value for s in CLAIMING_STATES))
+
+
+class InstancesMixin(StoreBase):
+    @guarded
+    def create_instance(self, inst: Instance, idempotency_key: str | None = None) -> tuple[Instance, bool]:
+        """Store a new instance; with a key, a repeated call returns the first instance and False.
+
+        Raises ConflictError if the id is taken by a different request.
+        """
+        keys = [self.keys.inst(inst.id)]
+        if idempotency_key is not None:
+            keys.append(self.keys.idem(idempotency_key))
+        if inst.host is not None:
+            check_id(inst.host, "host name")
+        now = time.time()
+        inst = dataclasses.replace(
+            inst,
+            idempotency_key=idempotency_key or inst.idempotency_key,
+            created=inst.created or now,
+            updated=now,
+        )
+        args: list[Any] = [inst.id, inst.state.value, inst.role.value, inst.host or ""]
+        for k, v in instance_to_fields(inst).items():
+            args += [k, v]
+        code, iid = cast(list[Any], self._run("create_instance", keys, args))
+        if int(code) == -1:
+            raise ConflictError(f"instance id {inst.id!r} already exists")
+        if int(code) == 1:
+            return inst, True
+        existing = self.get_instance(str(iid))
+        if existing is None:  # deleted between the script and this read
+            raise ConflictError(f"idempotency key {idempotency_key!r}: instance {iid} vanished; retry")
+        return existing, False
+
+    @guarded
+    def get_instance(self, instance_id: str) -> Instance | None:
+        raw = as_str_dict(self.r.hgetall(self.keys.inst(instance_id)))
+        return instance_from_fields(raw) if raw else None
+
+    def require_instance(self, instance_id: str) -> Instance:
+        inst = self.get_instance(instance_id)
+        if inst is None:
+            raise NotFoundError(f"instance {instance_id!r} not found")
+        return inst
+
+    @guarded
+    def instance_for_key(self, idempotency_key: str) -> Instance | None:
+        iid = self.r.get(self.keys.idem(idempotency_key))
+        return self.get_instance(str(iid)) if iid is not None else None
+
+    @guarded
+    def list_instances(
+        self,
+        host: str | None = None,
+        state: InstanceState | None = None,
+        role: Role | None = None,
+    ) -> list[Instance]:
+        """Instances matching every given criterion, oldest first."""
+        sets = []
+        if host is not None:
+            sets.append(self.keys.by_host(host))
+        if state is not None:
+            sets.append(self.keys.by_state(state.value))
+        if role is not None:
+            sets.append(self.keys.by_role(role.value))
+        ids = cast(set[str], self.r.sinter(sets) if sets else self.r.smembers(self.keys.instances))
+        return self._load(sorted(ids))
+
+    def _load(self, ids: list[str]) -> list[Instance]:
+        pipe = self.r.pipeline(transaction=False)
+        for iid in ids:
+            pipe.hgetall(self.keys.inst(iid))
+        out = [instance_from_fields(raw) for raw in pipe.execute() if raw]
+        out.sort(key=lambda i: (i.created, i.id))
+        return out
+
+    @guarded
+    def transition(
+        self,
+        instance_id: str,
+        new_state: InstanceState,
+        expected: InstanceState | None = None,
+        **fields: Any,
+    ) -> Instance:
+        """Move an instance to ``new_state`` atomically, setting ``fields`` (None deletes a field).
+
+        Checked against provisioner.model.TRANSITIONS inside Redis: raises InvalidTransition if the table
+        forbids it, ConflictError if ``expected`` is given and the instance is in another state (so of two
+        racing callers expecting the same state exactly one wins), NotFoundError if unknown.  Entering a
+        state outside CLAIMING_STATES releases the instance's capacity claim in the same step.
+        """
+        fields.setdefault("updated", time.time())
+        return self._update(instance_id, new_state, expected, fields)
+
+    @guarded
+    def update_instance_fields(self, instance_id: str, **fields: Any) -> Instance:
+        """Set (or with None delete) fields other than id/state/role, atomically with the host index."""
+        fields.setdefault("updated", time.time())
+        return self._update(instance_id, None, None, fields)
+
+    def _update(
+        self,
+        instance_id: str,
+        new_state: InstanceState | None,
+        expected: InstanceState | None,
+        fields: dict[str, Any],
+    ) -> Instance:
+        to_set, to_del = update_fields(instance_id, fields)
+        args: list[Any] = [
+            instance_id,
+            new_state.value if new_state is not None else "",
+            expected.value if expected is not None else "",
+            _ALLOWED_FROM[new_state] if new_state is not None else "",
+            _CLAIMING_CSV,
+            len(to_set),
+        ]
+        for k, v in to_set.items():
+            args += [k, v]
+        args += to_del
+        out = cast(list[str], self._run("update_instance", [self.keys.inst(instance_id)], args))
+        status, current = out[0], out[1]
+        if status == "missing":
+            raise NotFoundError(f"instance {instance_id!r} not found")
+        if status == "conflict":
+            assert expected is not None
+            raise ConflictError(
+                f"instance {instance_id} is {current}, expected {expected.value}"
+                + (f" (wanted {new_state.value})" if new_state is not None else "")
+            )
+        if status == "invalid":
+            assert new_state is not None
+            raise InvalidTransition(f"instance {instance_id} cannot go from {current} to {new_state.value}")
+        return instance_from_fields(pairs_to_dict(out[2:]))
+
+    @guarded
+    def delete_instance(self, instance_id: str) -> bool:
+        """Remove the record with its indexes, idempotency key and claim (ghost cleanup)."""
+        return bool(self._run("delete_instance", [self.keys.inst(instance_id)], [instance_id]))

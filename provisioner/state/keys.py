@@ -1,0 +1,59 @@
+"""Redis key names, and the one gate every id passes before it becomes part of a key.
+
+Ids come from jobs and operators; a malformed one (spaces, braces, newlines, glob characters) must never
+reach a key, so every key is built here and every id is checked against ID_RE first.
+"""
+
+from __future__ import annotations
+
+import re
+
+from provisioner.errors import ValidationError
+
+ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def check_id(value: object, what: str) -> str:
+    """Return ``value`` if it is a well-formed id, else raise ValidationError naming it."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise ValidationError(f"{what} {value!r} is malformed (expected {ID_RE.pattern})")
+    return value
+
+
+class Keys:
+    """Key layout under one prefix (default ``dynvm``)."""
+
+    def __init__(self, prefix: str = "dynvm") -> None:
+        self.prefix = check_id(prefix, "key prefix")
+        p = self.prefix
+        self.hosts = f"{p}:hosts"  # set of host names
+        self.instances = f"{p}:insts"  # set of every instance id
+        self.events = f"{p}:events"  # stream
+
+    def host(self, name: str) -> str:
+        return f"{self.prefix}:host:{check_id(name, 'host name')}"
+
+    def claims(self, host: str) -> str:
+        """Hash instance id -> "vcpus,memory_mib" of the claims on one host."""
+        return f"{self.prefix}:claims:{check_id(host, 'host name')}"
+
+    def lease(self, host: str) -> str:
+        return f"{self.prefix}:lease:host:{check_id(host, 'host name')}"
+
+    def inst(self, iid: str) -> str:
+        return f"{self.prefix}:inst:{check_id(iid, 'instance id')}"
+
+    def idem(self, key: str) -> str:
+        return f"{self.prefix}:idem:{check_id(key, 'idempotency key')}"
+
+    def by_host(self, host: str) -> str:
+        return f"{self.prefix}:idx:host:{check_id(host, 'host name')}"
+
+    def by_state(self, state: str) -> str:
+        return f"{self.prefix}:idx:state:{check_id(state, 'state')}"
+
+    def by_role(self, role: str) -> str:
+        return f"{self.prefix}:idx:role:{check_id(role, 'role')}"
+
+    def notify(self, iid: str) -> str:
+        return f"{self.prefix}:notify:{check_id(iid, 'instance id')}"

@@ -1,0 +1,48 @@
+"""StateStore: the Redis state store of dynvm (hosts, instances, claims, leases, events).
+
+Key layout (prefix ``dynvm``): ``host:NAME`` hash + ``hosts`` set; ``inst:ID`` hash + ``insts`` set +
+``idx:host:NAME`` / ``idx:state:STATE`` / ``idx:role:ROLE`` sets; ``claims:NAME`` hash; ``idem:KEY`` ->
+instance id; ``lease:host:NAME`` (PX TTL, value = agent token); ``events`` stream; ``notify:ID`` wake-ups.
+Every id is validated (keys.ID_RE) before it becomes part of a key.  Redis unreachable raises
+UnavailableError naming the URL, at first use or from ping().
+"""
+
+from __future__ import annotations
+
+import time
+from typing import cast
+
+from provisioner.model import InstanceState
+from provisioner.scheduler.types import Snapshot
+from provisioner.state.base import guarded
+from provisioner.state.claims import ClaimsMixin
+from provisioner.state.codec import host_from_fields, instance_from_fields
+from provisioner.state.hosts import HostsMixin
+from provisioner.state.instances import InstancesMixin
+
+_LIVE_STATES = [s.value for s in InstanceState if s is not InstanceState.GONE]
+
+
+class StateStore(HostsMixin, InstancesMixin, ClaimsMixin):
+    """One object per process; thread-safe (redis-py's connection pool)."""
+
+    @guarded
+    def snapshot(self) -> Snapshot:
+        """Hosts with their used resources and every instance not gone, for the scheduler.
+
+        Two pipelined round trips, not one transaction: a snapshot may be a moment stale, which is safe
+        because claims re-check capacity atomically.
+        """
+        pipe = self.r.pipeline(transaction=False)
+        pipe.smembers(self.keys.hosts)
+        pipe.sunion([self.keys.by_state(s) for s in _LIVE_STATES])
+        names, ids = cast(list[set[str]], pipe.execute())
+        names_l, ids_l = sorted(names), sorted(ids)
+        for n in names_l:
+            pipe.hgetall(self.keys.host(n))
+        for iid in ids_l:
+            pipe.hgetall(self.keys.inst(iid))
+        raw = pipe.execute()
+        hosts = tuple(host_from_fields(h) for h in raw[: len(names_l)] if h)
+        instances = tuple(instance_from_fields(i) for i in raw[len(names_l) :] if i)
+        return Snapshot(hosts=hosts, instances=instances, taken_at=time.time())
