@@ -14,6 +14,7 @@ from provisioner.model import Instance
 UUID_NS = uuid.UUID("5d1e0b8e-6f4e-4c1a-9a55-2f3b7c0d9e11")
 SERVICE_DATA_DISK_MIB = 64
 EXEC_CHANNEL = "org.dynvm.exec.0"
+EXEC_SOCKET = "exec.sock"
 
 
 def instance_dir(rt: Runtime, inst: Instance) -> Path:
@@ -22,6 +23,11 @@ def instance_dir(rt: Runtime, inst: Instance) -> Path:
 
     overlay_path(rt.config.storage.overlays, inst.id)  # validates the id
     return rt.config.storage.shared_dir / "run" / inst.id
+
+
+def serial_log_path(rt: Runtime, inst: Instance) -> Path:
+    """Per host, so a migrated guest's log does not overwrite the source's while both exist."""
+    return instance_dir(rt, inst) / f"console-{rt.host}.log"
 
 
 def overlay_paths(rt: Runtime, inst: Instance) -> list[Path]:
@@ -89,11 +95,12 @@ def spec_for(rt: Runtime, inst: Instance, image: ResolvedImage, disks: list[Disk
         initrd=str(cfg.storage.artefacts / boot.initrd.path) if boot and boot.initrd else None,
         cmdline=cmdline,
         disks=tuple(disks),
-        serial_log=None if test else str(d / f"console-{rt.host}.log"),
+        serial_log=None if test else str(serial_log_path(rt, inst)),
         console_pty=not test,
         nics=nics,
-        channel=None if test or image.spec.exec.method.value != "serial"
-        else ChannelSpec(path=str(d / "exec.sock"), name=EXEC_CHANNEL),
+        channel=None
+        if test or image.spec.exec.method.value != "serial"
+        else ChannelSpec(path=str(d / EXEC_SOCKET), name=EXEC_CHANNEL),
         metadata=meta,
     )
     return build_domain_xml(spec)

@@ -8,6 +8,7 @@ no-op for a running domain, and the state transitions are atomic compare-and-set
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
@@ -20,24 +21,54 @@ log = logging.getLogger(__name__)
 BOOTABLE = (InstanceState.PLACED, InstanceState.BOOTING)
 
 
+def _claim_boot(rt: Runtime, instance_id: str) -> bool:
+    """One boot per instance at a time in this agent (the only agent of its host).  A redelivered task
+    that finds the boot still running here does nothing; after an agent restart the set is empty, so an
+    instance left ``booting`` by the dead agent is booted again."""
+    with rt.lock:
+        active: set[str] = rt.extra.setdefault("booting", set())
+        if instance_id in active:
+            return False
+        active.add(instance_id)
+        return True
+
+
 def boot_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -> None:
-    inst = rt.store.get_instance(instance_id)
-    if inst is None or inst.host != rt.host or inst.state not in BOOTABLE:
-        return  # released, moved elsewhere, or already booted: nothing to do
+    if not _claim_boot(rt, instance_id):
+        return
     try:
-        rt.store.transition(inst.id, InstanceState.BOOTING, expected=inst.state)
-    except ConflictError:
-        return  # someone else moved it on in the meantime
-    try:
-        _boot(rt, inst)
-    except PermanentError as err:
-        _fail(rt, inst, str(err))
-    except DynvmError as err:
-        if final_attempt:
+        inst = rt.store.get_instance(instance_id)
+        if inst is None or inst.host != rt.host or inst.state not in BOOTABLE:
+            return  # released, moved elsewhere, or already booted: nothing to do
+        try:
+            rt.store.transition(inst.id, InstanceState.BOOTING, expected=inst.state)
+        except ConflictError:
+            return  # someone else moved it on in the meantime
+        try:
+            _boot(rt, inst)
+        except PermanentError as err:
             _fail(rt, inst, str(err))
-        else:
-            rt.store.add_event("retry", instance=inst.id, host=rt.host, message=str(err))
-            raise
+        except DynvmError as err:
+            if final_attempt:
+                _fail(rt, inst, str(err))
+            else:
+                rt.store.add_event("retry", instance=inst.id, host=rt.host, message=str(err))
+                raise
+    finally:
+        with rt.lock:
+            rt.extra["booting"].discard(instance_id)
+
+
+def _fault_hold(rt: Runtime, inst: Instance) -> None:
+    """Fault injection for tests (kill the agent mid-boot): while the file named by
+    $DYNVM_FAULT_HOLD_AFTER_START exists, the boot pauses right after the domain was started."""
+    path = os.environ.get("DYNVM_FAULT_HOLD_AFTER_START")
+    if not path or not os.path.exists(path):
+        return
+    rt.store.add_event("fault_hold", instance=inst.id, host=rt.host, message=f"boot held while {path} exists")
+    deadline = time.monotonic() + rt.config.timeouts.provision_s
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _boot(rt: Runtime, inst: Instance) -> None:
@@ -47,6 +78,7 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     disks = instance_disks(rt, inst, image)
     xml = spec_for(rt, inst, image, disks)
     rt.hypervisor.define_and_start(inst.domain_name, xml)
+    _fault_hold(rt, inst)
     from provisioner.agent.ready import wait_ready
 
     wait_ready(rt, inst, image)

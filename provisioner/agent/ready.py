@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from provisioner.catalogue.model import ProbeType, ResolvedImage
 from provisioner.config import DomainType
 from provisioner.control.runtime import Runtime
@@ -9,14 +11,24 @@ from provisioner.model import Instance
 
 
 def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
+    from provisioner.agent.domain import EXEC_SOCKET, instance_dir, serial_log_path
     from provisioner.agent.lifecycle import wait_domain_running
 
     probe = image.spec.readiness
     wait_domain_running(rt, inst, min(probe.timeout_s, 30.0))
     if rt.config.domain_type is DomainType.TEST or probe.type is ProbeType.DOMAIN_STATE:
         return
-    from provisioner.agent.domain import instance_dir
-    from provisioner.probes import wait_probe
+    from provisioner.probes import make_probe
+    from provisioner.probes import wait_ready as wait_probe
 
-    wait_probe(probe, instance_dir=instance_dir(rt, inst), host=rt.host or "", ip=inst.ip,
-               netns=rt.extra.get("netns"), timeout_s=probe.timeout_s)
+    assert rt.hypervisor is not None
+    hv = rt.hypervisor
+    runner = make_probe(
+        probe,
+        domain_state=lambda: hv.state(inst.domain_name),
+        serial_log=serial_log_path(rt, inst),
+        ip=inst.ip,
+        netns=rt.extra.get("netns"),
+        exec_socket=instance_dir(rt, inst) / EXEC_SOCKET,
+    )
+    wait_probe(runner, time.monotonic() + probe.timeout_s, interval=0.05)

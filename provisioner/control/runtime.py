@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ class Runtime:
     host: str | None = None  # set in a host agent
     hypervisor: Hypervisor | None = None  # set in a host agent
     extra: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def build_runtime(config: Config, host: str | None = None) -> Runtime:

@@ -23,8 +23,14 @@ def _runtime(task: Any) -> Any:
 
 
 def register(app: Any) -> None:
-    retry = {"autoretry_for": (TransientError,), "retry_backoff": 0.5, "retry_backoff_max": 10,
-             "retry_jitter": True, "max_retries": 5, "dont_autoretry_for": (PermanentError,)}
+    retry = {
+        "autoretry_for": (TransientError,),
+        "retry_backoff": 0.5,
+        "retry_backoff_max": 10,
+        "retry_jitter": True,
+        "max_retries": 3,
+        "dont_autoretry_for": (PermanentError,),
+    }
 
     @app.task(name=PROVISION, bind=True, **retry)  # type: ignore[untyped-decorator]
     def provision(self: Any, instance_id: str) -> None:
