@@ -51,28 +51,12 @@ _STATE_MAP = {
 }
 
 _PERMANENT_CODES = frozenset(
-    {
-        libvirt.VIR_ERR_XML_ERROR,
-        libvirt.VIR_ERR_XML_DETAIL,
-        libvirt.VIR_ERR_XML_INVALID_SCHEMA,
-        libvirt.VIR_ERR_INVALID_ARG,
-        libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
-        libvirt.VIR_ERR_NO_SUPPORT,
-        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED,
-        libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
-        libvirt.VIR_ERR_RESOURCE_BUSY,
-        libvirt.VIR_ERR_INVALID_MAC,
-        libvirt.VIR_ERR_NO_OS,
-        libvirt.VIR_ERR_OS_TYPE,
-        libvirt.VIR_ERR_NO_KERNEL,
-        libvirt.VIR_ERR_NO_SOURCE,
-        libvirt.VIR_ERR_NO_TARGET,
-        libvirt.VIR_ERR_DOM_EXIST,
-        libvirt.VIR_ERR_NO_DOMAIN,
-        libvirt.VIR_ERR_OPERATION_DENIED,
-        libvirt.VIR_ERR_ACCESS_DENIED,
-        libvirt.VIR_ERR_CPU_INCOMPATIBLE,
-    }
+    getattr(libvirt, f"VIR_ERR_{name}")
+    for name in (  # noqa: SIM905 (one name per line would double this module)
+        "XML_ERROR XML_DETAIL XML_INVALID_SCHEMA INVALID_ARG CONFIG_UNSUPPORTED NO_SUPPORT "
+        "ARGUMENT_UNSUPPORTED OPERATION_UNSUPPORTED RESOURCE_BUSY INVALID_MAC NO_OS OS_TYPE NO_KERNEL "
+        "NO_SOURCE NO_TARGET DOM_EXIST NO_DOMAIN OPERATION_DENIED ACCESS_DENIED CPU_INCOMPATIBLE"
+    ).split()
 )
 # Disk and lease failures arrive as generic system/internal errors; their text is what identifies them.
 _PERMANENT_TEXT = (
