@@ -115,7 +115,10 @@ def parse(text: str, source: str, error_cls: type[E]) -> Document:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        ctx = exc.context
+        if ctx and exc.context_mark is not None and exc.context_mark is not mark:
+            ctx += f" (started at line {exc.context_mark.line + 1})"
+        what = " ".join(p for p in (ctx, exc.problem) if p)
         raise located(error_cls, source, line, f"malformed YAML: {what}") from None
     except yaml.YAMLError as exc:  # e.g. a reader error on a control character
         raise located(error_cls, source, None, f"malformed YAML: {exc}") from None

@@ -67,8 +67,38 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
 def parse_family(path: Path) -> Entry:
     """Parse and validate one catalogue file (no cross-file checks)."""
     doc = yamlio.load(path, CatalogueError)
+    _precheck(doc)
     family = yamlio.validate_model(doc, ImageFamily, CatalogueError)
     return Entry(family, path, doc)
+
+
+def _precheck(doc: yamlio.Document) -> None:
+    """Cross-field checks the schema also makes, done first here to point at the exact line."""
+    versions = doc.data.get("versions")
+    seen: dict[object, int] = {}
+    if isinstance(versions, list):
+        for i, v in enumerate(versions):
+            ver = v.get("version") if isinstance(v, dict) else None
+            if not isinstance(ver, str):
+                continue
+            if ver in seen:
+                raise yamlio.located(
+                    CatalogueError,
+                    doc.source,
+                    doc.line(("versions", i, "version")),
+                    f"versions[{i}].version: duplicate version {ver!r} (first at versions[{seen[ver]}])",
+                )
+            seen[ver] = i
+    channels = doc.data.get("channels")
+    if isinstance(channels, dict) and seen:
+        for ch, target in channels.items():
+            if isinstance(target, str) and target not in seen:
+                raise yamlio.located(
+                    CatalogueError,
+                    doc.source,
+                    doc.line(("channels", ch)),
+                    f"channels.{ch}: points at missing version {target!r}",
+                )
 
 
 def scan(directory: Path) -> tuple[dict[str, Entry], list[CatalogueError]]:
