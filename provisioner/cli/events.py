@@ -23,17 +23,16 @@ def register(sub: Any) -> None:
 
 def events(ctx: CliContext, args: argparse.Namespace) -> int:
     rt = runtime(ctx)
-    evs = rt.store.read_events(count=args.count)
+    evs = [e.to_dict() for e in rt.store.read_events(count=args.count)]
     if not args.follow:
         ctx.out.table(evs, COLUMNS, title="events")
         return EXIT_OK
     for e in evs:
         ctx.out.stream(e) if ctx.out.json else ctx.out.message(_line(e))
-    last = evs[-1]["id"] if evs else "$"
-    while True:
-        for e in rt.store.follow_events(last, block_ms=1000):
-            last = e["id"]
-            ctx.out.stream(e) if ctx.out.json else ctx.out.message(_line(e))
+    for ev in rt.store.follow_events(evs[-1]["id"] if evs else None, block_ms=1000):
+        e = ev.to_dict()
+        ctx.out.stream(e) if ctx.out.json else ctx.out.message(_line(e))
+    return EXIT_OK
 
 
 def _line(e: dict[str, Any]) -> str:
