@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from provisioner.model import Capacity, Host, HostState, Instance, InstanceState, Role, Tier  # noqa: E402
-from provisioner.scheduler import HostIndex, PlacementRequest, SchedulerPolicy, Snapshot, schedule  # noqa: E402
+from provisioner.model import Capacity, Host, HostState, Instance, InstanceState, Role, Tier
+from provisioner.scheduler import HostIndex, PlacementRequest, SchedulerPolicy, Snapshot, schedule
 
 SINGLE_GOAL_MS = 1.0
 BATCH_GOAL_MS = 20.0
@@ -33,7 +32,9 @@ def build_snapshot(n_hosts: int, n_vms: int, host_vcpus: int = 64, seed: int = 1
     for i in range(n_hosts):
         state = HostState.UP if rnd.random() > 0.03 else rnd.choice(list(HostState))
         labels = {"rack": f"r{i % 20:02d}", "cpu": rnd.choice(["amd", "intel"])}
-        hosts.append(Host(f"hv{i:04d}", "test:///default", state, Capacity(host_vcpus, 256 * 1024), labels=labels))
+        hosts.append(
+            Host(f"hv{i:04d}", "test:///default", state, Capacity(host_vcpus, 256 * 1024), labels=labels)
+        )
     instances = []
     for j in range(n_vms):
         h = hosts[rnd.randrange(n_hosts)]
@@ -47,15 +48,25 @@ def build_snapshot(n_hosts: int, n_vms: int, host_vcpus: int = 64, seed: int = 1
         role = Role.SERVICE if tier.rank >= 2 else Role.WORKER
         group = f"svc{j % 300}" if role is Role.SERVICE else None
         instances.append(
-            Instance(f"vm{j:05d}", role, "img:1", vcpus, mem, InstanceState.READY, tier, rnd.choice(VOS),
-                     h.name, anti_affinity=group)
+            Instance(
+                f"vm{j:05d}",
+                role,
+                "img:1",
+                vcpus,
+                mem,
+                InstanceState.READY,
+                tier,
+                rnd.choice(VOS),
+                h.name,
+                anti_affinity=group,
+            )
         )
     return Snapshot(tuple(hosts), tuple(instances))
 
 
 def pct(samples: list[float], q: float) -> float:
     s = sorted(samples)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 def requests(rnd: random.Random, n: int, tag: str) -> list[PlacementRequest]:
@@ -64,8 +75,15 @@ def requests(rnd: random.Random, n: int, tag: str) -> list[PlacementRequest]:
         tier = rnd.choice(TIERS)
         labels = {"rack": f"r{rnd.randrange(20):02d}"} if rnd.random() < 0.3 else {}
         out.append(
-            PlacementRequest(f"{tag}-{k}", rnd.choice([1, 2, 4, 8]), 4096, tier, rnd.choice(VOS), labels,
-                             anti_affinity=f"svc{rnd.randrange(300)}" if tier.rank >= 2 else None)
+            PlacementRequest(
+                f"{tag}-{k}",
+                rnd.choice([1, 2, 4, 8]),
+                4096,
+                tier,
+                rnd.choice(VOS),
+                labels,
+                anti_affinity=f"svc{rnd.randrange(300)}" if tier.rank >= 2 else None,
+            )
         )
     return out
 
@@ -95,15 +113,21 @@ def run(snap: Snapshot, args: argparse.Namespace, title: str) -> None:
     s50, s99 = pct(single_ms, 50), pct(single_ms, 99)
     b50, b99 = pct(batch_ms, 50), pct(batch_ms, 99)
     used = int(index.used_vcpus.sum()) / max(int(index.cap_vcpus.sum()), 1)
-    print(f"== {title}: {index.n} hosts, {len(snap.instances)} VMs, {int(index.placeable.sum())} hosts up,"
-          f" {used:.0%} of vCPUs used")
+    print(
+        f"== {title}: {index.n} hosts, {len(snap.instances)} VMs, {int(index.placeable.sum())} hosts up,"
+        f" {used:.0%} of vCPUs used"
+    )
     print(f"index build: {build_ms:.1f} ms (once per snapshot, excluded below)")
-    print(f"single placement ({len(single_ms)} runs, {placed} placed): p50 {s50:.3f} ms  p99 {s99:.3f} ms"
-          f"  max {max(single_ms):.3f} ms  goal p99 < {SINGLE_GOAL_MS} ms:"
-          f" {'MET' if s99 < SINGLE_GOAL_MS else 'MISSED'}")
-    print(f"50-VM batch ({len(batch_ms)} runs, {preempted} preemptions, {unplaced} unplaced):"
-          f" p50 {b50:.2f} ms  p99 {b99:.2f} ms  max {max(batch_ms):.2f} ms"
-          f"  goal p99 < {BATCH_GOAL_MS} ms: {'MET' if b99 < BATCH_GOAL_MS else 'MISSED'}")
+    print(
+        f"single placement ({len(single_ms)} runs, {placed} placed): p50 {s50:.3f} ms  p99 {s99:.3f} ms"
+        f"  max {max(single_ms):.3f} ms  goal p99 < {SINGLE_GOAL_MS} ms:"
+        f" {'MET' if s99 < SINGLE_GOAL_MS else 'MISSED'}"
+    )
+    print(
+        f"50-VM batch ({len(batch_ms)} runs, {preempted} preemptions, {unplaced} unplaced):"
+        f" p50 {b50:.2f} ms  p99 {b99:.2f} ms  max {max(batch_ms):.2f} ms"
+        f"  goal p99 < {BATCH_GOAL_MS} ms: {'MET' if b99 < BATCH_GOAL_MS else 'MISSED'}"
+    )
 
 
 def main() -> int:

@@ -112,7 +112,7 @@ def quota_problem(work: Work, req: PlacementRequest) -> str | None:
     """Why the request's VO quota forbids it, or None.  Quotas are per request, not per host."""
     if req.vo is None:
         return None
-    quota = work.policy.vo_quotas.get(req.vo)
+    quota = work.policy.quota(req.vo)
     if quota is None:
         return None
     used_v = work.vo_v.get(req.vo, 0)

@@ -72,7 +72,7 @@ class SchedulerPolicy:
     cpu_overcommit: float = 1.0
     memory_overcommit: float = 1.0
     # Per-VO limits; a (max_vcpus, max_instances) tuple is accepted and turned into a VOQuota.
-    vo_quotas: Mapping[str, VOQuota] = field(default_factory=dict)
+    vo_quotas: Mapping[str, VOQuota | tuple[int | None, int | None]] = field(default_factory=dict)
     preemption: bool = True
     # Hosts examined in detail when looking for victims (the cheapest by a vectorised pre-ranking).
     preemption_candidates: int = 32
@@ -82,6 +82,10 @@ class SchedulerPolicy:
         for vo, q in self.vo_quotas.items():
             quotas[vo] = q if isinstance(q, VOQuota) else VOQuota(*q)
         object.__setattr__(self, "vo_quotas", quotas)
+
+    def quota(self, vo: str) -> VOQuota | None:
+        q = self.vo_quotas.get(vo)
+        return VOQuota(*q) if isinstance(q, tuple) else q
 
     @classmethod
     def from_config(cls, cfg: Config) -> SchedulerPolicy:
