@@ -126,6 +126,8 @@ def parse(text: str, source: str, error_cls: type[E]) -> Document:
         raise located(error_cls, source, None, "malformed YAML: nesting too deep") from None
     finally:
         loader.dispose()
+    if data is None:  # "---" or "~" alone: nothing to read either
+        raise located(error_cls, source, None, "empty file (expected a mapping)")
     if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "null"
         raise located(error_cls, source, node.start_mark.line + 1, f"top level must be a mapping, got {kind}")
