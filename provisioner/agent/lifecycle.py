@@ -77,7 +77,9 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     started = time.monotonic()
     disks = instance_disks(rt, inst, image)
     xml = spec_for(rt, inst, image, disks)
+    t_virt = time.monotonic()
     rt.hypervisor.define_and_start(inst.domain_name, xml)
+    libvirt_ms = (time.monotonic() - t_virt) * 1000
     _fault_hold(rt, inst)
     from provisioner.agent.ready import wait_ready
 
@@ -88,7 +90,8 @@ def _boot(rt: Runtime, inst: Instance) -> None:
         # Released while booting: the release task tears the domain down; do not resurrect it.
         return
     ms = (time.monotonic() - started) * 1000
-    rt.store.add_event("ready", instance=inst.id, host=rt.host, message=f"{inst.image} ready in {ms:.0f} ms")
+    rt.store.add_event("ready", instance=inst.id, host=rt.host, message=f"{inst.image} ready in {ms:.0f} ms",
+                       libvirt_ms=f"{libvirt_ms:.3f}")
     rt.store.notify(inst.id)
 
 

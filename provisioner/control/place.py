@@ -47,8 +47,13 @@ def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -
         return inst.host if inst is not None else None
     policy = policy_for(rt)
     host: str | None = None
+    # Only anti-affinity, a VO quota or preemption need the other instances; skip reading them otherwise.
+    light = inst.anti_affinity is None and (inst.vo is None or inst.vo not in policy.vo_quotas)
     for _ in range(CLAIM_ATTEMPTS):
-        plan = schedule([request_for(inst)], rt.store.snapshot(), policy)
+        plan = schedule([request_for(inst)], rt.store.snapshot(instances=not light), policy)
+        if inst.id in plan.unplaced and light and inst.tier is not Tier.POOL:
+            light = False  # preemption of lower tiers may make room: look at the instances
+            plan = schedule([request_for(inst)], rt.store.snapshot(), policy)
         if inst.id in plan.unplaced:
             why = str(plan.unplaced[inst.id])
             if final_attempt:
@@ -56,6 +61,10 @@ def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -
                 return None
             raise NoCapacityError(f"no host can take {inst.id}: {why}")
         candidate = plan.placements[inst.id]
+        if plan.preemptions:
+            preempt(rt, plan.preemptions, plan.victim_hosts, for_id=inst.id)
+            raise NoCapacityError(f"{inst.id}: preempting {len(plan.preemptions)} lower-tier VM(s) on "
+                                  f"{candidate}; will place when they are gone")
         if rt.store.claim(candidate, inst.id, inst.vcpus, inst.memory_mib,
                           rt.config.scheduler.cpu_overcommit, rt.config.scheduler.memory_overcommit):
             host = candidate
@@ -83,3 +92,18 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
     rt.store.transition(inst.id, InstanceState.FAILED, reason=reason)
     rt.store.add_event("failed", instance=inst.id, message=reason)
     rt.store.notify(inst.id)
+
+
+def preempt(rt: Runtime, victims: dict[str, str], hosts: dict[str, str], for_id: str) -> None:
+    """Stop lower-tier VMs to make room; their owners (batch jobs) are requeued by the release path."""
+    from provisioner.control.tasks import RELEASE
+
+    for vid, why in victims.items():
+        try:
+            rt.store.transition(vid, InstanceState.STOPPING, reason=f"preempted for {for_id}: {why}"[:500])
+        except ConflictError:
+            continue  # already stopping or gone
+        rt.store.add_event("preempted", instance=vid, host=hosts.get(vid), message=f"for {for_id}: {why}")
+        host = hosts.get(vid)
+        if host:
+            rt.app.send_task(RELEASE, args=[vid], queue=host_queue(host), priority=PRIORITY_HA)

@@ -34,14 +34,14 @@ def host_names(n: int) -> list[str]:
 
 
 def _farm_config(layout: FarmLayout, driver: str, hosts: list[str], redis_url: str,
-                 qemu_uris: dict[str, str] | None) -> dict[str, Any]:
+                 qemu_uris: dict[str, str] | None, host_cpus: int, host_memory_mib: int) -> dict[str, Any]:
     from provisioner.hypervisor.testdriver import write_test_host_xml
 
     layout.hosts_dir.mkdir(parents=True, exist_ok=True)
     host_entries = []
     for i, h in enumerate(hosts):
         if driver == "test":
-            uri = write_test_host_xml(layout.hosts_dir / f"{h}.xml", HOST_CPUS, HOST_MEMORY_MIB)
+            uri = write_test_host_xml(layout.hosts_dir / f"{h}.xml", host_cpus, host_memory_mib)
         else:
             assert qemu_uris is not None
             uri = qemu_uris[h]
@@ -61,7 +61,9 @@ def _farm_config(layout: FarmLayout, driver: str, hosts: list[str], redis_url: s
 
 
 def farm_up(layout: FarmLayout, hosts: int, driver: str, redis_url: str | None = None,
-            timeout_s: float = UP_TIMEOUT_S) -> FarmState:
+            timeout_s: float = UP_TIMEOUT_S, host_cpus: int = HOST_CPUS,
+            host_memory_mib: int = HOST_MEMORY_MIB) -> FarmState:
+    """Start the farm (idempotent: an identical running farm is returned as it is)."""
     if driver not in ("test", "qemu"):
         raise PermanentError(f"--driver {driver!r}: choose test or qemu")
     if not 1 <= hosts <= 64:
@@ -87,7 +89,7 @@ def farm_up(layout: FarmLayout, hosts: int, driver: str, redis_url: str | None =
     elif not layout.catalogue.exists():
         shutil.copytree(checkout_images_dir(), layout.catalogue,
                         ignore=shutil.ignore_patterns("build", "*.sh", "__pycache__"))
-    cfg = _farm_config(layout, driver, names, url, qemu_uris)
+    cfg = _farm_config(layout, driver, names, url, qemu_uris, host_cpus, host_memory_mib)
     Config.model_validate(cfg)  # our own output must be valid; fail here, not in four child processes
     tmp = layout.config_file.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
