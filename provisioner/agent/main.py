@@ -11,7 +11,7 @@ import time
 from provisioner.config import Config
 from provisioner.control.runtime import Runtime, build_runtime
 from provisioner.errors import DynvmError, NotFoundError
-from provisioner.model import Host
+from provisioner.model import Host, HostState
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,18 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
         raise NotFoundError(f"host {host!r} is not in the configuration ({config.source})")
     rt = build_runtime(config, host=host)
     rt.hypervisor = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
-    cap = rt.hypervisor.capacity()
-    rt.store.register_host(Host(name=host, uri=hc.uri, capacity=cap, labels=dict(hc.labels),
-                                detection_class=hc.detection_class, last_seen=time.time()))
+    try:
+        cap = rt.hypervisor.capacity()
+    except DynvmError as err:
+        # Unreachable hypervisor: say so where operators and the scheduler look, create nothing.
+        if rt.store.get_host(host) is not None:
+            rt.store.set_host_state(host, HostState.SUSPECT, reason=f"agent cannot reach libvirt: {err}"[:300])
+        rt.store.add_event("host_unreachable", host=host, message=str(err)[:300])
+        raise
+    stored = rt.store.register_host(Host(name=host, uri=hc.uri, capacity=cap, labels=dict(hc.labels),
+                                         detection_class=hc.detection_class, last_seen=time.time()))
+    if stored.state is HostState.SUSPECT:  # we reach libvirt again; dead/fenced stay for the operator
+        rt.store.set_host_state(host, HostState.UP, reason="agent reached libvirt again")
     rt.extra["lease_token"] = f"{os.getpid()}-{secrets.token_hex(4)}"
     rt.app = make_app(config)
     rt.app.dynvm_runtime = rt

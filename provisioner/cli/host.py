@@ -20,6 +20,7 @@ def register(sub: Any) -> None:
     hs.add_parser("list", help="all hosts").set_defaults(func=host_list)
     show = hs.add_parser("show", help="one host")
     show.add_argument("name")
+    show.add_argument("--inventory", action="store_true", help="also ask the agent what libvirt runs there")
     show.set_defaults(func=host_show)
     drain = hs.add_parser("drain", help="refuse new placements on a host")
     drain.add_argument("name")
@@ -65,6 +66,10 @@ def host_show(ctx: CliContext, args: argparse.Namespace) -> int:
     h = _get(rt, args.name)
     row = _row(rt, h, _counts(rt))
     row["instances"] = [i.id for i in rt.store.list_instances(host=h.name) if i.state.value != "gone"]
+    if args.inventory:
+        from provisioner.control.inventory import host_inventory
+
+        row["libvirt_domains"] = [f"{d['name']} ({d['state']})" for d in host_inventory(rt, h.name)]
     ctx.out.obj(row, title=f"host {h.name}")
     return EXIT_OK
 

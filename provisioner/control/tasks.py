@@ -13,6 +13,7 @@ PROVISION = "dynvm.provision"
 BOOT = "dynvm.boot"
 RELEASE = "dynvm.release"
 MIGRATE = "dynvm.migrate"
+INVENTORY = "dynvm.inventory"
 
 
 def _runtime(task: Any) -> Any:
@@ -55,3 +56,9 @@ def register(app: Any) -> None:
         from provisioner.agent.migrate import migrate_instance
 
         migrate_instance(_runtime(self), instance_id, dest)
+
+    @app.task(name=INVENTORY, bind=True)  # type: ignore[untyped-decorator]
+    def inventory(self: Any, request_id: str) -> None:
+        from provisioner.control.inventory import answer_inventory
+
+        answer_inventory(_runtime(self), request_id)
