@@ -122,11 +122,8 @@ def order_requests(requests: list[PlacementRequest]) -> list[PlacementRequest]:
         for d in deps:
             dependants[d].append(r.instance_id)
     position = {r.instance_id: i for i, r in enumerate(requests)}
-    heap = [
-        (-r.tier.rank, position[r.instance_id], r.instance_id)
-        for r in requests
-        if not waiting_on[r.instance_id]
-    ]
+    rank = _inherited_ranks(by_id, dependants)
+    heap = [(-rank[i], position[i], i) for i in by_id if not waiting_on[i]]
     heapq.heapify(heap)
     out: list[PlacementRequest] = []
     while heap:
@@ -135,8 +132,28 @@ def order_requests(requests: list[PlacementRequest]) -> list[PlacementRequest]:
         for dep in dependants[iid]:
             waiting_on[dep].discard(iid)
             if not waiting_on[dep]:
-                heapq.heappush(heap, (-by_id[dep].tier.rank, position[dep], dep))
+                heapq.heappush(heap, (-rank[dep], position[dep], dep))
     if len(out) != len(requests):
         stuck = sorted(i for i, w in waiting_on.items() if w)
         raise ValidationError(f"placement batch: start_after cycle among {', '.join(stuck)}")
     return out
+
+
+def _inherited_ranks(by_id: dict[str, PlacementRequest], dependants: dict[str, list[str]]) -> dict[str, int]:
+    """A request's rank is at least that of anything waiting for it (else a critical service could
+    queue behind a high one because its normal-tier database is placed late)."""
+    rank: dict[str, int] = {}
+
+    def visit(iid: str, path: frozenset[str]) -> int:
+        if iid in rank:
+            return rank[iid]
+        best = by_id[iid].tier.rank
+        for dep in dependants[iid]:
+            if dep not in path:  # a cycle is reported by the caller
+                best = max(best, visit(dep, path | {iid}))
+        rank[iid] = best
+        return best
+
+    for iid in by_id:
+        visit(iid, frozenset())
+    return rank
