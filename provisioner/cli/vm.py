@@ -87,11 +87,11 @@ def vm_show(ctx: CliContext, args: argparse.Namespace) -> int:
 
 
 def vm_release(ctx: CliContext, args: argparse.Namespace) -> int:
-    from provisioner.control.client import release, wait
+    from provisioner.control.client import ENDED, release, wait
 
     rt = runtime(ctx)
     inst = release(rt, args.id)
     if args.wait:
-        inst = wait(rt, args.id, args.timeout)
+        inst = wait(rt, args.id, args.timeout, until=ENDED)
     ctx.out.obj(instance_row(inst.to_dict()), title=f"vm {inst.id}")
     return EXIT_OK

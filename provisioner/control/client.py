@@ -12,6 +12,7 @@ from provisioner.errors import DeadlineExceeded, NotFoundError, ValidationError
 from provisioner.model import Instance, InstanceState, Role, Tier
 
 SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
+ENDED = frozenset({InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
 
 
 def new_instance_id() -> str:
@@ -64,14 +65,16 @@ def submit(rt: Runtime, image: ResolvedImage, vo: str | None, *, owner: str | No
     return inst, created
 
 
-def wait(rt: Runtime, instance_id: str, timeout_s: float) -> Instance:
-    """Block until the instance settles (ready, failed, gone, lost) or the deadline passes."""
+def wait(rt: Runtime, instance_id: str, timeout_s: float,
+         until: frozenset[InstanceState] = SETTLED) -> Instance:
+    """Block until the instance reaches a state in ``until`` (default: ready, failed, gone or lost) or the
+    deadline passes.  Use ``until=ENDED`` after a release."""
     deadline = time.monotonic() + timeout_s
     while True:
         inst = rt.store.get_instance(instance_id)
         if inst is None:
             raise NotFoundError(f"instance {instance_id} not found")
-        if inst.state in SETTLED:
+        if inst.state in until:
             return inst
         left = deadline - time.monotonic()
         if left <= 0:
