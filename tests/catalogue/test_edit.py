@@ -115,7 +115,7 @@ def test_add_refuses_moving_a_channel(cat: Catalogue) -> None:
     p = version_file(cat, "cms-wn", "2026.12.0")
     p.write_text(p.read_text() + 'channels:\n  stable: "2026.12.0"\n')
     before = snapshot(cat.directory)
-    with pytest.raises(ConflictError, match="already points at '2026.11.0'"):
+    with pytest.raises(ConflictError, match=r"already points at '2026\.11\.0'"):
         cat.add(p)
     assert snapshot(cat.directory) == before
 
@@ -145,7 +145,7 @@ def test_add_invalid_file(cat: Catalogue, tmp_path: Path) -> None:
 
 def test_promote_and_retire_rules(cat: Catalogue) -> None:
     cat.add(version_file(cat, "atlas-wn", "2026.12.0"))
-    with pytest.raises(ConflictError, match="still in channel.*stable"):
+    with pytest.raises(ConflictError, match=r"still in channel.*stable"):
         cat.retire("atlas-wn", "2026.11.0")
     fam = cat.promote("atlas-wn", "2026.12.0", "stable")
     assert fam.channels == {"stable": "2026.12.0"}

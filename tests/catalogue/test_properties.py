@@ -104,9 +104,9 @@ def _mutate(doc: Any, path: tuple[Any, ...], op: str, value: Any) -> Any:
     if op == "delete":
         del parent[last]
     elif op == "set":
-        parent[last] = value
+        parent[last] = copy.deepcopy(value)  # the same object twice would make a cycle
     elif op == "add_key" and isinstance(parent[last], dict):
-        parent[last]["unexpected_key"] = value
+        parent[last]["unexpected_key"] = copy.deepcopy(value)
     return doc
 
 

@@ -159,7 +159,7 @@ def test_requested_image_only_if_it_serves_the_vo() -> None:
 
 def test_misconfigured_vo_never_gets_another_vos_image() -> None:
     cfg = config(lhcb=VOConfig(image="cms-wn", groups=["lhcb"]))
-    with pytest.raises(IdentityError, match="cms-wn.*does not serve VO 'lhcb'"):
+    with pytest.raises(IdentityError, match=r"cms-wn.*does not serve VO 'lhcb'"):
         image_for_vo("lhcb", CAT, cfg)
 
 
