@@ -49,5 +49,5 @@ class StateStore(HostsMixin, InstancesMixin, ClaimsMixin):
             pipe.hgetall(self.keys.inst(iid))
         raw = pipe.execute()
         hosts = tuple(host_from_fields(h) for h in raw[: len(names_l)] if h)
-        instances = tuple(instance_from_fields(i) for i in raw[len(names_l) :] if i)
-        return Snapshot(hosts=hosts, instances=instances, taken_at=time.time())
+        insts = tuple(instance_from_fields(i) for i in raw[len(names_l) :] if i)
+        return Snapshot(hosts=hosts, instances=insts, taken_at=time.time())

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from provisioner.errors import ValidationError
-from provisioner.scheduler import SchedulerPolicy, schedule
+from provisioner.scheduler import SchedulerPolicy, Snapshot, schedule
 from tests.scheduler.factory import host, req, snap, vm
 
 
-def three_hosts():  # type: ignore[no-untyped-def]
+def three_hosts() -> Snapshot:
     # a: 6/8 used, b: 2/8 used, c: 4/8 used (vCPU and memory alike)
     hosts = [host("a", 8, 8192), host("b", 8, 8192), host("c", 8, 8192)]
     return snap(hosts, [vm("x", "a", 6, 6144), vm("y", "b", 2, 2048), vm("z", "c", 4, 4096)])
