@@ -12,7 +12,7 @@ import os
 import time
 
 from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
-from provisioner.control.runtime import Runtime
+from provisioner.control.runtime import Runtime, resolve_image
 from provisioner.errors import ConflictError, DeadlineExceeded, DynvmError, PermanentError
 from provisioner.interfaces import DomainState
 from provisioner.model import Instance, InstanceState, Role
@@ -73,7 +73,7 @@ def _fault_hold(rt: Runtime, inst: Instance) -> None:
 
 def _boot(rt: Runtime, inst: Instance) -> None:
     assert rt.hypervisor is not None and rt.host is not None
-    image = rt.catalogue.resolve(inst.image)
+    image = resolve_image(rt, inst.image)
     started = time.monotonic()
     disks = instance_disks(rt, inst, image)
     xml = spec_for(rt, inst, image, disks)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from provisioner.config import Config
 
 if TYPE_CHECKING:
+    from provisioner.catalogue.model import ResolvedImage
     from provisioner.catalogue.store import Catalogue
     from provisioner.interfaces import Hypervisor
     from provisioner.state.store import StateStore
@@ -24,6 +25,28 @@ class Runtime:
     hypervisor: Hypervisor | None = None  # set in a host agent
     extra: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def resolve_image(rt: Runtime, ref: str) -> ResolvedImage:
+    """Resolve through a catalogue that follows edits: the directory's mtime changes with every atomic
+    rename, so a long-running agent or worker reloads when an operator adds or promotes an image."""
+    from provisioner.catalogue.store import Catalogue
+    from provisioner.errors import UnknownImageError
+
+    directory = rt.config.catalogue_dir
+    try:
+        mtime = directory.stat().st_mtime_ns
+    except OSError:
+        mtime = 0
+    if rt.extra.get("catalogue_mtime") != mtime:
+        rt.catalogue = Catalogue.load(directory, rt.config.storage.artefacts)
+        rt.extra["catalogue_mtime"] = mtime
+    try:
+        return rt.catalogue.resolve(ref)
+    except UnknownImageError:
+        # Same-granularity mtime (an edit within the clock tick of our last load): reload once and retry.
+        rt.catalogue = Catalogue.load(directory, rt.config.storage.artefacts)
+        return rt.catalogue.resolve(ref)
 
 
 def build_runtime(config: Config, host: str | None = None) -> Runtime:
