@@ -1,0 +1,1 @@
+"""High availability: monitors, host failure detection, fencing and failover of service VMs."""
