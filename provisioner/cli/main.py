@@ -82,7 +82,7 @@ def _sub_parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     return out
 
 
-def build_parser(groups: Sequence[str] = GROUPS) -> ArgumentParser:
+def build_parser(groups: Sequence[str] | None = None) -> ArgumentParser:
     parser = ArgumentParser(
         prog="dynvm",
         description="Batch-integrated VM provisioner with HA for grid sites.",
@@ -91,7 +91,7 @@ def build_parser(groups: Sequence[str] = GROUPS) -> ArgumentParser:
     )
     _add_globals(parser, top=True)
     subparsers = parser.add_subparsers(dest="group", metavar="GROUP")
-    for name in groups:
+    for name in GROUPS if groups is None else groups:
         modname = name if "." in name else f"provisioner.cli.{name}"
         try:
             module = importlib.import_module(modname)
