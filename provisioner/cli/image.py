@@ -128,6 +128,10 @@ def cmd_validate(ctx: CliContext, args: argparse.Namespace) -> int:
     path: Path = args.path if args.path is not None else ctx.config.catalogue_dir
     root: Path = args.artefact_root if args.artefact_root is not None else ctx.config.storage.artefacts
     cat, findings = Catalogue.check(path, root)
+    if args.path is None:  # the configured catalogue: the VOs' images must resolve in it too
+        from provisioner.validate import check_config_against_catalogue
+
+        findings += check_config_against_catalogue(ctx.config, cat)
     errors = sum(1 for f in findings if f.severity is Severity.ERROR)
     rows = [{"severity": f.severity, "file": f.file, "line": f.line, "message": f.message} for f in findings]
     if ctx.out.json:

@@ -16,8 +16,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
-
 from provisioner.errors import DynvmError
 
 Mode = Literal["table", "json"]
@@ -43,7 +41,7 @@ def to_jsonable(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, BaseModel):
+    if hasattr(value, "model_dump"):  # a pydantic model (duck-typed: hooks must not import pydantic)
         return to_jsonable(value.model_dump(mode="python"))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
@@ -95,7 +93,9 @@ class Output:
         from rich.console import Console  # rich costs ~30 ms to import; JSON mode never needs it
 
         stream = sys.stderr if stderr else sys.stdout
-        width = None if stream.isatty() else int(os.environ.get("COLUMNS", "160"))
+        columns = os.environ.get("COLUMNS", "")
+        # Not a terminal (pipes, tests): wide enough that tables do not wrap mid-value.
+        width = None if stream.isatty() else (int(columns) if columns.isdigit() else 160)
         return Console(file=stream, width=width, highlight=False, soft_wrap=False)
 
     def _print_json(self, value: Any) -> None:

@@ -282,3 +282,11 @@ def test_module_entry_point(env: Path) -> None:
         cwd=REPO,
     )
     assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+def test_validate_checks_the_configured_vos(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cat, root = make_catalogue(tmp_path)
+    cfg = write_config(tmp_path, cat, root)
+    cfg.write_text(cfg.read_text().replace("lhcb: {image: lhcb-wn", "lhcb: {image: cms-wn"))
+    rc, out, _ = run(capsys, "--config", str(cfg), "image", "validate")
+    assert rc == 2 and f"{cfg}: error: vos.lhcb.image: " in out and "does not serve VO 'lhcb'" in out
