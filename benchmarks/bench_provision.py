@@ -23,22 +23,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from provisioner.configload import load_config  # noqa: E402
-from provisioner.control.client import client_runtime, release, submit, wait  # noqa: E402
-from provisioner.farm.layout import FarmLayout  # noqa: E402
-from provisioner.farm.local import farm_down, farm_up  # noqa: E402
+from provisioner.configload import load_config
+from provisioner.control.client import client_runtime, release, submit, wait
+from provisioner.farm.layout import FarmLayout
+from provisioner.farm.local import farm_down, farm_up
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def libvirt_ms_by_instance(rt, ids: set[str]) -> dict[str, float]:  # type: ignore[no-untyped-def]
     out: dict[str, float] = {}
     since = None
     while True:
-        evs = rt.store.read_events(count=1000, since_id=since) if since else rt.store.read_events(count=100000)
+        evs = (
+            rt.store.read_events(count=1000, since_id=since) if since else rt.store.read_events(count=100000)
+        )
         if not evs:
             break
         for e in evs:
@@ -85,12 +87,16 @@ def main() -> None:
             lat[iid] = dt
         virt = libvirt_ms_by_instance(rt, set(lat))
         overhead = [lat[i] - virt.get(i, 0.0) for i in lat]
-        print(f"sequential, {a.sequential} requests: request->ready p50 {pct(list(lat.values()), 50):.1f} ms, "
-              f"p99 {pct(list(lat.values()), 99):.1f} ms; libvirt define+create p50 "
-              f"{statistics.median(virt.values()):.2f} ms")
+        print(
+            f"sequential, {a.sequential} requests: request->ready p50 {pct(list(lat.values()), 50):.1f} ms, "
+            f"p99 {pct(list(lat.values()), 99):.1f} ms; libvirt define+create p50 "
+            f"{statistics.median(virt.values()):.2f} ms"
+        )
         p50, p99 = pct(overhead, 50), pct(overhead, 99)
-        print(f"  control-plane overhead p50 {p50:.1f} ms (goal < 30), p99 {p99:.1f} ms (goal < 100) -> "
-              f"{'MET' if p50 < 30 and p99 < 100 else 'NOT MET'}")
+        print(
+            f"  control-plane overhead p50 {p50:.1f} ms (goal < 30), p99 {p99:.1f} ms (goal < 100) -> "
+            f"{'MET' if p50 < 30 and p99 < 100 else 'NOT MET'}"
+        )
         ids = list(lat)
         results: list[float] = []
         lock = threading.Lock()
@@ -106,9 +112,11 @@ def main() -> None:
             list(ex.map(task, range(a.total)))
         el = time.perf_counter() - t1
         rate = a.total / el
-        print(f"{a.inflight} in flight, {a.total} requests: {rate:.0f} provisions/s (goal >= 100 -> "
-              f"{'MET' if rate >= 100 else 'NOT MET'}), latency p50 {pct(results, 50):.0f} ms, "
-              f"p99 {pct(results, 99):.0f} ms")
+        print(
+            f"{a.inflight} in flight, {a.total} requests: {rate:.0f} provisions/s (goal >= 100 -> "
+            f"{'MET' if rate >= 100 else 'NOT MET'}), latency p50 {pct(results, 50):.0f} ms, "
+            f"p99 {pct(results, 99):.0f} ms"
+        )
         for iid in ids:
             release(rt, iid)
     finally:

@@ -113,7 +113,7 @@ class TimeoutsConfig(Strict):
 
 
 class Config(Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     redis_url: str = "redis://127.0.0.1:6379/0"
     catalogue_dir: Path = Path("images")
     domain_type: DomainType = DomainType.KVM

@@ -7,6 +7,7 @@ no-op for a running domain, and the state transitions are atomic compare-and-set
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -90,8 +91,13 @@ def _boot(rt: Runtime, inst: Instance) -> None:
         # Released while booting: the release task tears the domain down; do not resurrect it.
         return
     ms = (time.monotonic() - started) * 1000
-    rt.store.add_event("ready", instance=inst.id, host=rt.host, message=f"{inst.image} ready in {ms:.0f} ms",
-                       libvirt_ms=f"{libvirt_ms:.3f}")
+    rt.store.add_event(
+        "ready",
+        instance=inst.id,
+        host=rt.host,
+        message=f"{inst.image} ready in {ms:.0f} ms",
+        libvirt_ms=f"{libvirt_ms:.3f}",
+    )
     rt.store.notify(inst.id)
 
 
@@ -99,10 +105,8 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
     """Leave nothing behind: domain, overlay and claim go; the record says why."""
     log.warning("instance %s failed on %s: %s", inst.id, rt.host, reason)
     _teardown(rt, inst)
-    try:
+    with contextlib.suppress(ConflictError):  # already released or gone
         rt.store.transition(inst.id, InstanceState.FAILED, reason=reason[:500])
-    except ConflictError:
-        pass
     rt.store.add_event("failed", instance=inst.id, host=rt.host, message=reason[:500])
     rt.store.notify(inst.id)
 

@@ -31,11 +31,21 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
     except DynvmError as err:
         # Unreachable hypervisor: say so where operators and the scheduler look, create nothing.
         if rt.store.get_host(host) is not None:
-            rt.store.set_host_state(host, HostState.SUSPECT, reason=f"agent cannot reach libvirt: {err}"[:300])
+            rt.store.set_host_state(
+                host, HostState.SUSPECT, reason=f"agent cannot reach libvirt: {err}"[:300]
+            )
         rt.store.add_event("host_unreachable", host=host, message=str(err)[:300])
         raise
-    stored = rt.store.register_host(Host(name=host, uri=hc.uri, capacity=cap, labels=dict(hc.labels),
-                                         detection_class=hc.detection_class, last_seen=time.time()))
+    stored = rt.store.register_host(
+        Host(
+            name=host,
+            uri=hc.uri,
+            capacity=cap,
+            labels=dict(hc.labels),
+            detection_class=hc.detection_class,
+            last_seen=time.time(),
+        )
+    )
     if stored.state is HostState.SUSPECT:  # we reach libvirt again; dead/fenced stay for the operator
         rt.store.set_host_state(host, HostState.UP, reason="agent reached libvirt again")
     rt.extra["lease_token"] = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -81,9 +91,16 @@ def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
     t = threading.Thread(target=_background, args=(rt, stop), name=f"lease-{host}", daemon=True)
     t.start()
     try:
-        worker = rt.app.Worker(queues=[host_queue(host)], pool="threads", concurrency=concurrency,
-                               hostname=f"agent-{host}@{os.uname().nodename}", loglevel="WARNING",
-                               without_heartbeat=True, without_mingle=True, without_gossip=True)
+        worker = rt.app.Worker(
+            queues=[host_queue(host)],
+            pool="threads",
+            concurrency=concurrency,
+            hostname=f"agent-{host}@{os.uname().nodename}",
+            loglevel="WARNING",
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+        )
         worker.start()
     finally:
         stop.set()
@@ -98,7 +115,14 @@ def run_worker(config: Config, concurrency: int = 8) -> None:
     rt = build_runtime(config)
     rt.app = make_app(config)
     rt.app.dynvm_runtime = rt
-    worker = rt.app.Worker(queues=[PROVISION_QUEUE], pool="threads", concurrency=concurrency,
-                           hostname=f"worker-{os.getpid()}@{os.uname().nodename}", loglevel="WARNING",
-                           without_heartbeat=True, without_mingle=True, without_gossip=True)
+    worker = rt.app.Worker(
+        queues=[PROVISION_QUEUE],
+        pool="threads",
+        concurrency=concurrency,
+        hostname=f"worker-{os.getpid()}@{os.uname().nodename}",
+        loglevel="WARNING",
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+    )
     worker.start()

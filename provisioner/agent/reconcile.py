@@ -18,8 +18,16 @@ from provisioner.model import Instance, InstanceState
 
 log = logging.getLogger(__name__)
 WANTED_RUNNING = frozenset({InstanceState.READY, InstanceState.DRAINING})
-KEEP_DOMAIN = frozenset({InstanceState.PLACED, InstanceState.BOOTING, InstanceState.READY,
-                         InstanceState.DRAINING, InstanceState.MIGRATING, InstanceState.STOPPING})
+KEEP_DOMAIN = frozenset(
+    {
+        InstanceState.PLACED,
+        InstanceState.BOOTING,
+        InstanceState.READY,
+        InstanceState.DRAINING,
+        InstanceState.MIGRATING,
+        InstanceState.STOPPING,
+    }
+)
 
 
 @dataclass
@@ -29,8 +37,14 @@ class Diff:
     redrive: list[str] = field(default_factory=list)  # instance ids to boot again
 
 
-def diff(host: str, domains: list[DomainInfo], instances: list[Instance], now: float,
-         boot_grace_s: float, startup: bool) -> Diff:
+def diff(
+    host: str,
+    domains: list[DomainInfo],
+    instances: list[Instance],
+    now: float,
+    boot_grace_s: float,
+    startup: bool,
+) -> Diff:
     by_id = {i.id: i for i in instances if i.host == host}
     running = {d.metadata.get("instance_id"): d for d in domains if d.metadata.get("instance_id")}
     out = Diff()
@@ -39,8 +53,8 @@ def diff(host: str, domains: list[DomainInfo], instances: list[Instance], now: f
         if inst is None or inst.state not in KEEP_DOMAIN:
             out.orphans.append(dom.name)
     for inst in by_id.values():
-        dom = running.get(inst.id)
-        alive = dom is not None and dom.state in (DomainState.RUNNING, DomainState.PAUSED)
+        found = running.get(inst.id)
+        alive = found is not None and found.state in (DomainState.RUNNING, DomainState.PAUSED)
         if inst.state in WANTED_RUNNING and not alive:
             out.ghosts.append(inst.id)
         elif inst.state in (InstanceState.PLACED, InstanceState.BOOTING) and (
@@ -53,8 +67,9 @@ def diff(host: str, domains: list[DomainInfo], instances: list[Instance], now: f
 def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
     assert rt.hypervisor is not None and rt.host is not None
     instances = rt.store.list_instances(host=rt.host)
-    d = diff(rt.host, rt.hypervisor.list_domains(), instances, time.time(),
-             rt.config.timeouts.provision_s, startup)
+    d = diff(
+        rt.host, rt.hypervisor.list_domains(), instances, time.time(), rt.config.timeouts.provision_s, startup
+    )
     for name in d.orphans:
         log.warning("reconcile %s: destroying orphan domain %s", rt.host, name)
         rt.hypervisor.destroy(name)
@@ -66,7 +81,9 @@ def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
         except ConflictError:
             continue
         rt.store.release_claim(rt.host, iid)
-        rt.store.add_event("lost", instance=iid, host=rt.host, message="record said running; libvirt disagrees")
+        rt.store.add_event(
+            "lost", instance=iid, host=rt.host, message="record said running; libvirt disagrees"
+        )
         rt.store.notify(iid)
     if d.redrive:
         from provisioner.agent.lifecycle import boot_instance

@@ -30,14 +30,19 @@ def demo(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.farm.local import default_layout, farm_up
 
     t0 = time.monotonic()
-    say = (lambda s: None) if ctx.out.json else (lambda s: ctx.out.message(f"[{time.monotonic() - t0:6.2f}s] {s}"))
+    def say(text: str) -> None:
+        if not ctx.out.json:
+            ctx.out.message(f"[{time.monotonic() - t0:6.2f}s] {text}")
+
     layout = default_layout(args.dir)
     say(f"bringing up a {args.hosts}-host farm ({args.driver} driver) in {layout.base}")
     farm_up(layout, args.hosts, args.driver)
     ctx._config = load_config(layout.config_file)
     ctx._catalogue = None
     rt = runtime(ctx)
-    say(f"farm up: {', '.join(h.name + ' (' + str(h.capacity.vcpus) + ' vCPU)' for h in rt.store.list_hosts())}")
+    say(
+        "farm up: " + ", ".join(f"{h.name} ({h.capacity.vcpus} vCPU)" for h in rt.store.list_hosts())
+    )
     pending = []
     for vo in DEMO_VOS:
         image, vo_ = choose_image(rt, None, vo)
@@ -53,7 +58,9 @@ def demo(ctx: CliContext, args: argparse.Namespace) -> int:
     rows = [instance_row(i.to_dict()) for i in done]
     ctx.out.table(rows, ["id", "state", "vo", "image", "host"], title="demo VMs")
     if not ctx.out.json:
-        ctx.out.message("The farm keeps running: try `dynvm vm list`, `dynvm events`, `dynvm host list`; "
-                        "stop it with `dynvm farm down`.")
+        ctx.out.message(
+            "The farm keeps running: try `dynvm vm list`, `dynvm events`, `dynvm host list`; "
+            "stop it with `dynvm farm down`."
+        )
     failed = [i for i in done if i.state.value != "ready"]
     return EXIT_CONFLICT if failed else EXIT_OK

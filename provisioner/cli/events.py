@@ -36,8 +36,10 @@ def events(ctx: CliContext, args: argparse.Namespace) -> int:
 
 
 def _line(e: dict[str, Any]) -> str:
-    return f"{e.get('ts', '')}  {e.get('kind', ''):<16} {e.get('instance', '') or '-':<13} " \
-           f"{e.get('host', '') or '-':<6} {e.get('message', '')}"
+    return (
+        f"{e.get('ts', '')}  {e.get('kind', ''):<16} {e.get('instance', '') or '-':<13} "
+        f"{e.get('host', '') or '-':<6} {e.get('message', '')}"
+    )
 
 
 def status(ctx: CliContext, args: argparse.Namespace) -> int:
@@ -47,11 +49,17 @@ def status(ctx: CliContext, args: argparse.Namespace) -> int:
     by_state: dict[str, int] = {}
     for i in insts:
         by_state[i.state.value] = by_state.get(i.state.value, 0) + 1
-    ctx.out.obj({
-        "config": ctx.config.source,
-        "redis": ctx.config.redis_url,
-        "hosts": {h.name: f"{h.state.value}, lease {'alive' if rt.store.lease_alive(h.name) else 'expired'}, "
-                  f"{h.used_vcpus}/{h.capacity.vcpus} vCPU" for h in hosts},
-        "instances": by_state,
-    }, title="dynvm status")
+    ctx.out.obj(
+        {
+            "config": ctx.config.source,
+            "redis": ctx.config.redis_url,
+            "hosts": {
+                h.name: f"{h.state.value}, lease {'alive' if rt.store.lease_alive(h.name) else 'expired'}, "
+                f"{h.used_vcpus}/{h.capacity.vcpus} vCPU"
+                for h in hosts
+            },
+            "instances": by_state,
+        },
+        title="dynvm status",
+    )
     return EXIT_OK

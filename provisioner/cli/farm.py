@@ -16,10 +16,18 @@ def register(sub: Any) -> None:
     fs = farm.add_subparsers(dest="farm_cmd", metavar="COMMAND")
     up = fs.add_parser("up", help="start Redis, one agent per host, a control worker")
     up.add_argument("--hosts", type=int, default=3, help="number of hypervisor hosts (default 3)")
-    up.add_argument("--driver", choices=["test", "qemu"], default="test",
-                    help="test: libvirt's test driver (default); qemu: real TCG guests (root)")
-    up.add_argument("--dir", type=Path, default=None, help="farm directory (default: $DYNVM_FARM_DIR or "
-                    "/var/lib/dynvm/farm as root)")
+    up.add_argument(
+        "--driver",
+        choices=["test", "qemu"],
+        default="test",
+        help="test: libvirt's test driver (default); qemu: real TCG guests (root)",
+    )
+    up.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="farm directory (default: $DYNVM_FARM_DIR or /var/lib/dynvm/farm as root)",
+    )
     up.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one")
     up.set_defaults(func=farm_up)
     down = fs.add_parser("down", help="stop everything the farm started")

@@ -32,10 +32,15 @@ def register(sub: Any) -> None:
 
 def _row(rt: Any, h: Host, counts: dict[str, int]) -> dict[str, Any]:
     return {
-        "name": h.name, "state": h.state, "lease": "alive" if rt.store.lease_alive(h.name) else "expired",
-        "vcpus": f"{h.used_vcpus}/{h.capacity.vcpus}", "memory_mib": f"{h.used_memory_mib}/{h.capacity.memory_mib}",
-        "instances": counts.get(h.name, 0), "labels": ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
-        "uri": h.uri, "last_seen": ts(h.last_seen),
+        "name": h.name,
+        "state": h.state,
+        "lease": "alive" if rt.store.lease_alive(h.name) else "expired",
+        "vcpus": f"{h.used_vcpus}/{h.capacity.vcpus}",
+        "memory_mib": f"{h.used_memory_mib}/{h.capacity.memory_mib}",
+        "instances": counts.get(h.name, 0),
+        "labels": ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
+        "uri": h.uri,
+        "last_seen": ts(h.last_seen),
     }
 
 
@@ -57,7 +62,9 @@ def host_list(ctx: CliContext, args: argparse.Namespace) -> int:
 def _get(rt: Any, name: str) -> Host:
     h = rt.store.get_host(name)
     if h is None:
-        raise NotFoundError(f"host {name!r} not found (known: {', '.join(x.name for x in rt.store.list_hosts())})")
+        raise NotFoundError(
+            f"host {name!r} not found (known: {', '.join(x.name for x in rt.store.list_hosts())})"
+        )
     return h  # type: ignore[no-any-return]
 
 
@@ -89,8 +96,10 @@ def host_undrain(ctx: CliContext, args: argparse.Namespace) -> int:
     rt = runtime(ctx)
     h = _get(rt, args.name)
     if h.state not in (HostState.UP, HostState.DRAINING, HostState.MAINTENANCE):
-        raise ConflictError(f"host {h.name} is {h.state.value}; a fenced/dead host rejoins only by "
-                            "`dynvm host rejoin` after the operator checked it")
+        raise ConflictError(
+            f"host {h.name} is {h.state.value}; a fenced/dead host rejoins only by "
+            "`dynvm host rejoin` after the operator checked it"
+        )
     rt.store.set_host_state(h.name, HostState.UP, reason="operator undrain")
     rt.store.add_event("host_up", host=h.name, message="accepting placements")
     ctx.out.obj({"name": h.name, "state": HostState.UP, "at": ts(time.time())})

@@ -52,8 +52,9 @@ def vm_provision(ctx: CliContext, args: argparse.Namespace) -> int:
         validate_token(args.owner, "--owner", r"^[A-Za-z0-9_.:@-]+$", 128)
     rt = runtime(ctx)
     image, vo = choose_image(rt, args.image, args.vo)
-    inst, created = submit(rt, image, vo, owner=args.owner, idempotency_key=args.key,
-                           vcpus=args.vcpus, memory_mib=args.memory)
+    inst, created = submit(
+        rt, image, vo, owner=args.owner, idempotency_key=args.key, vcpus=args.vcpus, memory_mib=args.memory
+    )
     if args.wait:
         inst = wait(rt, inst.id, args.timeout)
     row = instance_row(inst.to_dict())
@@ -70,8 +71,11 @@ def vm_list(ctx: CliContext, args: argparse.Namespace) -> int:
     rt = runtime(ctx)
     state = InstanceState(args.state) if args.state else None
     role = Role(args.role) if args.role else None
-    rows = [instance_row(i.to_dict()) for i in rt.store.list_instances(host=args.host, state=state, role=role)
-            if args.all or state is InstanceState.GONE or i.state is not InstanceState.GONE]
+    rows = [
+        instance_row(i.to_dict())
+        for i in rt.store.list_instances(host=args.host, state=state, role=role)
+        if args.all or state is InstanceState.GONE or i.state is not InstanceState.GONE
+    ]
     rows.sort(key=lambda r: r["created"] or 0)
     ctx.out.table(rows, COLUMNS, title="vms")
     return EXIT_OK

@@ -35,27 +35,56 @@ def choose_image(rt: Runtime, image_ref: str | None, vo: str | None) -> tuple[Re
     return image, None
 
 
-def submit(rt: Runtime, image: ResolvedImage, vo: str | None, *, owner: str | None = None,
-           idempotency_key: str | None = None, vcpus: int | None = None, memory_mib: int | None = None,
-           tier: Tier | None = None, host: str | None = None, service: str | None = None,
-           mac: str | None = None, ip: str | None = None) -> tuple[Instance, bool]:
+def submit(
+    rt: Runtime,
+    image: ResolvedImage,
+    vo: str | None,
+    *,
+    owner: str | None = None,
+    idempotency_key: str | None = None,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    tier: Tier | None = None,
+    host: str | None = None,
+    service: str | None = None,
+    mac: str | None = None,
+    ip: str | None = None,
+) -> tuple[Instance, bool]:
     """Record the request (idempotent by key) and send it to the control workers."""
     spec = image.spec
     vcpus = spec.vcpus.default if vcpus is None else vcpus
     memory_mib = spec.memory_mib.default if memory_mib is None else memory_mib
     if not spec.vcpus.min <= vcpus <= spec.vcpus.max:
-        raise ValidationError(f"vcpus={vcpus} outside {image.ref}'s bounds {spec.vcpus.min}..{spec.vcpus.max}")
+        raise ValidationError(
+            f"vcpus={vcpus} outside {image.ref}'s bounds {spec.vcpus.min}..{spec.vcpus.max}"
+        )
     if not spec.memory_mib.min <= memory_mib <= spec.memory_mib.max:
         raise ValidationError(
-            f"memory={memory_mib} MiB outside {image.ref}'s bounds {spec.memory_mib.min}..{spec.memory_mib.max}")
+            f"memory={memory_mib} MiB outside {image.ref}'s bounds "
+            f"{spec.memory_mib.min}..{spec.memory_mib.max}"
+        )
     role = Role.WORKER if image.kind is ImageKind.WORKER else Role.SERVICE
     if tier is None:
         tier = Tier.WORKER if role is Role.WORKER else Tier(image.ha.priority.value if image.ha else "normal")
     now = time.time()
-    inst = Instance(id=new_instance_id(), role=role, image=image.ref, vcpus=vcpus, memory_mib=memory_mib,
-                    tier=tier, vo=vo, owner=owner, idempotency_key=idempotency_key, service=service,
-                    mac=mac, ip=ip, host=host, anti_affinity=image.ha.anti_affinity if image.ha else None,
-                    created=now, updated=now)
+    inst = Instance(
+        id=new_instance_id(),
+        role=role,
+        image=image.ref,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        tier=tier,
+        vo=vo,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        service=service,
+        mac=mac,
+        ip=ip,
+        host=host,
+        anti_affinity=image.ha.anti_affinity if image.ha else None,
+        created=now,
+        updated=now,
+    )
     inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
     if created:
         rt.store.add_event("requested", instance=inst.id, message=f"{image.ref} for {vo or service or '-'}")
@@ -65,8 +94,9 @@ def submit(rt: Runtime, image: ResolvedImage, vo: str | None, *, owner: str | No
     return inst, created
 
 
-def wait(rt: Runtime, instance_id: str, timeout_s: float,
-         until: frozenset[InstanceState] = SETTLED) -> Instance:
+def wait(
+    rt: Runtime, instance_id: str, timeout_s: float, until: frozenset[InstanceState] = SETTLED
+) -> Instance:
     """Block until the instance reaches a state in ``until`` (default: ready, failed, gone or lost) or the
     deadline passes.  Use ``until=ENDED`` after a release."""
     deadline = time.monotonic() + timeout_s

@@ -24,8 +24,16 @@ def _key(rt: Runtime, request_id: str) -> str:
 def answer_inventory(rt: Runtime, request_id: str) -> None:
     """Agent side: list the domains and publish them."""
     assert rt.hypervisor is not None
-    doms = [{"name": d.name, "state": d.state.value, "instance_id": d.metadata.get("instance_id"),
-             "vo": d.metadata.get("vo"), "image": d.metadata.get("image")} for d in rt.hypervisor.list_domains()]
+    doms = [
+        {
+            "name": d.name,
+            "state": d.state.value,
+            "instance_id": d.metadata.get("instance_id"),
+            "vo": d.metadata.get("vo"),
+            "image": d.metadata.get("image"),
+        }
+        for d in rt.hypervisor.list_domains()
+    ]
     pipe = rt.store.r.pipeline(transaction=False)
     pipe.rpush(_key(rt, request_id), json.dumps({"host": rt.host, "domains": doms}))
     pipe.expire(_key(rt, request_id), REPLY_TTL_S)
@@ -42,5 +50,7 @@ def host_inventory(rt: Runtime, host: str, timeout_s: float = 10.0) -> list[dict
     rt.app.send_task(INVENTORY, args=[request_id], queue=host_queue(host), priority=PRIORITY_HA)
     got = rt.store.r.blpop([_key(rt, request_id)], timeout=timeout_s)
     if got is None:
-        raise DeadlineExceeded(f"host {host}: its agent did not answer an inventory request in {timeout_s:.0f} s")
+        raise DeadlineExceeded(
+            f"host {host}: its agent did not answer an inventory request in {timeout_s:.0f} s"
+        )
     return list(json.loads(got[1])["domains"])

@@ -63,10 +63,18 @@ def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -
         candidate = plan.placements[inst.id]
         if plan.preemptions:
             preempt(rt, plan.preemptions, plan.victim_hosts, for_id=inst.id)
-            raise NoCapacityError(f"{inst.id}: preempting {len(plan.preemptions)} lower-tier VM(s) on "
-                                  f"{candidate}; will place when they are gone")
-        if rt.store.claim(candidate, inst.id, inst.vcpus, inst.memory_mib,
-                          rt.config.scheduler.cpu_overcommit, rt.config.scheduler.memory_overcommit):
+            raise NoCapacityError(
+                f"{inst.id}: preempting {len(plan.preemptions)} lower-tier VM(s) on "
+                f"{candidate}; will place when they are gone"
+            )
+        if rt.store.claim(
+            candidate,
+            inst.id,
+            inst.vcpus,
+            inst.memory_mib,
+            rt.config.scheduler.cpu_overcommit,
+            rt.config.scheduler.memory_overcommit,
+        ):
             host = candidate
             break
         # Another worker took the capacity between snapshot and claim: re-plan on fresh state.

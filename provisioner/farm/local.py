@@ -33,8 +33,15 @@ def host_names(n: int) -> list[str]:
     return [f"hv{i}" for i in range(1, n + 1)]
 
 
-def _farm_config(layout: FarmLayout, driver: str, hosts: list[str], redis_url: str,
-                 qemu_uris: dict[str, str] | None, host_cpus: int, host_memory_mib: int) -> dict[str, Any]:
+def _farm_config(
+    layout: FarmLayout,
+    driver: str,
+    hosts: list[str],
+    redis_url: str,
+    qemu_uris: dict[str, str] | None,
+    host_cpus: int,
+    host_memory_mib: int,
+) -> dict[str, Any]:
     from provisioner.hypervisor.testdriver import write_test_host_xml
 
     layout.hosts_dir.mkdir(parents=True, exist_ok=True)
@@ -45,8 +52,9 @@ def _farm_config(layout: FarmLayout, driver: str, hosts: list[str], redis_url: s
         else:
             assert qemu_uris is not None
             uri = qemu_uris[h]
-        host_entries.append({"name": h, "uri": uri, "labels": {"rack": f"r{i % 2 + 1}"},
-                             "detection_class": "fast"})
+        host_entries.append(
+            {"name": h, "uri": uri, "labels": {"rack": f"r{i % 2 + 1}"}, "detection_class": "fast"}
+        )
     vos = {vo: {"image": f"{vo}-wn", "groups": [vo]} for vo in ("cms", "atlas", "lhcb")}
     return {
         "schema_version": 1,
@@ -60,9 +68,15 @@ def _farm_config(layout: FarmLayout, driver: str, hosts: list[str], redis_url: s
     }
 
 
-def farm_up(layout: FarmLayout, hosts: int, driver: str, redis_url: str | None = None,
-            timeout_s: float = UP_TIMEOUT_S, host_cpus: int = HOST_CPUS,
-            host_memory_mib: int = HOST_MEMORY_MIB) -> FarmState:
+def farm_up(
+    layout: FarmLayout,
+    hosts: int,
+    driver: str,
+    redis_url: str | None = None,
+    timeout_s: float = UP_TIMEOUT_S,
+    host_cpus: int = HOST_CPUS,
+    host_memory_mib: int = HOST_MEMORY_MIB,
+) -> FarmState:
     """Start the farm (idempotent: an identical running farm is returned as it is)."""
     if driver not in ("test", "qemu"):
         raise PermanentError(f"--driver {driver!r}: choose test or qemu")
@@ -73,8 +87,10 @@ def farm_up(layout: FarmLayout, hosts: int, driver: str, redis_url: str | None =
     st = layout.read_state()
     if st is not None and pid_alive(st.supervisor_pid):
         if st.driver != driver or len(st.hosts) != hosts:
-            raise ConflictError(f"a farm is already up in {layout.base} ({st.driver}, {len(st.hosts)} hosts): "
-                                "run `dynvm farm down` first")
+            raise ConflictError(
+                f"a farm is already up in {layout.base} ({st.driver}, {len(st.hosts)} hosts): "
+                "run `dynvm farm down` first"
+            )
         return st
     for d in (layout.base, layout.logs, layout.shared, layout.shared / "images", layout.shared / "instances"):
         d.mkdir(parents=True, exist_ok=True)
@@ -87,18 +103,28 @@ def farm_up(layout: FarmLayout, hosts: int, driver: str, redis_url: str | None =
         qemu_uris = qemu_host_uris(layout.base / "qemu", hosts)
         prepare_farm_catalogue(layout)
     elif not layout.catalogue.exists():
-        shutil.copytree(checkout_images_dir(), layout.catalogue,
-                        ignore=shutil.ignore_patterns("build", "*.sh", "__pycache__"))
+        shutil.copytree(
+            checkout_images_dir(),
+            layout.catalogue,
+            ignore=shutil.ignore_patterns("build", "*.sh", "__pycache__"),
+        )
     cfg = _farm_config(layout, driver, names, url, qemu_uris, host_cpus, host_memory_mib)
     Config.model_validate(cfg)  # our own output must be valid; fail here, not in four child processes
     tmp = layout.config_file.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     os.replace(tmp, layout.config_file)
-    st = FarmState(driver=driver, hosts=names, redis_url=url, started=time.time(), own_redis=redis_url is None)
+    st = FarmState(
+        driver=driver, hosts=names, redis_url=url, started=time.time(), own_redis=redis_url is None
+    )
     layout.write_state(st)
     logf = open(layout.logs / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
-    subprocess.Popen([sys.executable, "-m", "provisioner.farm.supervisor", str(layout.base)],
-                     stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    subprocess.Popen(
+        [sys.executable, "-m", "provisioner.farm.supervisor", str(layout.base)],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     logf.close()
     try:
         _wait_up(layout, names, timeout_s)
@@ -129,8 +155,9 @@ def _wait_up(layout: FarmLayout, names: list[str], timeout_s: float) -> None:
         if not missing:
             return
         time.sleep(0.1)
-    raise DeadlineExceeded(f"farm not up after {timeout_s:.0f} s: no lease from {', '.join(missing)} "
-                           f"(see {layout.logs})")
+    raise DeadlineExceeded(
+        f"farm not up after {timeout_s:.0f} s: no lease from {', '.join(missing)} (see {layout.logs})"
+    )
 
 
 def farm_down(layout: FarmLayout, timeout_s: float = 60.0) -> bool:
@@ -166,11 +193,20 @@ def farm_status(layout: FarmLayout) -> dict[str, Any]:
     st = layout.read_state()
     if st is None or not pid_alive(st.supervisor_pid):
         return {"up": False, "dir": str(layout.base)}
-    procs = {name: {"pid": pid, "alive": pid_alive(pid), "restarts": st.restarts.get(name, 0)}
-             for name, pid in st.children.items()}
-    return {"up": True, "dir": str(layout.base), "driver": st.driver, "hosts": st.hosts,
-            "redis_url": st.redis_url, "supervisor_pid": st.supervisor_pid, "processes": procs,
-            "config": str(layout.config_file)}
+    procs = {
+        name: {"pid": pid, "alive": pid_alive(pid), "restarts": st.restarts.get(name, 0)}
+        for name, pid in st.children.items()
+    }
+    return {
+        "up": True,
+        "dir": str(layout.base),
+        "driver": st.driver,
+        "hosts": st.hosts,
+        "redis_url": st.redis_url,
+        "supervisor_pid": st.supervisor_pid,
+        "processes": procs,
+        "config": str(layout.config_file),
+    }
 
 
 def default_layout(base: Path | None = None) -> FarmLayout:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from provisioner.farm.layout import FarmLayout, FarmState
 
@@ -31,7 +32,7 @@ class Supervisor:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.redis: subprocess.Popen[bytes] | None = None
         self.stopping = False
-        self.qemu = None
+        self.qemu: Any = None
 
     # ----------------------------------------------------------------- children
     def commands(self) -> dict[str, list[str]]:
@@ -45,8 +46,9 @@ class Supervisor:
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         logf = open(self.layout.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
         logf.close()
         self.state.children[name] = self.procs[name].pid
         self.layout.write_state(self.state)
@@ -57,10 +59,27 @@ class Supervisor:
         port = self.state.redis_url.rsplit(":", 1)[1].split("/")[0]
         self.layout.redis_dir.mkdir(parents=True, exist_ok=True)
         self.redis = subprocess.Popen(
-            ["redis-server", "--port", port, "--bind", "127.0.0.1", "--dir", str(self.layout.redis_dir),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--protected-mode", "yes"],
-            stdout=open(self.layout.logs / "redis.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-            stdin=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                port,
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.layout.redis_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=open(self.layout.logs / "redis.log", "ab"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         self.state.redis_pid = self.redis.pid
         import redis
 

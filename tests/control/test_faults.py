@@ -66,12 +66,22 @@ def test_agent_killed_mid_boot_leaks_no_overlay(test_farm: Farm, tmp_path: Path)
     base.parent.mkdir(parents=True, exist_ok=True)
     if not base.exists():
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
-    fam = {"name": "disk-wn", "kind": "worker", "vos": ["cms"], "versions": [{"version": "1.0",
-           "disk": {"path": "test/tiny-base.qcow2", "format": "qcow2"}}], "channels": {"stable": "1.0"}}
+    fam = {
+        "name": "disk-wn",
+        "kind": "worker",
+        "vos": ["cms"],
+        "versions": [{"version": "1.0", "disk": {"path": "test/tiny-base.qcow2", "format": "qcow2"}}],
+        "channels": {"stable": "1.0"},
+    }
     f = tmp_path / "disk-wn.yaml"
     f.write_text(yaml.safe_dump(fam))
-    r = subprocess.run([sys.executable, "-m", "provisioner.cli.main", "image", "add", str(f)],
-                       env=test_farm.env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "provisioner.cli.main", "image", "add", str(f)],
+        env=test_farm.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     rt.catalogue = type(rt.catalogue).load(rt.config.catalogue_dir, artefacts)
     overlays = rt.config.storage.overlays
@@ -107,8 +117,17 @@ def test_reconciler_destroys_orphans_and_marks_ghosts(test_farm: Farm) -> None:
     assert "orphan_destroyed" in [e.kind for e in rt.store.read_events(count=500) if e.host == ready.host]
     # Ghost: a record says ready on hv2, libvirt there has no such domain.
     now = time.time()
-    ghost = Instance(id="ghost0000001", role=Role.WORKER, image=inst.image, vcpus=1, memory_mib=256,
-                     tier=Tier.WORKER, vo="lhcb", created=now, updated=now)
+    ghost = Instance(
+        id="ghost0000001",
+        role=Role.WORKER,
+        image=inst.image,
+        vcpus=1,
+        memory_mib=256,
+        tier=Tier.WORKER,
+        vo="lhcb",
+        created=now,
+        updated=now,
+    )
     rt.store.create_instance(ghost)
     assert rt.store.claim("hv2", ghost.id, 1, 256)
     rt.store.transition(ghost.id, InstanceState.PLACED, host="hv2")
@@ -130,8 +149,12 @@ def test_unreachable_libvirt_is_a_clear_error_and_marks_suspect(test_farm: Farm,
     test_farm.rt.store.register_host(Host(name="hvbad", uri="x:///", capacity=Capacity(4, 4096)))
     try:
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "provisioner.cli.main", "--config", str(f), "agent",
-                            "--host", "hvbad"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "provisioner.cli.main", "--config", str(f), "agent", "--host", "hvbad"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert time.monotonic() - t0 < 30
         assert r.returncode == 5, r.stderr
         assert "nonexistent" in r.stderr and "Traceback" not in r.stderr
@@ -148,7 +171,11 @@ def test_redis_down_is_a_clear_error(tmp_path: Path) -> None:
     f = tmp_path / "dynvm.yaml"
     f.write_text(yaml.safe_dump(cfg))
     for args in (["vm", "list"], ["worker"], ["host", "list"]):
-        r = subprocess.run([sys.executable, "-m", "provisioner.cli.main", "--config", str(f), *args],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "provisioner.cli.main", "--config", str(f), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 5, (args, r.stderr)
         assert "127.0.0.1" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr

@@ -30,8 +30,13 @@ def domains_for(farm: Farm, instance_id: str) -> list[tuple[str, str]]:
 
 
 def cli(farm: Farm, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "provisioner.cli.main", *args], capture_output=True,
-                          text=True, env=farm.env(), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "provisioner.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=farm.env(),
+        timeout=120,
+    )
 
 
 def test_three_vos_get_their_own_images_and_run(test_farm: Farm) -> None:
