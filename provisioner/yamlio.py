@@ -111,6 +111,10 @@ def parse(text: str, source: str, error_cls: type[E]) -> Document:
         node = loader.get_single_node()
         if node is None:
             raise located(error_cls, source, None, "empty file (expected a mapping)")
+        # Walk the nodes BEFORE constructing: construction flattens merge keys ("<<: *base"), after
+        # which a legitimate override would look like a duplicate key.
+        lines: dict[Loc, int] = {(): node.start_mark.line + 1}
+        _Walker(source, lines, error_cls).walk(node, ())
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -131,9 +135,7 @@ def parse(text: str, source: str, error_cls: type[E]) -> Document:
     if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
         kind = type(data).__name__ if data is not None else "null"
         raise located(error_cls, source, node.start_mark.line + 1, f"top level must be a mapping, got {kind}")
-    doc = Document(source=source, data=data, lines={(): node.start_mark.line + 1})
-    _Walker(doc, error_cls).walk(node, ())
-    return doc
+    return Document(source=source, data=data, lines=lines)
 
 
 def load(path: Path, error_cls: type[E]) -> Document:
@@ -144,22 +146,21 @@ def load(path: Path, error_cls: type[E]) -> Document:
 class _Walker:
     """Records lines and rejects duplicate keys, bounded in the number of nodes visited."""
 
-    def __init__(self, doc: Document, error_cls: type[ValidationError]) -> None:
-        self.doc = doc
+    def __init__(self, source: str, lines: dict[Loc, int], error_cls: type[ValidationError]) -> None:
+        self.source = source
+        self.lines = lines
         self.error_cls = error_cls
         self.visited = 0
 
     def walk(self, node: yaml.Node, loc: Loc) -> None:
         self.visited += 1
         if self.visited > MAX_NODES:
-            raise located(
-                self.error_cls, self.doc.source, None, f"document expands to over {MAX_NODES} nodes"
-            )
+            raise located(self.error_cls, self.source, None, f"document expands to over {MAX_NODES} nodes")
         if len(loc) > 100:
-            raise located(self.error_cls, self.doc.source, node.start_mark.line + 1, "nesting too deep")
+            raise located(self.error_cls, self.source, node.start_mark.line + 1, "nesting too deep")
         if isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                self.doc.lines.setdefault((*loc, i), item.start_mark.line + 1)
+                self.lines.setdefault((*loc, i), item.start_mark.line + 1)
                 self.walk(item, (*loc, i))
         elif isinstance(node, yaml.MappingNode):
             seen: dict[object, int] = {}
@@ -170,13 +171,13 @@ class _Walker:
                     path = dotted((*loc, str(key)))
                     raise located(
                         self.error_cls,
-                        self.doc.source,
+                        self.source,
                         line,
                         f"{path}: duplicate key {short_repr(key)} (first at line {seen[key]})",
                     )
                 seen[key] = line
                 if isinstance(key, str | int):
-                    self.doc.lines.setdefault((*loc, key), line)
+                    self.lines.setdefault((*loc, key), line)
                     self.walk(value_node, (*loc, key))
 
 

@@ -128,3 +128,10 @@ def test_dotted() -> None:
     assert yamlio.dotted(("hosts", 2, "uri")) == "hosts[2].uri"
     assert yamlio.dotted(("vos", "cms", "groups", 0)) == "vos.cms.groups[0]"
     assert yamlio.dotted(()) == ""
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    text = 'base: &b {uri: "qemu:///system", port: 7}\nhosts:\n  - <<: *b\n    uri: "test:///default"\n'
+    doc = yamlio.load(write(tmp_path, text), ConfigError)
+    assert doc.data["hosts"] == [{"uri": "test:///default", "port": 7}]
+    assert doc.line(("hosts", 0, "uri")) == 4
