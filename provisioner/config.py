@@ -49,6 +49,8 @@ class HostConfig(Strict):
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
     detection_class: Annotated[str, Field(pattern=NAME_RE.pattern)] = "standard"
     fence_command: list[str] | None = None
+    # Where this host receives live migrations (libvirt's --migrateuri), e.g. tcp://10.1.2.3:49152.
+    migration_uri: str | None = Field(default=None, pattern=r"^tcp://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?$")
 
     @model_validator(mode="after")
     def _uri_scheme(self) -> HostConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from provisioner.model import Capacity
 
@@ -52,6 +52,10 @@ class Hypervisor(Protocol):
 
     def list_domains(self) -> list[DomainInfo]:
         """Every domain the host knows, with dynvm metadata where present."""
+
+    def migrate(self, name: str, dest: Any, xml: str | None = None, migrate_uri: str | None = None,
+                live: bool = True) -> None:
+        """Live-migrate a running domain to ``dest`` (another Hypervisor of the same kind)."""
 
     def close(self) -> None:
         """Drop the connection."""

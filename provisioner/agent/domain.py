@@ -14,7 +14,6 @@ from provisioner.model import Instance
 UUID_NS = uuid.UUID("5d1e0b8e-6f4e-4c1a-9a55-2f3b7c0d9e11")
 SERVICE_DATA_DISK_MIB = 64
 EXEC_CHANNEL = "org.dynvm.exec.0"
-EXEC_SOCKET = "exec.sock"
 
 
 def instance_dir(rt: Runtime, inst: Instance) -> Path:
@@ -25,9 +24,14 @@ def instance_dir(rt: Runtime, inst: Instance) -> Path:
     return rt.config.storage.shared_dir / "run" / inst.id
 
 
-def serial_log_path(rt: Runtime, inst: Instance) -> Path:
+def serial_log_path(rt: Runtime, inst: Instance, host: str | None = None) -> Path:
     """Per host, so a migrated guest's log does not overwrite the source's while both exist."""
-    return instance_dir(rt, inst) / f"console-{rt.host}.log"
+    return instance_dir(rt, inst) / f"console-{host or rt.host}.log"
+
+
+def exec_socket_path(rt: Runtime, inst: Instance, host: str | None = None) -> Path:
+    """Per host: during a live migration source and destination QEMU each listen on their own socket."""
+    return instance_dir(rt, inst) / f"exec-{host or inst.host or rt.host}.sock"
 
 
 def overlay_paths(rt: Runtime, inst: Instance) -> list[Path]:
@@ -66,7 +70,12 @@ def instance_disks(rt: Runtime, inst: Instance, image: ResolvedImage) -> list[Di
     return disks
 
 
-def spec_for(rt: Runtime, inst: Instance, image: ResolvedImage, disks: list[DiskSpec]) -> str:
+def spec_for(
+    rt: Runtime, inst: Instance, image: ResolvedImage, disks: list[DiskSpec], host: str | None = None
+) -> str:
+    """The domain XML for ``inst`` on ``host`` (default: this agent's host; a migration builds the
+    destination's XML with the destination's per-host paths)."""
+    host = host or rt.host
     cfg = rt.config
     boot = image.spec.boot
     test = cfg.domain_type is DomainType.TEST
@@ -76,7 +85,6 @@ def spec_for(rt: Runtime, inst: Instance, image: ResolvedImage, disks: list[Disk
         if inst.ip:
             extra.append(f"dynvm.ip={inst.ip}/{cfg.network.prefix_len}")
         cmdline = " ".join([boot.cmdline, *extra])
-    d = instance_dir(rt, inst)
     nics: tuple[NicSpec, ...] = ()
     if inst.mac and cfg.network.bridge and not test:
         nics = (NicSpec(mac=inst.mac, bridge=cfg.network.bridge),)
@@ -95,12 +103,12 @@ def spec_for(rt: Runtime, inst: Instance, image: ResolvedImage, disks: list[Disk
         initrd=str(cfg.storage.artefacts / boot.initrd.path) if boot and boot.initrd else None,
         cmdline=cmdline,
         disks=tuple(disks),
-        serial_log=None if test else str(serial_log_path(rt, inst)),
+        serial_log=None if test else str(serial_log_path(rt, inst, host)),
         console_pty=not test,
         nics=nics,
         channel=None
         if test or image.spec.exec.method.value != "serial"
-        else ChannelSpec(path=str(d / EXEC_SOCKET), name=EXEC_CHANNEL),
+        else ChannelSpec(path=str(exec_socket_path(rt, inst, host)), name=EXEC_CHANNEL),
         metadata=meta,
     )
     return build_domain_xml(spec)

@@ -11,7 +11,7 @@ from provisioner.model import Instance
 
 
 def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
-    from provisioner.agent.domain import EXEC_SOCKET, instance_dir, serial_log_path
+    from provisioner.agent.domain import exec_socket_path, serial_log_path
     from provisioner.agent.lifecycle import wait_domain_running
 
     probe = image.spec.readiness
@@ -29,6 +29,6 @@ def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
         serial_log=serial_log_path(rt, inst),
         ip=inst.ip,
         netns=rt.extra.get("netns"),
-        exec_socket=instance_dir(rt, inst) / EXEC_SOCKET,
+        exec_socket=exec_socket_path(rt, inst, rt.host),
     )
     wait_probe(runner, time.monotonic() + probe.timeout_s, interval=0.05)

@@ -44,13 +44,20 @@ def diff(
     now: float,
     boot_grace_s: float,
     startup: bool,
+    elsewhere: dict[str, Instance] | None = None,
 ) -> Diff:
+    """``instances``: the records placed on ``host``; ``elsewhere``: records of domains found here whose
+    record names another host (a live migration in flight is kept; anything else must not run here)."""
     by_id = {i.id: i for i in instances if i.host == host}
     running = {d.metadata.get("instance_id"): d for d in domains if d.metadata.get("instance_id")}
     out = Diff()
     for iid, dom in running.items():
         inst = by_id.get(iid or "")
-        if inst is None or inst.state not in KEEP_DOMAIN:
+        if inst is None:
+            other = (elsewhere or {}).get(iid or "")
+            if other is None or other.state is not InstanceState.MIGRATING:
+                out.orphans.append(dom.name)
+        elif inst.state not in KEEP_DOMAIN:
             out.orphans.append(dom.name)
     for inst in by_id.values():
         found = running.get(inst.id)
@@ -67,9 +74,17 @@ def diff(
 def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
     assert rt.hypervisor is not None and rt.host is not None
     instances = rt.store.list_instances(host=rt.host)
-    d = diff(
-        rt.host, rt.hypervisor.list_domains(), instances, time.time(), rt.config.timeouts.provision_s, startup
-    )
+    domains = rt.hypervisor.list_domains()
+    mine = {i.id for i in instances}
+    elsewhere: dict[str, Instance] = {}
+    for dom in domains:
+        iid = dom.metadata.get("instance_id")
+        if iid and iid not in mine:
+            rec = rt.store.get_instance(iid)
+            if rec is not None:
+                elsewhere[iid] = rec
+    grace = rt.config.timeouts.provision_s
+    d = diff(rt.host, domains, instances, time.time(), grace, startup, elsewhere)
     for name in d.orphans:
         log.warning("reconcile %s: destroying orphan domain %s", rt.host, name)
         rt.hypervisor.destroy(name)

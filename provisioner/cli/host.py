@@ -22,8 +22,10 @@ def register(sub: Any) -> None:
     show.add_argument("name")
     show.add_argument("--inventory", action="store_true", help="also ask the agent what libvirt runs there")
     show.set_defaults(func=host_show)
-    drain = hs.add_parser("drain", help="refuse new placements on a host")
+    drain = hs.add_parser("drain", help="refuse new placements; move service VMs away live")
     drain.add_argument("name")
+    drain.add_argument("--wait", action="store_true", help="wait until its service VMs have moved")
+    drain.add_argument("--timeout", type=float, default=600.0)
     drain.set_defaults(func=host_drain)
     undrain = hs.add_parser("undrain", help="accept placements again")
     undrain.add_argument("name")
@@ -82,13 +84,14 @@ def host_show(ctx: CliContext, args: argparse.Namespace) -> int:
 
 
 def host_drain(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.control.maintenance import drain, wait_drained
+
     rt = runtime(ctx)
-    h = _get(rt, args.name)
-    if h.state not in (HostState.UP, HostState.DRAINING):
-        raise ConflictError(f"host {h.name} is {h.state.value}; only an up host can be drained")
-    rt.store.set_host_state(h.name, HostState.DRAINING, reason="operator drain")
-    rt.store.add_event("host_draining", host=h.name, message="no new placements")
-    ctx.out.obj({"name": h.name, "state": HostState.DRAINING, "at": ts(time.time())})
+    _get(rt, args.name)
+    moves = drain(rt, args.name)
+    if args.wait:
+        wait_drained(rt, args.name, args.timeout)
+    ctx.out.obj({"name": args.name, "state": HostState.DRAINING, "moving": moves, "at": ts(time.time())})
     return EXIT_OK
 
 

@@ -35,6 +35,12 @@ def register(sub: Any) -> None:
     show = vs.add_parser("show", help="one VM")
     show.add_argument("id")
     show.set_defaults(func=vm_show)
+    mig = vs.add_parser("migrate", help="live-migrate a VM to another host")
+    mig.add_argument("id")
+    mig.add_argument("--to", dest="to", help="destination host (default: the scheduler's choice)")
+    mig.add_argument("--wait", action="store_true")
+    mig.add_argument("--timeout", type=float, default=300.0)
+    mig.set_defaults(func=vm_migrate)
     rel = vs.add_parser("release", help="stop and remove a VM")
     rel.add_argument("id")
     rel.add_argument("--wait", action="store_true")
@@ -98,4 +104,27 @@ def vm_release(ctx: CliContext, args: argparse.Namespace) -> int:
     if args.wait:
         inst = wait(rt, args.id, args.timeout, until=ENDED)
     ctx.out.obj(instance_row(inst.to_dict()), title=f"vm {inst.id}")
+    return EXIT_OK
+
+
+def vm_migrate(ctx: CliContext, args: argparse.Namespace) -> int:
+    import time
+
+    from provisioner.control.maintenance import migrate
+
+    rt = runtime(ctx)
+    dest = migrate(rt, args.id, args.to)
+    inst = rt.store.require_instance(args.id)
+    if args.wait:
+        deadline = time.monotonic() + args.timeout
+        while not (inst.host == dest and inst.state is InstanceState.READY):
+            if time.monotonic() > deadline:
+                from provisioner.errors import DeadlineExceeded
+
+                raise DeadlineExceeded(f"vm {args.id} not on {dest} after {args.timeout:.0f} s")
+            rt.store.wait_notified(args.id, 1.0)
+            inst = rt.store.require_instance(args.id)
+    row = instance_row(inst.to_dict())
+    row["destination"] = dest
+    ctx.out.obj(row, title=f"vm {inst.id}")
     return EXIT_OK

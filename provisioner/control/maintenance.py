@@ -1,0 +1,89 @@
+"""Maintenance: live-migrate one VM, drain a host (services move live, workers finish, no new placements)."""
+
+from __future__ import annotations
+
+import time
+
+from provisioner.control.runtime import Runtime
+from provisioner.errors import ConflictError, DeadlineExceeded, NoCapacityError, NotFoundError
+from provisioner.model import HostState, InstanceState, Role
+
+MOVABLE = frozenset({InstanceState.READY})
+
+
+def pick_destination(rt: Runtime, instance_id: str, exclude: str) -> str:
+    """The scheduler's choice of a new host for an existing instance (never its current host)."""
+    from provisioner.control.place import policy_for
+    from provisioner.scheduler import PlacementRequest, schedule
+
+    inst = rt.store.require_instance(instance_id)
+    snap = rt.store.snapshot()
+    # Plan it as a new request: the instance's own claim stays on the source until the move is done.
+    req = PlacementRequest(
+        instance_id=f"{inst.id}-mig",
+        vcpus=inst.vcpus,
+        memory_mib=inst.memory_mib,
+        tier=inst.tier,
+        vo=inst.vo,
+        anti_affinity=inst.anti_affinity,
+    )
+    plan = schedule([req], snap, policy_for(rt))
+    dest = plan.placements.get(req.instance_id)
+    if dest is None or dest == exclude:
+        why = plan.unplaced.get(req.instance_id)
+        raise NoCapacityError(f"no destination for {inst.id}: {why if why else 'only its own host fits'}")
+    return dest
+
+
+def migrate(rt: Runtime, instance_id: str, dest: str | None = None) -> str:
+    """Ask the VM's agent to live-migrate it; returns the destination."""
+    from provisioner.control.app import PRIORITY_HA, host_queue
+    from provisioner.control.tasks import MIGRATE
+
+    inst = rt.store.require_instance(instance_id)
+    if inst.state not in MOVABLE or inst.host is None:
+        raise ConflictError(f"vm {inst.id} is {inst.state.value}; only a ready VM can be migrated")
+    if dest is None:
+        dest = pick_destination(rt, inst.id, exclude=inst.host)
+    elif dest == inst.host:
+        raise ConflictError(f"vm {inst.id} already runs on {dest}")
+    target = rt.store.get_host(dest)
+    if target is None:
+        raise NotFoundError(f"host {dest!r} not found")
+    if target.state is not HostState.UP:
+        raise ConflictError(f"host {dest} is {target.state.value}; it takes no new VMs")
+    rt.app.send_task(MIGRATE, args=[inst.id, dest], queue=host_queue(inst.host), priority=PRIORITY_HA)
+    return dest
+
+
+def drain(rt: Runtime, host: str) -> dict[str, str]:
+    """Refuse new placements on ``host`` and move its service VMs away live; returns {vm: destination}."""
+    h = rt.store.require_host(host)
+    if h.state not in (HostState.UP, HostState.DRAINING):
+        raise ConflictError(f"host {host} is {h.state.value}; only an up host can be drained")
+    rt.store.set_host_state(host, HostState.DRAINING, reason="operator drain")
+    rt.store.add_event("host_draining", host=host, message="no new placements; moving services")
+    moves: dict[str, str] = {}
+    services = [i for i in rt.store.list_instances(host=host, role=Role.SERVICE) if i.state in MOVABLE]
+    services.sort(key=lambda i: -i.tier.rank)  # most critical first
+    for inst in services:
+        moves[inst.id] = migrate(rt, inst.id)
+    return moves
+
+
+def wait_drained(rt: Runtime, host: str, timeout_s: float) -> None:
+    """Until no service VM is left on ``host`` (workers may still be finishing their jobs)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [
+            i.id
+            for i in rt.store.list_instances(host=host, role=Role.SERVICE)
+            if i.state not in (InstanceState.GONE, InstanceState.FAILED, InstanceState.LOST)
+        ]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(
+                f"host {host}: services still there after {timeout_s:.0f} s: {', '.join(left)}"
+            )
+        time.sleep(0.1)
