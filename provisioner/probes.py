@@ -96,7 +96,7 @@ class TcpProbe:
                 s.settimeout(self.connect_timeout)
                 s.connect((self.ip, self.port))
             return True
-        except OSError:
+        except (OSError, UnavailableError):  # no namespace (farm down) is "not ready", too
             return False
 
 
