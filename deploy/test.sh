@@ -10,6 +10,11 @@ if [ -e /dev/kvm ] && [ "$(id -u)" -eq 0 ]; then
   getent group kvm >/dev/null || groupadd -r kvm
   chown root:kvm /dev/kvm && chmod 660 /dev/kvm
 fi
+# Lint and types are part of the suite (STYLE.md 14): a red ruff or mypy fails the run.
+echo "dynvm test: ruff" >&2
+.venv/bin/ruff check provisioner batch_hooks ha tests benchmarks images/build
+echo "dynvm test: mypy --strict" >&2
+.venv/bin/mypy
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

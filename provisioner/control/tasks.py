@@ -33,31 +33,31 @@ def register(app: Any) -> None:
         "dont_autoretry_for": (PermanentError,),
     }
 
-    @app.task(name=PROVISION, bind=True, **retry)  # type: ignore[untyped-decorator]
+    @app.task(name=PROVISION, shared=False, bind=True, **retry)  # type: ignore[untyped-decorator]
     def provision(self: Any, instance_id: str) -> None:
         from provisioner.control.place import place_instance
 
         place_instance(_runtime(self), instance_id, final_attempt=self.request.retries >= self.max_retries)
 
-    @app.task(name=BOOT, bind=True, **retry)  # type: ignore[untyped-decorator]
+    @app.task(name=BOOT, shared=False, bind=True, **retry)  # type: ignore[untyped-decorator]
     def boot(self: Any, instance_id: str) -> None:
         from provisioner.agent.lifecycle import boot_instance
 
         boot_instance(_runtime(self), instance_id, final_attempt=self.request.retries >= self.max_retries)
 
-    @app.task(name=RELEASE, bind=True, **retry)  # type: ignore[untyped-decorator]
+    @app.task(name=RELEASE, shared=False, bind=True, **retry)  # type: ignore[untyped-decorator]
     def release(self: Any, instance_id: str) -> None:
         from provisioner.agent.lifecycle import release_instance
 
         release_instance(_runtime(self), instance_id)
 
-    @app.task(name=MIGRATE, bind=True, **retry)  # type: ignore[untyped-decorator]
+    @app.task(name=MIGRATE, shared=False, bind=True, **retry)  # type: ignore[untyped-decorator]
     def migrate(self: Any, instance_id: str, dest: str) -> None:
         from provisioner.agent.migrate import migrate_instance
 
         migrate_instance(_runtime(self), instance_id, dest)
 
-    @app.task(name=INVENTORY, bind=True)  # type: ignore[untyped-decorator]
+    @app.task(name=INVENTORY, shared=False, bind=True)  # type: ignore[untyped-decorator]
     def inventory(self: Any, request_id: str) -> None:
         from provisioner.control.inventory import answer_inventory
 
