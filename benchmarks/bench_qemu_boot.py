@@ -87,7 +87,8 @@ def main() -> int:
     print(f"farm up (3 hosts):                       {time.monotonic() - t:.3f} s")
     host = "hv1"
     conn = LibvirtHost(farm.host_uri(host), call_timeout_s=120)
-    defines, readies = [], []
+    defines: list[float] = []
+    readies: list[float] = []
     try:
         for i in range(args.runs + 1):
             name = f"bench-{i}"
@@ -118,7 +119,8 @@ def migrate(farm: QemuFarm, src: LibvirtHost, art: Path, image: str) -> None:
     name = "bench-mig"
     boot_once(farm, src, art, "hv1", name, image)
     conns = {h: LibvirtHost(farm.host_uri(h), call_timeout_s=120) for h in farm.hosts}
-    hops, at = [], "hv1"
+    hops: list[float] = []
+    at = "hv1"
     try:
         for dest in ["hv2", "hv3", "hv1", "hv2", "hv3"]:
             t = time.monotonic()
