@@ -76,8 +76,8 @@ def main() -> int:
     args = ap.parse_args()
     art = CACHE / "images"
     if args.cold_build:
-        with tempfile.TemporaryDirectory() as d:
-            print(f"image build cold (kernel .deb cached): {build(Path(d)):.2f} s")
+        with tempfile.TemporaryDirectory() as tmpdir:
+            print(f"image build cold (kernel .deb cached): {build(Path(tmpdir)):.2f} s")
     build(art)
     print(f"image build warm (no-op):               {build(art):.3f} s")
     farm = QemuFarm(CACHE / "farm", 3)
