@@ -14,6 +14,7 @@ BOOT = "dynvm.boot"
 RELEASE = "dynvm.release"
 MIGRATE = "dynvm.migrate"
 INVENTORY = "dynvm.inventory"
+EXEC = "dynvm.exec"
 
 
 def _runtime(task: Any) -> Any:
@@ -62,3 +63,9 @@ def register(app: Any) -> None:
         from provisioner.control.inventory import answer_inventory
 
         answer_inventory(_runtime(self), request_id)
+
+    @app.task(name=EXEC, shared=False, bind=True)  # type: ignore[untyped-decorator]
+    def exec_(self: Any, request_id: str, instance_id: str, argv: list[str], timeout_s: float) -> None:
+        from provisioner.control.execjob import answer_exec
+
+        answer_exec(_runtime(self), request_id, instance_id, argv, timeout_s)

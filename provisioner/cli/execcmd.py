@@ -1,0 +1,38 @@
+"""``dynvm exec ID -- COMMAND...``: run a command inside a VM (through its image's exec method)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from provisioner.cli.common import runtime
+from provisioner.cli.context import CliContext
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "exec",
+        help="run a command inside a VM; exits with the command's own exit code",
+        description="Run COMMAND inside VM ID. dynvm exits with the command's exit code; dynvm's own "
+        "errors (unknown VM, VM not ready, timeout) are reported on stderr with the usual exit codes.",
+    )
+    p.add_argument("id")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds the command may run (default 60)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    p.set_defaults(func=exec_cmd)
+
+
+def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.control.execjob import exec_in_vm
+
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    res = exec_in_vm(runtime(ctx), args.id, argv, args.timeout)
+    if ctx.out.json:
+        ctx.out.obj(res)
+    else:
+        sys.stdout.write(res["stdout"])
+        sys.stderr.write(res["stderr"])
+    return int(res["exit_code"])
