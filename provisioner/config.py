@@ -99,6 +99,9 @@ class NetworkConfig(Strict):
 
     bridge: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
     prefix_len: int = Field(default=24, ge=1, le=32)
+    # Network namespace from which agents reach guests for TCP probes (the local QEMU farm's LAN lives in
+    # its own namespace); None = the agent's own namespace, as in production.
+    probe_netns: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class SchedulerConfig(Strict):

@@ -28,7 +28,7 @@ def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
         domain_state=lambda: hv.state(inst.domain_name),
         serial_log=serial_log_path(rt, inst),
         ip=inst.ip,
-        netns=rt.extra.get("netns"),
+        netns=rt.config.network.probe_netns,
         exec_socket=exec_socket_path(rt, inst, rt.host),
     )
     wait_probe(runner, time.monotonic() + probe.timeout_s, interval=0.05)

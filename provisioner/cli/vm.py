@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
     p.add_argument("--memory", type=int, metavar="MIB")
     p.add_argument("--key", help="idempotency key: a second request with the same key returns the first VM")
     p.add_argument("--owner", help="owner label (e.g. a batch job key)")
+    p.add_argument("--name", help="service name (service images): fixes its MAC address")
+    p.add_argument("--ip", help="fixed IPv4 address of a service VM (given to the guest on its command line)")
     p.add_argument("--wait", action="store_true", help="wait until it is ready (or failed)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
     p.set_defaults(func=vm_provision)
@@ -58,8 +60,18 @@ def vm_provision(ctx: CliContext, args: argparse.Namespace) -> int:
         validate_token(args.owner, "--owner", r"^[A-Za-z0-9_.:@-]+$", 128)
     rt = runtime(ctx)
     image, vo = choose_image(rt, args.image, args.vo)
+    if args.name is not None:
+        validate_token(args.name, "--name", r"^[a-z][a-z0-9-]{0,62}$", 63)
     inst, created = submit(
-        rt, image, vo, owner=args.owner, idempotency_key=args.key, vcpus=args.vcpus, memory_mib=args.memory
+        rt,
+        image,
+        vo,
+        owner=args.owner,
+        idempotency_key=args.key,
+        vcpus=args.vcpus,
+        memory_mib=args.memory,
+        service=args.name,
+        ip=args.ip,
     )
     if args.wait:
         inst = wait(rt, inst.id, args.timeout)

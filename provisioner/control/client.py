@@ -15,6 +15,15 @@ SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GO
 ENDED = frozenset({InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
 
 
+def service_mac(name: str) -> str:
+    """A deterministic, locally administered unicast MAC per service: it keeps its MAC (and so its DHCP
+    reservation / ARP entries) wherever it runs."""
+    import hashlib
+
+    h = hashlib.sha256(name.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
 def new_instance_id() -> str:
     return secrets.token_hex(6)
 
@@ -64,6 +73,15 @@ def submit(
             f"{spec.memory_mib.min}..{spec.memory_mib.max}"
         )
     role = Role.WORKER if image.kind is ImageKind.WORKER else Role.SERVICE
+    if ip is not None:
+        import ipaddress
+
+        try:
+            ip = str(ipaddress.IPv4Address(ip))
+        except ValueError:
+            raise ValidationError(f"ip: {ip!r} is not an IPv4 address") from None
+        if mac is None:
+            mac = service_mac(service or ip)
     if tier is None:
         tier = Tier.WORKER if role is Role.WORKER else Tier(image.ha.priority.value if image.ha else "normal")
     now = time.time()

@@ -38,7 +38,7 @@ def _farm_config(
     driver: str,
     hosts: list[str],
     redis_url: str,
-    qemu_uris: dict[str, str] | None,
+    qemu: Any,
     host_cpus: int,
     host_memory_mib: int,
 ) -> dict[str, Any]:
@@ -50,12 +50,19 @@ def _farm_config(
         if driver == "test":
             uri = write_test_host_xml(layout.hosts_dir / f"{h}.xml", host_cpus, host_memory_mib)
         else:
-            assert qemu_uris is not None
-            uri = qemu_uris[h]
-        host_entries.append(
-            {"name": h, "uri": uri, "labels": {"rack": f"r{i % 2 + 1}"}, "detection_class": "fast"}
-        )
+            uri = qemu.host_uri(h)
+        entry = {"name": h, "uri": uri, "labels": {"rack": f"r{i % 2 + 1}"}, "detection_class": "fast"}
+        if qemu is not None:
+            entry["migration_uri"] = qemu.migration_uri(h)
+        host_entries.append(entry)
     vos = {vo: {"image": f"{vo}-wn", "groups": [vo]} for vo in ("cms", "atlas", "lhcb")}
+    network: dict[str, Any] = {}
+    if qemu is not None:
+        network = {
+            "bridge": qemu.bridge,
+            "probe_netns": qemu.netns,
+            "prefix_len": int(qemu.subnet.split("/")[1]),
+        }
     return {
         "schema_version": 1,
         "redis_url": redis_url,
@@ -64,6 +71,7 @@ def _farm_config(
         "storage": {"shared_dir": str(layout.shared)},
         "hosts": host_entries,
         "vos": vos,
+        "network": network,
         "timeouts": {"visibility_s": 30 if driver == "test" else 300, "reconcile_interval_s": 5},
     }
 
@@ -96,11 +104,11 @@ def farm_up(
         d.mkdir(parents=True, exist_ok=True)
     names = host_names(hosts)
     url = redis_url or f"redis://127.0.0.1:{_free_port()}/0"
-    qemu_uris = None
+    qemu = None
     if driver == "qemu":
-        from provisioner.farm.qemu import prepare_farm_catalogue, qemu_host_uris
+        from provisioner.farm.qemu import QemuFarm, prepare_farm_catalogue
 
-        qemu_uris = qemu_host_uris(layout.base / "qemu", hosts)
+        qemu = QemuFarm(layout.base / "qemu", hosts)
         prepare_farm_catalogue(layout)
     elif not layout.catalogue.exists():
         shutil.copytree(
@@ -108,7 +116,7 @@ def farm_up(
             layout.catalogue,
             ignore=shutil.ignore_patterns("build", "*.sh", "__pycache__"),
         )
-    cfg = _farm_config(layout, driver, names, url, qemu_uris, host_cpus, host_memory_mib)
+    cfg = _farm_config(layout, driver, names, url, qemu, host_cpus, host_memory_mib)
     Config.model_validate(cfg)  # our own output must be valid; fail here, not in four child processes
     tmp = layout.config_file.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
