@@ -77,10 +77,10 @@ def resolve_kernel() -> tuple[str, str]:
         show = run(["apt-cache", "show", "--no-all-versions", "linux-image-amd64"])
         m = re.search(r"^Depends:.*?\b(linux-image-6\.1\.\S+-amd64) \(= (\S+)\)", show, re.M)
         if m is None:
-            raise SystemExit("build-test-images: linux-image-amd64 does not depend on a linux-image-6.1.*-amd64")
+            raise SystemExit("build-test-images: linux-image-amd64 has no linux-image-6.1.*-amd64 dependency")
         return m.group(1), m.group(2)
     if not re.fullmatch(r"linux-image-6\.1\.[0-9]+-[0-9]+-amd64", pkg):
-        raise SystemExit(f"build-test-images: DYNVM_KERNEL_PKG={pkg!r} is not a linux-image-6.1.*-amd64 package")
+        raise SystemExit(f"build-test-images: DYNVM_KERNEL_PKG={pkg!r} is no linux-image-6.1.*-amd64")
     m = re.search(r"^Version: (\S+)$", run(["apt-cache", "show", "--no-all-versions", pkg]), re.M)
     if m is None:
         raise SystemExit(f"build-test-images: apt-cache show {pkg} has no Version")
