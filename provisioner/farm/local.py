@@ -72,6 +72,8 @@ def _farm_config(
         "hosts": host_entries,
         "vos": vos,
         "network": network,
+        # TCG guests mostly idle after boot; the real farm's hosts have 2 cores each.
+        "scheduler": {"cpu_overcommit": 1.0 if driver == "test" else 8.0},
         "timeouts": {"visibility_s": 30 if driver == "test" else 300, "reconcile_interval_s": 5},
     }
 
