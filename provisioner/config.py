@@ -84,6 +84,9 @@ class StorageConfig(Strict):
     shared_dir: Path = Path("/var/lib/dynvm/shared")
     artefact_dir: Path | None = None  # default: <shared_dir>/images
     overlay_dir: Path | None = None  # default: <shared_dir>/instances
+    # True only where libvirt cannot tell the storage is shared although every host sees it (the local
+    # farm's plain directory): live migration then passes VIR_MIGRATE_UNSAFE.
+    unrecognised_shared: bool = False
 
     @property
     def artefacts(self) -> Path:

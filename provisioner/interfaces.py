@@ -54,7 +54,7 @@ class Hypervisor(Protocol):
         """Every domain the host knows, with dynvm metadata where present."""
 
     def migrate(self, name: str, dest: Any, xml: str | None = None, migrate_uri: str | None = None,
-                live: bool = True) -> None:
+                live: bool = True, *, unsafe: bool = False) -> None:
         """Live-migrate a running domain to ``dest`` (another Hypervisor of the same kind)."""
 
     def close(self) -> None:

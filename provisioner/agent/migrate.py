@@ -48,7 +48,13 @@ def migrate_instance(rt: Runtime, instance_id: str, dest: str) -> None:
     try:
         image = resolve_image(rt, inst.image)
         xml = spec_for(rt, inst, image, instance_disks(rt, inst, image), host=dest)
-        rt.hypervisor.migrate(inst.domain_name, target, xml=xml, migrate_uri=dest_cfg.migration_uri)
+        rt.hypervisor.migrate(
+            inst.domain_name,
+            target,
+            xml=xml,
+            migrate_uri=dest_cfg.migration_uri,
+            unsafe=rt.config.storage.unrecognised_shared,
+        )
     except DynvmError as err:
         rt.store.release_claim(dest, inst.id)
         with contextlib.suppress(ConflictError):

@@ -68,7 +68,7 @@ def _farm_config(
         "redis_url": redis_url,
         "catalogue_dir": str(layout.catalogue),
         "domain_type": "test" if driver == "test" else "qemu",
-        "storage": {"shared_dir": str(layout.shared)},
+        "storage": {"shared_dir": str(layout.shared), "unrecognised_shared": driver == "qemu"},
         "hosts": host_entries,
         "vos": vos,
         "network": network,

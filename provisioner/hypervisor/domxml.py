@@ -67,7 +67,7 @@ class ChannelSpec:
     """A virtio-serial port backed by a unix socket on the host (the job channel)."""
 
     path: str
-    name: str = "org.dynvm.job.0"
+    name: str = "org.dynvm.exec.0"
 
 
 @dataclass(frozen=True, slots=True)

@@ -411,8 +411,12 @@ class LibvirtHost:
         migrate_uri: str | None = None,
         live: bool = True,
         timeout_s: float = DEFAULT_MIGRATE_TIMEOUT_S,
+        unsafe: bool = False,
     ) -> None:
-        """Move a running domain to ``dest`` (persistent there, undefined here)."""
+        """Move a running domain to ``dest`` (persistent there, undefined here).
+
+        ``unsafe``: skip libvirt's shared-storage check; only for storage libvirt cannot recognise as
+        shared although it is (the local farm's directory seen by every host)."""
         what = f"migrate domain {name!r} to {dest.uri}"
         if _is_test_uri(self.uri) or _is_test_uri(dest.uri):
             raise HypervisorPermanentError(f"{self.uri}: {what}: the libvirt test driver cannot migrate")
@@ -424,6 +428,8 @@ class LibvirtHost:
         flags = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
         if live:
             flags |= libvirt.VIR_MIGRATE_LIVE
+        if unsafe:
+            flags |= libvirt.VIR_MIGRATE_UNSAFE
 
         def op(conn: Any) -> None:
             dom = _lookup(conn, name)
