@@ -43,6 +43,12 @@ def register(sub: Any) -> None:
     mig.add_argument("--wait", action="store_true")
     mig.add_argument("--timeout", type=float, default=300.0)
     mig.set_defaults(func=vm_migrate)
+    rec = vs.add_parser("recover", help="start a lost/failed service VM again on another host")
+    rec.add_argument("id")
+    rec.add_argument("--to", dest="to", help="destination host (default: the scheduler's choice)")
+    rec.add_argument("--wait", action="store_true")
+    rec.add_argument("--timeout", type=float, default=300.0)
+    rec.set_defaults(func=vm_recover)
     rel = vs.add_parser("release", help="stop and remove a VM")
     rel.add_argument("id")
     rel.add_argument("--wait", action="store_true")
@@ -140,3 +146,14 @@ def vm_migrate(ctx: CliContext, args: argparse.Namespace) -> int:
     row["destination"] = dest
     ctx.out.obj(row, title=f"vm {inst.id}")
     return EXIT_OK
+
+
+def vm_recover(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.control.client import wait
+    from provisioner.control.maintenance import recover
+
+    rt = runtime(ctx)
+    recover(rt, args.id, args.to)
+    inst = wait(rt, args.id, args.timeout) if args.wait else rt.store.require_instance(args.id)
+    ctx.out.obj(instance_row(inst.to_dict()), title=f"vm {inst.id}")
+    return EXIT_OK if inst.state is not InstanceState.FAILED else 4

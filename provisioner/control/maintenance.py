@@ -16,8 +16,17 @@ def pick_destination(rt: Runtime, instance_id: str, exclude: str) -> str:
     from provisioner.control.place import policy_for
     from provisioner.scheduler import PlacementRequest, schedule
 
+    import dataclasses
+
+    from provisioner.scheduler import Snapshot
+
     inst = rt.store.require_instance(instance_id)
-    snap = rt.store.snapshot()
+    full = rt.store.snapshot()
+    # The scheduler sees the excluded host as not placeable, so its "no host" explanation stays honest.
+    hosts = tuple(
+        dataclasses.replace(h, state=HostState.MAINTENANCE) if h.name == exclude else h for h in full.hosts
+    )
+    snap = Snapshot(hosts=hosts, instances=full.instances, taken_at=full.taken_at)
     # Plan it as a new request: the instance's own claim stays on the source until the move is done.
     req = PlacementRequest(
         instance_id=f"{inst.id}-mig",
@@ -87,3 +96,30 @@ def wait_drained(rt: Runtime, host: str, timeout_s: float) -> None:
                 f"host {host}: services still there after {timeout_s:.0f} s: {', '.join(left)}"
             )
         time.sleep(0.1)
+
+
+def recover(rt: Runtime, instance_id: str, dest: str | None = None) -> str:
+    """Start a lost or failed service VM again, on another host, with its own disks (the cold path
+    failover takes).  Returns the host it was placed on."""
+    from provisioner.control.tasks import PROVISION
+
+    inst = rt.store.require_instance(instance_id)
+    if inst.role is not Role.SERVICE:
+        raise ConflictError(
+            f"vm {inst.id} is a worker: worker VMs are not restarted, their jobs are requeued"
+        )
+    if inst.state not in (InstanceState.LOST, InstanceState.FAILED):
+        raise ConflictError(f"vm {inst.id} is {inst.state.value}; only a lost or failed VM is recovered")
+    old = inst.host or ""
+    if dest is None:
+        dest = pick_destination(rt, inst.id, exclude=old)
+    rt.store.transition(
+        inst.id,
+        InstanceState.REQUESTED,
+        expected=inst.state,
+        host=dest,
+        reason=f"recovering from {old or '-'}",
+    )
+    rt.store.add_event("recovering", instance=inst.id, host=dest, message=f"was on {old or '-'}")
+    rt.app.send_task(PROVISION, args=[inst.id], queue="provision")
+    return dest

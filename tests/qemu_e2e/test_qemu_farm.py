@@ -1,0 +1,156 @@
+"""dynvm end to end on real QEMU guests: jobs, leases, live migration, drain, data and addresses that follow
+a service VM (issue #4)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from provisioner.control.client import ENDED, choose_image, release, submit, wait
+from provisioner.control.execjob import exec_in_vm
+from provisioner.control.inventory import host_inventory
+from provisioner.control.maintenance import drain, migrate, recover, wait_drained
+from provisioner.errors import HypervisorPermanentError
+from provisioner.hypervisor.libvirt_host import LibvirtHost
+from provisioner.model import HostState, Instance, InstanceState, Role
+from provisioner.probes import netns_socket
+from tests.conftest import wait_until
+from tests.qemu_e2e.conftest import QFarm
+
+pytestmark = [pytest.mark.qemu, pytest.mark.redis, pytest.mark.libvirt]
+
+
+def http_get(farm: QFarm, ip: str, path: str = "/") -> str:
+    s = netns_socket(farm.netns)
+    with s:
+        s.settimeout(5)
+        s.connect((ip, 80))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.decode(errors="replace").split("\r\n\r\n", 1)[-1]
+
+
+def where(farm: QFarm, iid: str) -> list[tuple[str, str]]:
+    return [(h.name, d["state"]) for h in farm.rt.store.list_hosts()
+            for d in host_inventory(farm.rt, h.name, timeout_s=20) if d["instance_id"] == iid]
+
+
+def provision(farm: QFarm, vo: str | None = None, image: str | None = None, **kw: str) -> Instance:
+    img, vo_ = choose_image(farm.rt, image, vo)
+    inst, _ = submit(farm.rt, img, vo_, **kw)  # type: ignore[arg-type]
+    done = wait(farm.rt, inst.id, 180)
+    assert done.state is InstanceState.READY, done.reason
+    return done
+
+
+def uptime(farm: QFarm, iid: str) -> float:
+    res = exec_in_vm(farm.rt, iid, ["cat", "/proc/uptime"], 30)
+    assert res["exit_code"] == 0
+    return float(res["stdout"].split()[0])
+
+
+def test_job_runs_in_a_cms_worker_and_reports_its_exit_code(qfarm: QFarm) -> None:
+    vm = provision(qfarm, vo="cms")
+    ok = exec_in_vm(qfarm.rt, vm.id, ["sh", "-c", "cat /etc/vo; echo payload-out; echo err >&2"], 30)
+    assert ok["exit_code"] == 0
+    assert ok["stdout"] == "cms\npayload-out\n" and ok["stderr"] == "err\n"
+    bad = exec_in_vm(qfarm.rt, vm.id, ["sh", "-c", "exit 7"], 30)
+    assert bad["exit_code"] == 7
+    overlays = qfarm.rt.config.storage.shared_dir / "run" / vm.id
+    assert overlays.exists()
+    release(qfarm.rt, vm.id)
+    assert wait(qfarm.rt, vm.id, 60, until=ENDED).state is InstanceState.GONE
+    assert where(qfarm, vm.id) == []
+    assert not overlays.exists()
+
+
+def test_each_vo_gets_its_own_image(qfarm: QFarm) -> None:
+    vms = {vo: provision(qfarm, vo=vo) for vo in ("atlas", "lhcb")}
+    for vo, vm in vms.items():
+        assert exec_in_vm(qfarm.rt, vm.id, ["cat", "/etc/vo"], 30)["stdout"].strip() == vo
+        release(qfarm.rt, vm.id)
+    for vm in vms.values():
+        assert wait(qfarm.rt, vm.id, 60, until=ENDED).state is InstanceState.GONE
+
+
+def test_live_migration_keeps_the_guest_running(qfarm: QFarm) -> None:
+    vm = provision(qfarm, vo="cms")
+    assert vm.host is not None
+    before = uptime(qfarm, vm.id)
+    dest = migrate(qfarm.rt, vm.id)
+    assert dest != vm.host
+    wait_until(lambda: (i := qfarm.rt.store.get_instance(vm.id)) is not None and i.host == dest
+               and i.state is InstanceState.READY, 60, what="migration done")
+    after = uptime(qfarm, vm.id)
+    assert after > before  # the same kernel kept running: no reboot on the way
+    assert where(qfarm, vm.id) == [(dest, "running")]
+    assert vm.id in qfarm.rt.store.claims_on(dest) and vm.id not in qfarm.rt.store.claims_on(vm.host)
+    release(qfarm.rt, vm.id)
+    wait(qfarm.rt, vm.id, 60, until=ENDED)
+
+
+def test_drain_moves_services_live_and_the_ce_keeps_its_address(qfarm: QFarm) -> None:
+    ce = provision(qfarm, image="ce", service="ce-01", ip="10.77.0.10")
+    assert ce.host is not None and ce.mac is not None
+    assert "ce data disk" in http_get(qfarm, "10.77.0.10")
+    boot_uptime = uptime(qfarm, ce.id)
+    moves = drain(qfarm.rt, ce.host)
+    try:
+        assert ce.id in moves and moves[ce.id] != ce.host
+        wait_drained(qfarm.rt, ce.host, 120)
+        moved = qfarm.rt.store.require_instance(ce.id)
+        assert moved.host == moves[ce.id] and moved.state is InstanceState.READY
+        assert moved.mac == ce.mac and moved.ip == "10.77.0.10"
+        assert "ce data disk" in http_get(qfarm, "10.77.0.10")
+        assert uptime(qfarm, ce.id) > boot_uptime
+        assert [i for i in qfarm.rt.store.list_instances(host=ce.host, role=Role.SERVICE)
+                if i.state is not InstanceState.GONE] == []
+        # A draining host takes no new VMs.
+        h = qfarm.rt.store.require_host(ce.host)
+        assert h.state is HostState.DRAINING
+    finally:
+        qfarm.rt.store.set_host_state(ce.host, HostState.UP, reason="test undrain")
+    release(qfarm.rt, ce.id)
+    wait(qfarm.rt, ce.id, 60, until=ENDED)
+
+
+def test_se_data_survives_a_crash_and_a_restart_on_another_host(qfarm: QFarm) -> None:
+    se = provision(qfarm, image="se", service="se-01", ip="10.77.0.11")
+    assert se.host is not None
+    w = exec_in_vm(qfarm.rt, se.id, ["sh", "-c", "echo precious-42 > /data/www/file.txt && sync"], 30)
+    assert w["exit_code"] == 0
+    # Lease: a second copy of the running SE on another host is refused (virtlockd / QEMU's lock).
+    other = next(h for h in qfarm.rt.config.hosts if h.name != se.host)
+    src = LibvirtHost(qfarm.rt.config.host(se.host).uri)  # type: ignore[union-attr]
+    xml = src.domain_xml(se.domain_name)
+    assert xml is not None
+    dup = xml.replace(se.domain_name, se.domain_name + "-dup").replace(
+        "<uuid>", "<uuid>", 1)
+    dup = dup.split("<uuid>")[0] + dup.split("</uuid>", 1)[1]
+    second = LibvirtHost(other.uri)
+    with pytest.raises(HypervisorPermanentError) as err:
+        second.define_and_start(se.domain_name + "-dup", dup)
+    assert "lock" in str(err.value).lower() or "busy" in str(err.value).lower()
+    assert second.state(se.domain_name + "-dup").value in ("missing", "shutoff")
+    second.undefine(se.domain_name + "-dup")
+    # The host's QEMU for the SE dies (a crash): the reconciler marks it lost; recover it elsewhere.
+    pid = int(subprocess.run(["pgrep", "-f", f"guest={se.domain_name},"], capture_output=True,
+                             text=True).stdout.split()[0])
+    os.kill(pid, signal.SIGKILL)
+    lost = wait(qfarm.rt, se.id, 60, until=frozenset({InstanceState.LOST}))
+    assert lost.state is InstanceState.LOST
+    dest = recover(qfarm.rt, se.id)
+    assert dest != se.host
+    back = wait(qfarm.rt, se.id, 180)
+    assert back.state is InstanceState.READY and back.host == dest
+    assert http_get(qfarm, "10.77.0.11", "/file.txt").strip() == "precious-42"
+    src.close()
+    second.close()
+    release(qfarm.rt, se.id)
+    wait(qfarm.rt, se.id, 60, until=ENDED)
+    assert not list(qfarm.rt.config.storage.overlays.glob(f"{se.id}*"))
