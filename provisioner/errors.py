@@ -121,3 +121,11 @@ class HypervisorPermanentError(PermanentError):
 class DeadlineExceeded(TransientError):
     exit_code = EXIT_TIMEOUT
     code = "timeout"
+
+
+class NotReadyError(PermanentError):
+    """A guest did not pass its image's readiness probe by the image's deadline: the image (or its
+    configuration) is broken, so booting it again would only fail again."""
+
+    exit_code = EXIT_TIMEOUT
+    code = "not_ready"

@@ -7,6 +7,7 @@ import time
 from provisioner.catalogue.model import ProbeType, ResolvedImage
 from provisioner.config import DomainType
 from provisioner.control.runtime import Runtime
+from provisioner.errors import DeadlineExceeded, NotReadyError
 from provisioner.model import Instance
 
 
@@ -31,4 +32,10 @@ def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
         netns=rt.config.network.probe_netns,
         exec_socket=exec_socket_path(rt, inst, rt.host),
     )
-    wait_probe(runner, time.monotonic() + probe.timeout_s, interval=0.05)
+    try:
+        wait_probe(runner, time.monotonic() + probe.timeout_s, interval=0.05)
+    except DeadlineExceeded as err:
+        raise NotReadyError(
+            f"{inst.id} ({image.ref}) on {rt.host}: not ready after {probe.timeout_s:.0f} s "
+            f"({probe.type.value} probe): {err}"
+        ) from None

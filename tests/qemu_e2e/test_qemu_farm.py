@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
 from provisioner.control.client import ENDED, choose_image, release, submit, wait
 from provisioner.control.execjob import exec_in_vm
@@ -154,3 +156,36 @@ def test_se_data_survives_a_crash_and_a_restart_on_another_host(qfarm: QFarm) ->
     release(qfarm.rt, se.id)
     wait(qfarm.rt, se.id, 60, until=ENDED)
     assert not list(qfarm.rt.config.storage.overlays.glob(f"{se.id}*"))
+
+
+def test_a_guest_that_never_gets_ready_fails_at_its_deadline_and_is_cleaned_up(
+    qfarm: QFarm, tmp_path: Path
+) -> None:
+    cms = qfarm.rt.catalogue.resolve("cms-wn")
+    boot = cms.spec.boot
+    assert boot is not None and boot.initrd is not None
+    fam = {
+        "name": "never-ready-wn", "kind": "worker", "vos": ["cms"],
+        "versions": [{
+            "version": "1.0",
+            "boot": {"kernel": boot.kernel.model_dump(), "initrd": boot.initrd.model_dump(),
+                     "cmdline": boot.cmdline},
+            "readiness": {"type": "serial_marker", "marker": "THIS_NEVER_APPEARS", "timeout_s": 8},
+        }],
+        "channels": {"stable": "1.0"},
+    }
+    f = tmp_path / "never-ready-wn.yaml"
+    f.write_text(yaml.safe_dump(fam))
+    from provisioner.catalogue.store import Catalogue
+
+    cat = Catalogue.load(qfarm.rt.config.catalogue_dir, qfarm.rt.config.storage.artefacts)
+    cat.add(f)
+    qfarm.rt.catalogue = Catalogue.load(qfarm.rt.config.catalogue_dir, qfarm.rt.config.storage.artefacts)
+    img, vo = choose_image(qfarm.rt, "never-ready-wn", "cms")
+    inst, _ = submit(qfarm.rt, img, vo)
+    done = wait(qfarm.rt, inst.id, 120, until=ENDED)
+    assert done.state is InstanceState.FAILED
+    assert "THIS_NEVER_APPEARS" in done.reason or "ready" in done.reason.lower()
+    assert where(qfarm, inst.id) == []
+    assert not (qfarm.rt.config.storage.shared_dir / "run" / inst.id).exists()
+    assert all(inst.id not in qfarm.rt.store.claims_on(h.name) for h in qfarm.rt.store.list_hosts())
