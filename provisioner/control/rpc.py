@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from typing import Any
 
 from provisioner.control.runtime import Runtime
 from provisioner.errors import DeadlineExceeded, DynvmError, PermanentError, TransientError
+from provisioner.state.base import MAX_BLOCK_S
 
 REPLY_TTL_S = 120
 
@@ -42,7 +44,11 @@ def call_agent(rt: Runtime, host: str, task: str, args: list[Any], timeout_s: fl
     rt.store.require_host(host)
     request_id = secrets.token_hex(8)
     rt.app.send_task(task, args=[request_id, *args], queue=host_queue(host), priority=PRIORITY_HA)
-    got = rt.store.r.blpop([reply_key(rt, request_id)], timeout=timeout_s)
+    got = None
+    deadline = time.monotonic() + timeout_s
+    while got is None and (left := deadline - time.monotonic()) > 0:
+        # Block in slices shorter than the client's socket timeout (a long BLPOP would trip it).
+        got = rt.store.r.blpop([reply_key(rt, request_id)], timeout=max(0.01, min(left, MAX_BLOCK_S)))
     if got is None:
         raise DeadlineExceeded(f"host {host}: its agent did not answer in {timeout_s:.0f} s")
     answer: dict[str, Any] = json.loads(got[1])

@@ -7,6 +7,7 @@ the built test images survive between runs.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ def qfarm() -> Iterator[QFarm]:
         pytest.fail("the QEMU farm tests need root (deselect them with -m 'not qemu')")
     layout = FarmLayout(CACHE / "dynvm-farm")
     farm_down(layout)  # a farm left over by an interrupted run
+    # Fresh state each session; keep only the built images and the hosts' libvirt caches.
+    for stale in (layout.redis_dir, layout.shared / "run", layout.shared / "instances", layout.catalogue):
+        shutil.rmtree(stale, ignore_errors=True)
     farm_up(layout, 3, "qemu", timeout_s=180)
     rt = client_runtime(load_config(layout.config_file))
     yield QFarm(layout, rt)

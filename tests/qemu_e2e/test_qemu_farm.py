@@ -111,7 +111,7 @@ def test_drain_moves_services_live_and_the_ce_keeps_its_address(qfarm: QFarm) ->
         assert "ce data disk" in http_get(qfarm, "10.77.0.10")
         assert uptime(qfarm, ce.id) > boot_uptime
         assert [i for i in qfarm.rt.store.list_instances(host=ce.host, role=Role.SERVICE)
-                if i.state is not InstanceState.GONE] == []
+                if i.state not in ENDED] == []
         # A draining host takes no new VMs.
         h = qfarm.rt.store.require_host(ce.host)
         assert h.state is HostState.DRAINING
