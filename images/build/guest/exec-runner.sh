@@ -25,14 +25,17 @@ run_one() {  # $1 id, $2 timeout, $3 base64 script; answer on fd 3
     } >&3
     rm -f /tmp/.job.sh /tmp/.job.out /tmp/.job.err
 }
+# Open the port once and keep it open: while the guest side is closed QEMU drops what the host sends,
+# so a close/reopen cycle loses any request that arrives in between (seen: a job sent right after the
+# readiness marker vanished).  EOF only means "no host connected now"; keep reading.
+until PORT=$(find_port); do sleep 0.1; done
+exec 3<>"$PORT" || exit 1
+touch /run/dynvm-exec-ready
 while true; do
-    if PORT=$(find_port) && exec 3<>"$PORT"; then
-        while read -r tag id tmo payload <&3; do
-            case "$tag $id $tmo" in
-                "DYNVM-EXEC "[A-Za-z0-9]*" "[0-9]*) run_one "$id" "$tmo" "$payload" ;;
-            esac
-        done
-        exec 3<&-
-    fi
+    while read -r tag id tmo payload <&3; do
+        case "$tag $id $tmo" in
+            "DYNVM-EXEC "[A-Za-z0-9]*" "[0-9]*) run_one "$id" "$tmo" "$payload" ;;
+        esac
+    done
     sleep 0.1
 done
