@@ -40,6 +40,14 @@ def demo(ctx: CliContext, args: argparse.Namespace) -> int:
     ctx._config = load_config(layout.config_file)
     ctx._catalogue = None
     rt = runtime(ctx)
+    findings = rt.catalogue.validate()
+    errors = [f for f in findings if f.severity == "error"]
+    say(
+        f"catalogue {ctx.config.catalogue_dir}: {len(rt.catalogue.families())} image families, "
+        f"{len(errors)} errors, {len(findings) - len(errors)} warnings"
+    )
+    for f in errors:
+        say(f"  {f}")
     say(
         "farm up: " + ", ".join(f"{h.name} ({h.capacity.vcpus} vCPU)" for h in rt.store.list_hosts())
     )

@@ -13,12 +13,10 @@ MOVABLE = frozenset({InstanceState.READY})
 
 def pick_destination(rt: Runtime, instance_id: str, exclude: str) -> str:
     """The scheduler's choice of a new host for an existing instance (never its current host)."""
-    from provisioner.control.place import policy_for
-    from provisioner.scheduler import PlacementRequest, schedule
-
     import dataclasses
 
-    from provisioner.scheduler import Snapshot
+    from provisioner.control.place import policy_for
+    from provisioner.scheduler import PlacementRequest, Snapshot, schedule
 
     inst = rt.store.require_instance(instance_id)
     full = rt.store.snapshot()
