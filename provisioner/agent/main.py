@@ -91,17 +91,7 @@ def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
     t = threading.Thread(target=_background, args=(rt, stop), name=f"lease-{host}", daemon=True)
     t.start()
     try:
-        worker = rt.app.Worker(
-            queues=[host_queue(host)],
-            pool="threads",
-            concurrency=concurrency,
-            hostname=f"agent-{host}@{os.uname().nodename}",
-            loglevel="WARNING",
-            without_heartbeat=True,
-            without_mingle=True,
-            without_gossip=True,
-        )
-        worker.start()
+        _serve(rt, host_queue(host), f"agent-{host}", concurrency)
     finally:
         stop.set()
         assert rt.hypervisor is not None
@@ -115,11 +105,16 @@ def run_worker(config: Config, concurrency: int = 8) -> None:
     rt = build_runtime(config)
     rt.app = make_app(config)
     rt.app.dynvm_runtime = rt
+    _serve(rt, PROVISION_QUEUE, f"worker-{os.getpid()}", concurrency)
+
+
+def _serve(rt: Runtime, queue: str, name: str, concurrency: int) -> None:
+    """Consume one queue with a thread pool until shut down (no gossip/mingle: nothing here needs them)."""
     worker = rt.app.Worker(
-        queues=[PROVISION_QUEUE],
+        queues=[queue],
         pool="threads",
         concurrency=concurrency,
-        hostname=f"worker-{os.getpid()}@{os.uname().nodename}",
+        hostname=f"{name}@{os.uname().nodename}",
         loglevel="WARNING",
         without_heartbeat=True,
         without_mingle=True,

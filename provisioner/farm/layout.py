@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.errors import ValidationError
+from provisioner.farm.qemu.procs import pid_alive
+
+__all__ = ["FarmLayout", "FarmState", "pid_alive"]
 
 
 @dataclass
@@ -69,20 +72,3 @@ class FarmLayout:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(st), indent=1))
         os.replace(tmp, self.state_file)
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
