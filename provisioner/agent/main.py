@@ -51,10 +51,11 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
     rt.extra["lease_token"] = f"{os.getpid()}-{secrets.token_hex(4)}"
     rt.app = make_app(config)
     rt.app.dynvm_runtime = rt
-    _renew(rt)
     from provisioner.agent.reconcile import reconcile_host
 
+    # Reconcile before the first lease renewal: a host counts as up only once its records match libvirt.
     reconcile_host(rt, startup=True)
+    _renew(rt)
     return rt
 
 
