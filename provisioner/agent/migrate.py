@@ -11,7 +11,7 @@ import logging
 import time
 
 from provisioner.agent.domain import instance_disks, spec_for
-from provisioner.control.runtime import Runtime, resolve_image
+from provisioner.control.runtime import Runtime, claim, resolve_image
 from provisioner.errors import ConflictError, DynvmError, NoCapacityError, NotFoundError
 from provisioner.model import InstanceState
 
@@ -28,14 +28,7 @@ def migrate_instance(rt: Runtime, instance_id: str, dest: str) -> None:
     dest_cfg = rt.config.host(dest)
     if dest_cfg is None:
         raise NotFoundError(f"migrate {inst.id}: destination host {dest!r} is not configured")
-    if not rt.store.claim(
-        dest,
-        inst.id,
-        inst.vcpus,
-        inst.memory_mib,
-        rt.config.scheduler.cpu_overcommit,
-        rt.config.scheduler.memory_overcommit,
-    ):
+    if not claim(rt, dest, inst):
         raise NoCapacityError(f"migrate {inst.id}: {dest} has no room (or is not up)")
     try:
         rt.store.transition(inst.id, InstanceState.MIGRATING, expected=InstanceState.READY)

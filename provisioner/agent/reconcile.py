@@ -14,20 +14,11 @@ from dataclasses import dataclass, field
 from provisioner.control.runtime import Runtime
 from provisioner.errors import ConflictError, DynvmError
 from provisioner.interfaces import DomainInfo, DomainState
-from provisioner.model import Instance, InstanceState
+from provisioner.model import CLAIMING_STATES, Instance, InstanceState
 
 log = logging.getLogger(__name__)
 WANTED_RUNNING = frozenset({InstanceState.READY, InstanceState.DRAINING})
-KEEP_DOMAIN = frozenset(
-    {
-        InstanceState.PLACED,
-        InstanceState.BOOTING,
-        InstanceState.READY,
-        InstanceState.DRAINING,
-        InstanceState.MIGRATING,
-        InstanceState.STOPPING,
-    }
-)
+KEEP_DOMAIN = CLAIMING_STATES  # a domain is wanted wherever its record holds capacity
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from provisioner.control.app import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
-from provisioner.control.runtime import Runtime
+from provisioner.control.runtime import Runtime, claim
 from provisioner.errors import ConflictError, NoCapacityError
 from provisioner.model import Instance, InstanceState, Tier
 
@@ -67,14 +67,7 @@ def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -
                 f"{inst.id}: preempting {len(plan.preemptions)} lower-tier VM(s) on "
                 f"{candidate}; will place when they are gone"
             )
-        if rt.store.claim(
-            candidate,
-            inst.id,
-            inst.vcpus,
-            inst.memory_mib,
-            rt.config.scheduler.cpu_overcommit,
-            rt.config.scheduler.memory_overcommit,
-        ):
+        if claim(rt, candidate, inst):
             host = candidate
             break
         # Another worker took the capacity between snapshot and claim: re-plan on fresh state.

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from provisioner.catalogue.model import ResolvedImage
     from provisioner.catalogue.store import Catalogue
     from provisioner.interfaces import Hypervisor
+    from provisioner.model import Instance
     from provisioner.state.store import StateStore
 
 
@@ -47,6 +48,14 @@ def resolve_image(rt: Runtime, ref: str) -> ResolvedImage:
         # Same-granularity mtime (an edit within the clock tick of our last load): reload once and retry.
         rt.catalogue = Catalogue.load(directory, rt.config.storage.artefacts)
         return rt.catalogue.resolve(ref)
+
+
+def claim(rt: Runtime, host: str, inst: Instance) -> bool:
+    """Commit ``inst``'s capacity on ``host`` atomically, with the configured overcommit."""
+    sched = rt.config.scheduler
+    return rt.store.claim(
+        host, inst.id, inst.vcpus, inst.memory_mib, sched.cpu_overcommit, sched.memory_overcommit
+    )
 
 
 def build_runtime(config: Config, host: str | None = None) -> Runtime:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from provisioner.model import PLACEABLE_HOST_STATES, Host, HostState, Instance, InstanceState, Tier
+from provisioner.model import (
+    CLAIMING_STATES,
+    PLACEABLE_HOST_STATES,
+    Host,
+    HostState,
+    Instance,
+    InstanceState,
+    Tier,
+)
 from provisioner.scheduler.types import Snapshot
 
 IntArray = npt.NDArray[np.int64]
@@ -22,16 +30,7 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 # Instances in these states occupy a host for anti-affinity and may be counted there.
-_ON_HOST_STATES = frozenset(
-    {
-        InstanceState.PLACED,
-        InstanceState.BOOTING,
-        InstanceState.READY,
-        InstanceState.DRAINING,
-        InstanceState.MIGRATING,
-        InstanceState.STOPPING,
-    }
-)
+_ON_HOST_STATES = CLAIMING_STATES
 # Only these can be preempted: a stopping or migrating VM is already on its way somewhere.
 PREEMPTIBLE_STATES = frozenset(
     {InstanceState.PLACED, InstanceState.BOOTING, InstanceState.READY, InstanceState.DRAINING}
