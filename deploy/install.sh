@@ -14,9 +14,12 @@ missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# CI always refreshes the package lists: the test-image build downloads the current Debian kernel package.
+if [ ${#missing[@]} -gt 0 ] || [ -n "${CI:-}" ]; then
+  $SUDO apt-get update -qq
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "dynvm install: apt-get install ${missing[*]}" >&2
-  $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian starts these via systemd on a normal machine; we start our own private instances, so stop
