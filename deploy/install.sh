@@ -32,7 +32,14 @@ fi
 stamp=.venv/.dynvm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e ".[test]"
+  log=$(mktemp)
+  if ! .venv/bin/pip install -q -e ".[test]" >"$log" 2>&1; then
+    cat "$log" >&2
+    echo "dynvm install: pip install failed (output above)" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi
 echo "dynvm install: ok ($(.venv/bin/dynvm --version 2>/dev/null || echo dynvm))" >&2

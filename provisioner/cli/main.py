@@ -90,6 +90,9 @@ def build_parser(groups: Sequence[str] | None = None) -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_globals(parser, top=True)
+    from provisioner import __version__
+
+    parser.add_argument("--version", action="version", version=f"dynvm {__version__}")
     subparsers = parser.add_subparsers(dest="group", metavar="GROUP")
     for name in GROUPS if groups is None else groups:
         modname = name if "." in name else f"provisioner.cli.{name}"
