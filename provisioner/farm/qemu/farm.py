@@ -194,7 +194,9 @@ class QemuFarm:
         return holders
 
     def _nsenter(self, holder: int, argv: list[str]) -> list[str]:
-        return ["nsenter", "-t", str(holder), "-m", "-u", "-n", "--", *argv]
+        # -r: keep the holder's root directory (entering a mount namespace otherwise resets it to the
+        # namespace's real root, which breaks the farm inside a chroot).
+        return ["nsenter", "-t", str(holder), "-m", "-u", "-n", "-r", "--", *argv]
 
     def _start_daemons(self, holders: dict[str, int]) -> dict[str, dict[str, int]]:
         """virtlockd and virtlogd first (libvirtd needs virtlockd for leases), then libvirtd at nice 10."""
