@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,19 @@ def http_get(farm: QFarm, ip: str, path: str = "/") -> str:
         while chunk := s.recv(65536):
             data += chunk
     return data.decode(errors="replace").split("\r\n\r\n", 1)[-1]
+
+
+def qemu_pid_of(domain: str) -> int:
+    """The guest's QEMU process, found in /proc (no procps needed)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"guest={domain},".encode() in cmd:
+                return int(proc.name)
+    raise AssertionError(f"no QEMU process for {domain}")
 
 
 def where(farm: QFarm, iid: str) -> list[tuple[str, str]]:
@@ -141,8 +153,7 @@ def test_se_data_survives_a_crash_and_a_restart_on_another_host(qfarm: QFarm) ->
     assert second.state(se.domain_name + "-dup").value in ("missing", "shutoff")
     second.undefine(se.domain_name + "-dup")
     # The host's QEMU for the SE dies (a crash): the reconciler marks it lost; recover it elsewhere.
-    pid = int(subprocess.run(["pgrep", "-f", f"guest={se.domain_name},"], capture_output=True,
-                             text=True).stdout.split()[0])
+    pid = qemu_pid_of(se.domain_name)
     os.kill(pid, signal.SIGKILL)
     lost = wait(qfarm.rt, se.id, 60, until=frozenset({InstanceState.LOST}))
     assert lost.state is InstanceState.LOST

@@ -104,6 +104,9 @@ def qemu_conf(index: int) -> str:
         "dynamic_ownership = 0\n"
         'security_driver = "none"\n'
         'lock_manager = "lockd"\n'
+        # No private /dev per QEMU: the host's own mount namespace is already private, and libvirt's
+        # per-guest /dev cannot find /dev/pts when the farm runs inside a chroot.
+        "namespaces = [ ]\n"
         f"migration_port_min = {lo}\n"
         f"migration_port_max = {hi}\n"
     )
