@@ -62,6 +62,33 @@ def diff(
     return out
 
 
+STALE_CLAIM_S = 60.0  # a placement holds a claim a few ms before its record says so: leave those alone
+
+
+def stale_claims(
+    host: str,
+    claimed: list[str],
+    records: dict[str, Instance | None],
+    now: float,
+    grace_s: float = STALE_CLAIM_S,
+) -> list[str]:
+    """Claims on ``host`` that no record justifies: the instance is gone, elsewhere, or not in a claiming
+    state (a control worker died between claiming and recording the placement).  A migration's claim on
+    its destination is kept while the record says ``migrating``."""
+    out = []
+    for iid in claimed:
+        rec = records.get(iid)
+        if rec is not None:
+            if rec.state is InstanceState.MIGRATING:
+                continue
+            if rec.host == host and rec.state in CLAIMING_STATES:
+                continue
+            if now - rec.updated < grace_s:
+                continue
+        out.append(iid)
+    return out
+
+
 def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
     assert rt.hypervisor is not None and rt.host is not None
     instances = rt.store.list_instances(host=rt.host)
@@ -91,6 +118,11 @@ def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
             "lost", instance=iid, host=rt.host, message="record said running; libvirt disagrees"
         )
         rt.store.notify(iid)
+    claimed = list(rt.store.claims_on(rt.host))
+    records = {iid: rt.store.get_instance(iid) for iid in claimed}
+    for iid in stale_claims(rt.host, claimed, records, time.time()):
+        rt.store.release_claim(rt.host, iid)
+        rt.store.add_event("claim_released", instance=iid, host=rt.host, message="no record justifies it")
     if d.redrive:
         from provisioner.agent.lifecycle import boot_instance
 

@@ -39,12 +39,25 @@ def request_for(inst: Instance):  # type: ignore[no-untyped-def]
 
 
 def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -> str | None:
-    """Place a requested instance; returns the host, or None if there is nothing to do."""
-    from provisioner.scheduler import schedule
+    """Place a requested instance; returns the host, or None if there is nothing to do.
 
+    Raises NoCapacityError (retried) while capacity may still come; on the final attempt the instance is
+    failed with the reason instead, so no request stays ``requested`` forever."""
     inst = rt.store.get_instance(instance_id)
     if inst is None or inst.state is not InstanceState.REQUESTED:
         return inst.host if inst is not None else None
+    try:
+        return _place(rt, inst)
+    except NoCapacityError as err:
+        if not final_attempt:
+            raise
+        _fail(rt, inst, f"no capacity: {err}")
+        return None
+
+
+def _place(rt: Runtime, inst: Instance) -> str | None:
+    from provisioner.scheduler import schedule
+
     policy = policy_for(rt)
     host: str | None = None
     # Only anti-affinity, a VO quota or preemption need the other instances; skip reading them otherwise.
@@ -55,11 +68,7 @@ def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -
             light = False  # preemption of lower tiers may make room: look at the instances
             plan = schedule([request_for(inst)], rt.store.snapshot(), policy)
         if inst.id in plan.unplaced:
-            why = str(plan.unplaced[inst.id])
-            if final_attempt:
-                _fail(rt, inst, f"no capacity: {why}")
-                return None
-            raise NoCapacityError(f"no host can take {inst.id}: {why}")
+            raise NoCapacityError(f"no host can take {inst.id}: {plan.unplaced[inst.id]}")
         candidate = plan.placements[inst.id]
         if plan.preemptions:
             preempt(rt, plan.preemptions, plan.victim_hosts, for_id=inst.id)
@@ -90,7 +99,12 @@ def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -
 
 
 def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
-    rt.store.transition(inst.id, InstanceState.FAILED, reason=reason)
+    try:
+        rt.store.transition(
+            inst.id, InstanceState.FAILED, expected=InstanceState.REQUESTED, reason=reason[:500]
+        )
+    except ConflictError:
+        return  # placed or released meanwhile: nothing to fail
     rt.store.add_event("failed", instance=inst.id, message=reason)
     rt.store.notify(inst.id)
 
