@@ -216,14 +216,19 @@ def _check_token(value: str, field: str, pattern: Any) -> None:
         raise ValidationError(f"{field}: invalid value {yamlio.short_repr(value)}")
 
 
+def _version_of(fam: ImageFamily, version: str, path: Path) -> ImageVersion:
+    ver = fam.version(version)
+    if ver is None:
+        raise UnknownImageError(f"image {fam.name!r} has no version {version!r} ({path})")
+    return ver
+
+
 def promote(cat: Catalogue, name: str, version: str, channel: str) -> None:
     _check_token(version, "version", VERSION_RE)
     _check_token(channel, "channel", CHANNEL_RE)
     with locked(cat.directory):
         path, fam = _read(cat, name)
-        ver = fam.version(version)
-        if ver is None:
-            raise UnknownImageError(f"image {name!r} has no version {version!r} ({path})")
+        ver = _version_of(fam, version, path)
         if ver.retired:
             raise ConflictError(f"cannot promote {name}:{version} to {channel!r}: the version is retired")
         if fam.channels.get(channel) == version:
@@ -235,9 +240,7 @@ def retire(cat: Catalogue, name: str, version: str) -> None:
     _check_token(version, "version", VERSION_RE)
     with locked(cat.directory):
         path, fam = _read(cat, name)
-        ver = fam.version(version)
-        if ver is None:
-            raise UnknownImageError(f"image {name!r} has no version {version!r} ({path})")
+        ver = _version_of(fam, version, path)
         held = sorted(ch for ch, v in fam.channels.items() if v == version)
         if held:
             raise ConflictError(

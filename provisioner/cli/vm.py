@@ -37,18 +37,16 @@ def register(sub: Any) -> None:
     show = vs.add_parser("show", help="one VM")
     show.add_argument("id")
     show.set_defaults(func=vm_show)
-    mig = vs.add_parser("migrate", help="live-migrate a VM to another host")
-    mig.add_argument("id")
-    mig.add_argument("--to", dest="to", help="destination host (default: the scheduler's choice)")
-    mig.add_argument("--wait", action="store_true")
-    mig.add_argument("--timeout", type=float, default=300.0)
-    mig.set_defaults(func=vm_migrate)
-    rec = vs.add_parser("recover", help="start a lost/failed service VM again on another host")
-    rec.add_argument("id")
-    rec.add_argument("--to", dest="to", help="destination host (default: the scheduler's choice)")
-    rec.add_argument("--wait", action="store_true")
-    rec.add_argument("--timeout", type=float, default=300.0)
-    rec.set_defaults(func=vm_recover)
+    for name, text, func in (
+        ("migrate", "live-migrate a VM to another host", vm_migrate),
+        ("recover", "start a lost/failed service VM again on another host", vm_recover),
+    ):
+        move = vs.add_parser(name, help=text)
+        move.add_argument("id")
+        move.add_argument("--to", dest="to", help="destination host (default: the scheduler's choice)")
+        move.add_argument("--wait", action="store_true")
+        move.add_argument("--timeout", type=float, default=300.0)
+        move.set_defaults(func=func)
     rel = vs.add_parser("release", help="stop and remove a VM")
     rel.add_argument("id")
     rel.add_argument("--wait", action="store_true")

@@ -15,8 +15,8 @@ def pick_destination(rt: Runtime, instance_id: str, exclude: str) -> str:
     """The scheduler's choice of a new host for an existing instance (never its current host)."""
     import dataclasses
 
-    from provisioner.control.place import policy_for
-    from provisioner.scheduler import PlacementRequest, Snapshot, schedule
+    from provisioner.control.place import policy_for, request_for
+    from provisioner.scheduler import Snapshot, schedule
 
     inst = rt.store.require_instance(instance_id)
     full = rt.store.snapshot()
@@ -26,14 +26,7 @@ def pick_destination(rt: Runtime, instance_id: str, exclude: str) -> str:
     )
     snap = Snapshot(hosts=hosts, instances=full.instances, taken_at=full.taken_at)
     # Plan it as a new request: the instance's own claim stays on the source until the move is done.
-    req = PlacementRequest(
-        instance_id=f"{inst.id}-mig",
-        vcpus=inst.vcpus,
-        memory_mib=inst.memory_mib,
-        tier=inst.tier,
-        vo=inst.vo,
-        anti_affinity=inst.anti_affinity,
-    )
+    req = dataclasses.replace(request_for(inst), instance_id=f"{inst.id}-mig", pinned_host=None)
     plan = schedule([req], snap, policy_for(rt))
     dest = plan.placements.get(req.instance_id)
     if dest is None or dest == exclude:
