@@ -14,8 +14,9 @@ import pwd
 import re
 from dataclasses import dataclass
 
+from provisioner.catalogue.files import REF_RE
 from provisioner.catalogue.model import VO_RE, ImageKind, ResolvedImage
-from provisioner.catalogue.store import REF_RE, Catalogue
+from provisioner.catalogue.store import Catalogue
 from provisioner.config import Config, IdentitySource
 from provisioner.errors import IdentityError, UnknownVOError, ValidationError
 

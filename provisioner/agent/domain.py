@@ -7,9 +7,9 @@ from pathlib import Path
 
 from provisioner.catalogue.model import ImageKind, ResolvedImage
 from provisioner.config import DomainType
-from provisioner.control.runtime import Runtime
 from provisioner.hypervisor.domxml import ChannelSpec, DiskSpec, DomainSpec, NicSpec, build_domain_xml
 from provisioner.model import Instance
+from provisioner.runtime import Runtime
 
 UUID_NS = uuid.UUID("5d1e0b8e-6f4e-4c1a-9a55-2f3b7c0d9e11")
 SERVICE_DATA_DISK_MIB = 64

@@ -13,10 +13,10 @@ import os
 import time
 
 from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
-from provisioner.control.runtime import Runtime, resolve_image
-from provisioner.errors import ConflictError, DeadlineExceeded, DynvmError, PermanentError
-from provisioner.interfaces import DomainState
+from provisioner.agent.ready import wait_ready
+from provisioner.errors import ConflictError, DynvmError, PermanentError
 from provisioner.model import Instance, InstanceState, Role
+from provisioner.runtime import Runtime, resolve_image
 
 log = logging.getLogger(__name__)
 BOOTABLE = (InstanceState.PLACED, InstanceState.BOOTING)
@@ -27,10 +27,9 @@ def _claim_boot(rt: Runtime, instance_id: str) -> bool:
     that finds the boot still running here does nothing; after an agent restart the set is empty, so an
     instance left ``booting`` by the dead agent is booted again."""
     with rt.lock:
-        active: set[str] = rt.extra.setdefault("booting", set())
-        if instance_id in active:
+        if instance_id in rt.booting:
             return False
-        active.add(instance_id)
+        rt.booting.add(instance_id)
         return True
 
 
@@ -57,7 +56,7 @@ def boot_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) ->
                 raise
     finally:
         with rt.lock:
-            rt.extra["booting"].discard(instance_id)
+            rt.booting.discard(instance_id)
 
 
 def _fault_hold(rt: Runtime, inst: Instance) -> None:
@@ -82,8 +81,6 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     rt.hypervisor.define_and_start(inst.domain_name, xml)
     libvirt_ms = (time.monotonic() - t_virt) * 1000
     _fault_hold(rt, inst)
-    from provisioner.agent.ready import wait_ready
-
     wait_ready(rt, inst, image)
     try:
         rt.store.transition(inst.id, InstanceState.READY, expected=InstanceState.BOOTING)
@@ -138,18 +135,3 @@ def release_instance(rt: Runtime, instance_id: str) -> None:
     rt.store.transition(inst.id, InstanceState.GONE, reason="released")
     rt.store.add_event("released", instance=inst.id, host=rt.host, message=f"{inst.image} released")
     rt.store.notify(inst.id)
-
-
-def domain_running(rt: Runtime, inst: Instance) -> bool:
-    assert rt.hypervisor is not None
-    return rt.hypervisor.state(inst.domain_name) is DomainState.RUNNING
-
-
-def wait_domain_running(rt: Runtime, inst: Instance, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    delay = 0.001
-    while not domain_running(rt, inst):
-        if time.monotonic() > deadline:
-            raise DeadlineExceeded(f"{inst.id} on {rt.host}: domain not running after {timeout_s:.0f} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)

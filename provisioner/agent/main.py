@@ -9,17 +9,18 @@ import threading
 import time
 
 from provisioner.config import Config
-from provisioner.control.runtime import Runtime, build_runtime
 from provisioner.errors import DynvmError, NotFoundError
 from provisioner.model import Host, HostState
+from provisioner.runtime import Runtime, build_runtime, serve
 
 log = logging.getLogger(__name__)
 
 
 def start_agent_runtime(config: Config, host: str) -> Runtime:
     """Connect, register the host with the capacity libvirt reports, and re-drive unfinished work."""
-    from provisioner.control.app import make_app
+    from provisioner.agent import tasks
     from provisioner.hypervisor.libvirt_host import LibvirtHost
+    from provisioner.messaging import make_app
 
     hc = config.host(host)
     if hc is None:
@@ -48,8 +49,9 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
     )
     if stored.state is HostState.SUSPECT:  # we reach libvirt again; dead/fenced stay for the operator
         rt.store.set_host_state(host, HostState.UP, reason="agent reached libvirt again")
-    rt.extra["lease_token"] = f"{os.getpid()}-{secrets.token_hex(4)}"
+    rt.lease_token = f"{os.getpid()}-{secrets.token_hex(4)}"
     rt.app = make_app(config)
+    tasks.register(rt.app)
     rt.app.dynvm_runtime = rt
     from provisioner.agent.reconcile import reconcile_host
 
@@ -63,7 +65,7 @@ def _renew(rt: Runtime) -> None:
     assert rt.host is not None
     hc = rt.config.host(rt.host)
     klass = rt.config.detection_classes[hc.detection_class if hc else "standard"]
-    rt.store.renew_lease(rt.host, rt.extra["lease_token"], klass.lease_ttl_s)
+    rt.store.renew_lease(rt.host, rt.lease_token, klass.lease_ttl_s)
 
 
 def _background(rt: Runtime, stop: threading.Event) -> None:
@@ -85,40 +87,15 @@ def _background(rt: Runtime, stop: threading.Event) -> None:
 
 
 def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
-    from provisioner.control.app import host_queue
+    from provisioner.messaging import host_queue
 
     rt = start_agent_runtime(config, host)
     stop = threading.Event()
     t = threading.Thread(target=_background, args=(rt, stop), name=f"lease-{host}", daemon=True)
     t.start()
     try:
-        _serve(rt, host_queue(host), f"agent-{host}", concurrency)
+        serve(rt, host_queue(host), f"agent-{host}", concurrency)
     finally:
         stop.set()
         assert rt.hypervisor is not None
         rt.hypervisor.close()
-
-
-def run_worker(config: Config, concurrency: int = 8) -> None:
-    """``dynvm worker``: a control worker on the ``provision`` queue (never talks to libvirt)."""
-    from provisioner.control.app import PROVISION_QUEUE, make_app
-
-    rt = build_runtime(config)
-    rt.app = make_app(config)
-    rt.app.dynvm_runtime = rt
-    _serve(rt, PROVISION_QUEUE, f"worker-{os.getpid()}", concurrency)
-
-
-def _serve(rt: Runtime, queue: str, name: str, concurrency: int) -> None:
-    """Consume one queue with a thread pool until shut down (no gossip/mingle: nothing here needs them)."""
-    worker = rt.app.Worker(
-        queues=[queue],
-        pool="threads",
-        concurrency=concurrency,
-        hostname=f"{name}@{os.uname().nodename}",
-        loglevel="WARNING",
-        without_heartbeat=True,
-        without_mingle=True,
-        without_gossip=True,
-    )
-    worker.start()

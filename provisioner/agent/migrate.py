@@ -11,9 +11,9 @@ import logging
 import time
 
 from provisioner.agent.domain import instance_disks, spec_for
-from provisioner.control.runtime import Runtime, claim, resolve_image
 from provisioner.errors import ConflictError, DynvmError, NoCapacityError, NotFoundError
 from provisioner.model import InstanceState
+from provisioner.runtime import Runtime, claim, resolve_image
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ import time
 
 from provisioner.catalogue.model import ProbeType, ResolvedImage
 from provisioner.config import DomainType
-from provisioner.control.runtime import Runtime
 from provisioner.errors import DeadlineExceeded, NotReadyError
+from provisioner.interfaces import DomainState
 from provisioner.model import Instance
+from provisioner.runtime import Runtime
 
 
 def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
     from provisioner.agent.domain import exec_socket_path, serial_log_path
-    from provisioner.agent.lifecycle import wait_domain_running
 
     probe = image.spec.readiness
     wait_domain_running(rt, inst, min(probe.timeout_s, 30.0))
@@ -39,3 +39,18 @@ def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
             f"{inst.id} ({image.ref}) on {rt.host}: not ready after {probe.timeout_s:.0f} s "
             f"({probe.type.value} probe): {err}"
         ) from None
+
+
+def domain_running(rt: Runtime, inst: Instance) -> bool:
+    assert rt.hypervisor is not None
+    return rt.hypervisor.state(inst.domain_name) is DomainState.RUNNING
+
+
+def wait_domain_running(rt: Runtime, inst: Instance, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while not domain_running(rt, inst):
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"{inst.id} on {rt.host}: domain not running after {timeout_s:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)

@@ -11,10 +11,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from provisioner.control.runtime import Runtime
 from provisioner.errors import ConflictError, DynvmError
 from provisioner.interfaces import DomainInfo, DomainState
 from provisioner.model import CLAIMING_STATES, Instance, InstanceState
+from provisioner.runtime import Runtime
 
 log = logging.getLogger(__name__)
 WANTED_RUNNING = frozenset({InstanceState.READY, InstanceState.DRAINING})

@@ -22,11 +22,12 @@ import yaml
 
 from provisioner import yamlio
 from provisioner.catalogue.checksums import artefact_path
+from provisioner.catalogue.files import AddResult, parse_family, parse_ref
 from provisioner.catalogue.model import CHANNEL_RE, VERSION_RE, ImageFamily, ImageVersion
 from provisioner.errors import CatalogueError, ConflictError, UnknownImageError, ValidationError
 
 if TYPE_CHECKING:
-    from provisioner.catalogue.store import AddResult, Catalogue
+    from provisioner.catalogue.store import Catalogue
 
 LOCK_NAME = ".dynvm-catalogue.lock"
 HEADER = "# dynvm image catalogue entry (one family per file; versions are immutable).\n"
@@ -86,8 +87,6 @@ def _write_family(path: Path, family: ImageFamily) -> None:
 
 
 def _read(cat: Catalogue, name: str) -> tuple[Path, ImageFamily]:
-    from provisioner.catalogue.store import parse_family, parse_ref
-
     parse_ref(name)
     path = cat.directory / f"{name}.yaml"
     if not path.exists():
@@ -190,8 +189,6 @@ def _stamped(ver: ImageVersion) -> ImageVersion:
 
 
 def add(cat: Catalogue, file: Path) -> AddResult:
-    from provisioner.catalogue.store import AddResult, parse_family
-
     doc = yamlio.load(file, CatalogueError)
     _fill_checksums(cat, doc)
     new = yamlio.validate_model(doc, ImageFamily, CatalogueError)

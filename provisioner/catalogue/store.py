@@ -7,18 +7,15 @@ replace it atomically (see :mod:`provisioner.catalogue.edit`).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from provisioner import yamlio
 from provisioner.catalogue.checksums import ChecksumCache, artefact_path, default_cache_path
+from provisioner.catalogue.files import DEFAULT_CHANNEL, AddResult, Entry, parse_family, parse_ref
 from provisioner.catalogue.model import Artefact, ImageFamily, ImageKind, ResolvedImage
-from provisioner.errors import CatalogueError, DynvmError, UnknownImageError, ValidationError
-
-REF_RE = re.compile(r"^([a-z][a-z0-9-]{0,62})(?::([0-9A-Za-z][0-9A-Za-z._+-]{0,63}))?$")
-DEFAULT_CHANNEL = "stable"
+from provisioner.errors import CatalogueError, DynvmError, UnknownImageError
 
 
 class Severity(StrEnum):
@@ -45,60 +42,6 @@ class Finding:
         msg = err.message
         prefix = f"{file}:{line}: " if line is not None else f"{file}: "
         return cls(Severity.ERROR, file or fallback_file, line, msg.removeprefix(prefix))
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A loaded family with where it came from."""
-
-    family: ImageFamily
-    file: Path
-    doc: yamlio.Document
-
-
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """``name``, ``name:version`` or ``name:channel`` -> (name, selector or None)."""
-    m = REF_RE.fullmatch(ref) if isinstance(ref, str) else None
-    if m is None:
-        raise ValidationError(f"image reference {yamlio.short_repr(ref)} is not NAME[:VERSION|:CHANNEL]")
-    return m.group(1), m.group(2)
-
-
-def parse_family(path: Path) -> Entry:
-    """Parse and validate one catalogue file (no cross-file checks)."""
-    doc = yamlio.load(path, CatalogueError)
-    _precheck(doc)
-    family = yamlio.validate_model(doc, ImageFamily, CatalogueError)
-    return Entry(family, path, doc)
-
-
-def _precheck(doc: yamlio.Document) -> None:
-    """Cross-field checks the schema also makes, done first here to point at the exact line."""
-    versions = doc.data.get("versions")
-    seen: dict[object, int] = {}
-    if isinstance(versions, list):
-        for i, v in enumerate(versions):
-            ver = v.get("version") if isinstance(v, dict) else None
-            if not isinstance(ver, str):
-                continue
-            if ver in seen:
-                raise yamlio.located(
-                    CatalogueError,
-                    doc.source,
-                    doc.line(("versions", i, "version")),
-                    f"versions[{i}].version: duplicate version {ver!r} (first at versions[{seen[ver]}])",
-                )
-            seen[ver] = i
-    channels = doc.data.get("channels")
-    if isinstance(channels, dict) and seen:
-        for ch, target in channels.items():
-            if isinstance(target, str) and target not in seen:
-                raise yamlio.located(
-                    CatalogueError,
-                    doc.source,
-                    doc.line(("channels", ch)),
-                    f"channels.{ch}: points at missing version {target!r}",
-                )
 
 
 def scan(directory: Path) -> tuple[dict[str, Entry], list[CatalogueError]]:
@@ -338,16 +281,6 @@ class Catalogue:
         entry = parse_family(self.directory / f"{name}.yaml")
         self._entries[name] = entry
         return entry.family
-
-
-@dataclass(frozen=True, slots=True)
-class AddResult:
-    name: str
-    file: str
-    created: bool  # a new family file
-    added: list[str]
-    unchanged: list[str]
-    channels: dict[str, str]
 
 
 def artefacts_with_loc(ver_index: int, fam: ImageFamily) -> list[tuple[yamlio.Loc, Artefact]]:

@@ -6,14 +6,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from provisioner.cli.context import CliContext
-from provisioner.control.runtime import Runtime
+from provisioner.runtime import Runtime
 
 
 def runtime(ctx: CliContext) -> Runtime:
     """A client runtime (state store, catalogue, Celery app for sending); built once per command."""
     rt: Runtime | None = getattr(ctx, "_runtime", None)
     if rt is None:
-        from provisioner.control.app import make_app
+        from provisioner.messaging import make_app
         from provisioner.state.store import StateStore
 
         store = StateStore.from_url(ctx.config.redis_url)

@@ -35,7 +35,7 @@ def agent(ctx: CliContext, args: argparse.Namespace) -> int:
 
 
 def worker(ctx: CliContext, args: argparse.Namespace) -> int:
-    from provisioner.agent.main import run_worker
+    from provisioner.control.worker import run_worker
 
     _logging()
     run_worker(ctx.config, concurrency=args.concurrency)

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from provisioner.catalogue.model import ImageKind, ResolvedImage
-from provisioner.control.runtime import Runtime
 from provisioner.errors import DeadlineExceeded, NotFoundError, ValidationError
 from provisioner.model import Instance, InstanceState, Role, Tier
+from provisioner.runtime import Runtime
 
 SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
 ENDED = frozenset({InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
@@ -106,7 +106,7 @@ def submit(
     inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
     if created:
         rt.store.add_event("requested", instance=inst.id, message=f"{image.ref} for {vo or service or '-'}")
-        from provisioner.control.tasks import PROVISION
+        from provisioner.messaging import PROVISION
 
         rt.app.send_task(PROVISION, args=[inst.id], queue="provision")
     return inst, created
@@ -131,8 +131,7 @@ def wait(
 
 
 def release(rt: Runtime, instance_id: str) -> Instance:
-    from provisioner.control.app import host_queue
-    from provisioner.control.tasks import RELEASE
+    from provisioner.messaging import RELEASE, host_queue
 
     inst = rt.store.get_instance(instance_id)
     if inst is None:
@@ -147,8 +146,8 @@ def release(rt: Runtime, instance_id: str) -> Instance:
 
 
 def client_runtime(config: Any) -> Runtime:
-    from provisioner.control.app import make_app
-    from provisioner.control.runtime import build_runtime
+    from provisioner.messaging import make_app
+    from provisioner.runtime import build_runtime
 
     rt = build_runtime(config)
     rt.app = make_app(config)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from provisioner.control.runtime import Runtime
 from provisioner.errors import ConflictError, DeadlineExceeded, NoCapacityError, NotFoundError
 from provisioner.model import HostState, InstanceState, Role
+from provisioner.runtime import Runtime
 
 MOVABLE = frozenset({InstanceState.READY})
 
@@ -37,8 +37,7 @@ def pick_destination(rt: Runtime, instance_id: str, exclude: str) -> str:
 
 def migrate(rt: Runtime, instance_id: str, dest: str | None = None) -> str:
     """Ask the VM's agent to live-migrate it; returns the destination."""
-    from provisioner.control.app import PRIORITY_HA, host_queue
-    from provisioner.control.tasks import MIGRATE
+    from provisioner.messaging import MIGRATE, PRIORITY_HA, host_queue
 
     inst = rt.store.require_instance(instance_id)
     if inst.state not in MOVABLE or inst.host is None:
@@ -92,7 +91,7 @@ def wait_drained(rt: Runtime, host: str, timeout_s: float) -> None:
 def recover(rt: Runtime, instance_id: str, dest: str | None = None) -> str:
     """Start a lost or failed service VM again, on another host, with its own disks (the cold path
     failover takes).  Returns the host it was placed on."""
-    from provisioner.control.tasks import PROVISION
+    from provisioner.messaging import PROVISION
 
     inst = rt.store.require_instance(instance_id)
     if inst.role is not Role.SERVICE:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from provisioner.control.app import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
-from provisioner.control.runtime import Runtime, claim
 from provisioner.errors import ConflictError, NoCapacityError
+from provisioner.messaging import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
 from provisioner.model import Instance, InstanceState, Tier
+from provisioner.runtime import Runtime, claim
 
 log = logging.getLogger(__name__)
 CLAIM_ATTEMPTS = 4
@@ -92,7 +92,7 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
         return winner.host if winner is not None else None
     rt.store.add_event("placed", instance=inst.id, host=host, message=f"{inst.image} on {host}")
     priority = PRIORITY_HA if inst.tier in (Tier.CRITICAL, Tier.HIGH) else PRIORITY_DEFAULT
-    from provisioner.control.tasks import BOOT
+    from provisioner.messaging import BOOT
 
     rt.app.send_task(BOOT, args=[inst.id], queue=host_queue(host), priority=priority)
     return host
@@ -111,7 +111,7 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
 
 def preempt(rt: Runtime, victims: dict[str, str], hosts: dict[str, str], for_id: str) -> None:
     """Stop lower-tier VMs to make room; their owners (batch jobs) are requeued by the release path."""
-    from provisioner.control.tasks import RELEASE
+    from provisioner.messaging import RELEASE
 
     for vid, why in victims.items():
         try:

@@ -223,6 +223,6 @@ def test_dump_round_trips(cat: Catalogue) -> None:
         text = edit.dump(fam)
         p = cat.directory.parent / "rt.yaml"
         p.write_text(text)
-        from provisioner.catalogue.store import parse_family
+        from provisioner.catalogue.files import parse_family
 
         assert parse_family(p).family == fam

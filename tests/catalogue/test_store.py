@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from provisioner.catalogue.checksums import ChecksumCache
+from provisioner.catalogue.files import parse_family, parse_ref
 from provisioner.catalogue.model import ImageKind
-from provisioner.catalogue.store import Catalogue, Severity, parse_family, parse_ref
+from provisioner.catalogue.store import Catalogue, Severity
 from provisioner.errors import CatalogueError, UnknownImageError, ValidationError
 from tests.catalogue.helpers import DATA, IMAGES, make_catalogue
 

@@ -11,9 +11,9 @@ import pytest
 
 from provisioner.configload import load_config
 from provisioner.control.client import client_runtime
-from provisioner.control.runtime import Runtime
 from provisioner.farm.layout import FarmLayout, pid_alive
 from provisioner.farm.local import farm_down, farm_up
+from provisioner.runtime import Runtime
 
 
 @dataclass

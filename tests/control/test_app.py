@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from provisioner.config import Config
-from provisioner.control.app import PRIORITY_DEFAULT, PRIORITY_HA, host_queue, make_app
+from provisioner.messaging import PRIORITY_DEFAULT, PRIORITY_HA, host_queue, make_app
 
 pytestmark = pytest.mark.redis
 
@@ -34,4 +34,13 @@ def test_reliability_settings() -> None:
     assert c.task_acks_late and c.task_reject_on_worker_lost
     assert c.worker_prefetch_multiplier == 1
     assert c.broker_transport_options["visibility_timeout"] >= Config().timeouts.provision_s
-    assert {"dynvm.provision", "dynvm.boot", "dynvm.release", "dynvm.migrate"} <= set(app.tasks)
+    # Each process registers what it serves; a sender (client) registers nothing.
+    assert not {"dynvm.provision", "dynvm.boot"} & set(app.tasks)
+    from provisioner.agent import tasks as agent_tasks
+    from provisioner.control import tasks as control_tasks
+
+    control_tasks.register(app)
+    assert "dynvm.provision" in app.tasks and "dynvm.boot" not in app.tasks
+    agent_app = make_app(Config(redis_url="redis://127.0.0.1:1/0"))
+    agent_tasks.register(agent_app)
+    assert {"dynvm.boot", "dynvm.release", "dynvm.migrate", "dynvm.exec"} <= set(agent_app.tasks)

@@ -11,8 +11,8 @@ import secrets
 import time
 from typing import Any
 
-from provisioner.control.runtime import Runtime
 from provisioner.errors import DeadlineExceeded, DynvmError, PermanentError, TransientError
+from provisioner.runtime import Runtime
 from provisioner.state.base import MAX_BLOCK_S
 
 REPLY_TTL_S = 120
@@ -39,7 +39,7 @@ def reply_error(rt: Runtime, request_id: str, err: DynvmError) -> None:
 
 
 def call_agent(rt: Runtime, host: str, task: str, args: list[Any], timeout_s: float) -> dict[str, Any]:
-    from provisioner.control.app import PRIORITY_HA, host_queue
+    from provisioner.messaging import PRIORITY_HA, host_queue
 
     rt.store.require_host(host)
     request_id = secrets.token_hex(8)

@@ -1,4 +1,10 @@
-"""Celery app factory (no module-level app: the config is passed explicitly).
+"""Messaging between the processes: queue and task names, priorities and the Celery app factory.
+
+Neutral ground: the control workers (provisioner.control), the host agents (provisioner.agent) and the
+clients all import this module and never each other.  ``make_app`` registers no task: each process
+registers the tasks it serves (``control.tasks.register`` / ``agent.tasks.register``); senders send by name.
+
+The Celery app factory has no module-level app: the config is passed explicitly.
 
 Queues: ``provision`` (control workers: plan and place, never touch libvirt) and ``host.<name>`` (the host's
 agent, alone drives its libvirt).  HA starts are sent to the host queue with a higher priority than
@@ -14,6 +20,13 @@ from celery import Celery
 from provisioner.config import Config
 
 PROVISION_QUEUE = "provision"
+
+PROVISION = "dynvm.provision"
+BOOT = "dynvm.boot"
+RELEASE = "dynvm.release"
+MIGRATE = "dynvm.migrate"
+INVENTORY = "dynvm.inventory"
+EXEC = "dynvm.exec"
 PRIORITY_HA = 0  # kombu's Redis transport: lower number = served first
 PRIORITY_DEFAULT = 5
 
@@ -48,9 +61,6 @@ def make_app(config: Config, name: str = "dynvm") -> Celery:
         task_send_sent_event=False,
         enable_utc=True,
     )
-    from provisioner.control import tasks
-
-    tasks.register(app)
     return app
 
 

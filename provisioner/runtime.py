@@ -24,7 +24,9 @@ class Runtime:
     app: Any = None  # the Celery app (typed Any: celery ships no type hints)
     host: str | None = None  # set in a host agent
     hypervisor: Hypervisor | None = None  # set in a host agent
-    extra: dict[str, Any] = field(default_factory=dict)
+    lease_token: str = ""  # a host agent's lease token (its identity towards the host's lease)
+    booting: set[str] = field(default_factory=set)  # instance ids this agent is booting right now
+    catalogue_mtime: int | None = None  # catalogue directory mtime at the last load
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -39,9 +41,9 @@ def resolve_image(rt: Runtime, ref: str) -> ResolvedImage:
         mtime = directory.stat().st_mtime_ns
     except OSError:
         mtime = 0
-    if rt.extra.get("catalogue_mtime") != mtime:
+    if rt.catalogue_mtime != mtime:
         rt.catalogue = Catalogue.load(directory, rt.config.storage.artefacts)
-        rt.extra["catalogue_mtime"] = mtime
+        rt.catalogue_mtime = mtime
     try:
         return rt.catalogue.resolve(ref)
     except UnknownImageError:
@@ -66,3 +68,20 @@ def build_runtime(config: Config, host: str | None = None) -> Runtime:
     store.ping()
     catalogue = Catalogue.load(config.catalogue_dir, config.storage.artefacts)
     return Runtime(config=config, store=store, catalogue=catalogue, host=host)
+
+
+def serve(rt: Runtime, queue: str, name: str, concurrency: int) -> None:
+    """Consume one queue with a thread pool until shut down (no gossip/mingle: nothing here needs them)."""
+    import os
+
+    worker = rt.app.Worker(
+        queues=[queue],
+        pool="threads",
+        concurrency=concurrency,
+        hostname=f"{name}@{os.uname().nodename}",
+        loglevel="WARNING",
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+    )
+    worker.start()

@@ -1,0 +1,40 @@
+"""The host agent's Celery tasks (queue ``host.NAME``).  Thin: take ids, re-read state, delegate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from provisioner.messaging import BOOT, EXEC, INVENTORY, MIGRATE, RELEASE
+from provisioner.tasking import RETRY, runtime_of
+
+
+def register(app: Any) -> None:
+    @app.task(name=BOOT, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
+    def boot(self: Any, instance_id: str) -> None:
+        from provisioner.agent.lifecycle import boot_instance
+
+        boot_instance(runtime_of(self), instance_id, final_attempt=self.request.retries >= self.max_retries)
+
+    @app.task(name=RELEASE, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
+    def release(self: Any, instance_id: str) -> None:
+        from provisioner.agent.lifecycle import release_instance
+
+        release_instance(runtime_of(self), instance_id)
+
+    @app.task(name=MIGRATE, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
+    def migrate(self: Any, instance_id: str, dest: str) -> None:
+        from provisioner.agent.migrate import migrate_instance
+
+        migrate_instance(runtime_of(self), instance_id, dest)
+
+    @app.task(name=INVENTORY, shared=False, bind=True)  # type: ignore[untyped-decorator]
+    def inventory(self: Any, request_id: str) -> None:
+        from provisioner.agent.answers import answer_inventory
+
+        answer_inventory(runtime_of(self), request_id)
+
+    @app.task(name=EXEC, shared=False, bind=True)  # type: ignore[untyped-decorator]
+    def exec_(self: Any, request_id: str, instance_id: str, argv: list[str], timeout_s: float) -> None:
+        from provisioner.agent.answers import answer_exec
+
+        answer_exec(runtime_of(self), request_id, instance_id, argv, timeout_s)

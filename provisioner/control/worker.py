@@ -1,0 +1,18 @@
+"""``dynvm worker``: a control worker on the ``provision`` queue (plans and places, never uses libvirt)."""
+
+from __future__ import annotations
+
+import os
+
+from provisioner.config import Config
+from provisioner.control import tasks
+from provisioner.messaging import PROVISION_QUEUE, make_app
+from provisioner.runtime import build_runtime, serve
+
+
+def run_worker(config: Config, concurrency: int = 8) -> None:
+    rt = build_runtime(config)
+    rt.app = make_app(config)
+    tasks.register(rt.app)
+    rt.app.dynvm_runtime = rt
+    serve(rt, PROVISION_QUEUE, f"worker-{os.getpid()}", concurrency)
