@@ -1,0 +1,103 @@
+"""Host death verdicts: pure functions over what the monitor observed (decide; the monitor loop does).
+
+A host is declared dead only when its lease has been silent longer than its detection class allows
+(``dead_after_s``, counted from the last successful renewal on Redis's clock) in ``samples`` consecutive
+observations (masakari-monitors' stabilised status): one late renewal is not a death.  When more than a
+configured share of the hosts would be declared dead at once, the verdict is held for an operator (a
+fencing storm usually means the network or the control plane, not the hosts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from provisioner.model import HostState
+
+# Hosts whose death the monitor acts on; maintenance is disarmed, dead/fenced are already handled.
+WATCHED_STATES = frozenset({HostState.UP, HostState.DRAINING, HostState.SUSPECT})
+
+
+class Verdict(StrEnum):
+    ALIVE = "alive"  # renewed within its lease
+    LATE = "late"  # past its lease but not yet past dead_after_s
+    SILENT = "silent"  # past dead_after_s: a death candidate, not yet debounced
+    DEAD = "dead"  # silent for `samples` consecutive observations: declare it
+    HELD = "held"  # would be dead, but the storm guard holds automatic failover
+    IGNORED = "ignored"  # not watched (maintenance, already dead or fenced)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """A detection class (provisioner.config.DetectionClass) as the pure code needs it."""
+
+    lease_ttl_s: float
+    dead_after_s: float
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One host as the monitor read it: its state, and the age of its last renewal on Redis's clock."""
+
+    host: str
+    state: HostState
+    silence_s: float  # redis_now - last_seen (last successful lease renewal)
+    lease_alive: bool
+    timing: Timing
+
+
+@dataclass(slots=True)
+class Outcome:
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # consecutive silent observations per host
+    storm: bool = False
+
+    @property
+    def dead(self) -> list[str]:
+        return sorted(h for h, v in self.verdicts.items() if v is Verdict.DEAD)
+
+    @property
+    def held(self) -> list[str]:
+        return sorted(h for h, v in self.verdicts.items() if v is Verdict.HELD)
+
+
+def classify(obs: Observation) -> Verdict:
+    """One observation on its own (no debounce)."""
+    if obs.state not in WATCHED_STATES:
+        return Verdict.IGNORED
+    if obs.lease_alive and obs.silence_s <= obs.timing.lease_ttl_s:
+        return Verdict.ALIVE
+    if obs.silence_s <= obs.timing.dead_after_s:
+        return Verdict.LATE
+    return Verdict.SILENT
+
+
+def judge(
+    observations: Sequence[Observation],
+    previous_counts: Mapping[str, int],
+    storm_share: float,
+    already_dead: int = 0,
+) -> Outcome:
+    """Debounce this round's observations against the previous rounds' counts.
+
+    ``storm_share``: if the hosts that would be dead (this round's plus ``already_dead`` not yet
+    recovered) exceed this share of all watched and dead hosts, every new death is HELD instead.
+    """
+    out = Outcome()
+    for obs in observations:
+        v = classify(obs)
+        if v is Verdict.SILENT:
+            n = previous_counts.get(obs.host, 0) + 1
+            out.counts[obs.host] = n
+            if n >= obs.timing.samples:
+                v = Verdict.DEAD
+        out.verdicts[obs.host] = v
+    newly = out.dead
+    considered = sum(1 for v in out.verdicts.values() if v is not Verdict.IGNORED) + already_dead
+    if newly and considered and (len(newly) + already_dead) / considered > storm_share:
+        out.storm = True
+        for h in newly:
+            out.verdicts[h] = Verdict.HELD
+    return out
