@@ -11,7 +11,9 @@ CRIT = Timing(lease_ttl_s=0.5, dead_after_s=1.0, samples=2)
 STD = Timing(lease_ttl_s=3.0, dead_after_s=5.0, samples=2)
 
 
-def obs(host: str, silence: float, alive: bool = True, state: HostState = HostState.UP, t: Timing = CRIT) -> Observation:
+def obs(
+    host: str, silence: float, alive: bool = True, state: HostState = HostState.UP, t: Timing = CRIT
+) -> Observation:
     return Observation(host, state, silence, alive, t)
 
 
