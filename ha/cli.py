@@ -1,0 +1,140 @@
+"""``dynvm service``: declared services (what must run).  Registered by provisioner.cli.main (GROUPS)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from provisioner.cli.context import CliContext
+from provisioner.errors import EXIT_OK, NotFoundError, ValidationError
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "service", help="declared services (CE, SE, WMS...) that HA keeps running", description=__doc__
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    d = sub.add_parser("declare", help="declare (or change) a service")
+    d.add_argument("name", metavar="NAME")
+    d.add_argument("--image", required=True, metavar="REF", help="a service image, e.g. ce:stable")
+    d.add_argument(
+        "--priority", choices=["critical", "high", "normal"], help="default: the image's HA policy"
+    )
+    d.add_argument("--address", metavar="IP", help="fixed IPv4 address (kept wherever it runs)")
+    d.add_argument("--anti-affinity", metavar="GROUP", help="default: the image's HA policy")
+    d.add_argument("--after", action="append", default=[], metavar="OTHER", help="start after this service")
+    d.set_defaults(func=cmd_declare)
+    ls = sub.add_parser("list", help="list declared services")
+    ls.set_defaults(func=cmd_list)
+    sh = sub.add_parser("show", help="one declared service")
+    sh.add_argument("name", metavar="NAME")
+    sh.set_defaults(func=cmd_show)
+    rm = sub.add_parser("remove", help="forget a declaration (its VM is not touched)")
+    rm.add_argument("name", metavar="NAME")
+    rm.set_defaults(func=cmd_remove)
+    ex = sub.add_parser("export", help="print every declaration as YAML (for git)")
+    ex.set_defaults(func=cmd_export)
+    ap = sub.add_parser("apply", help="declare every service of a YAML file (as written by export)")
+    ap.add_argument("file", metavar="FILE", type=Path)
+    ap.add_argument("--prune", action="store_true", help="also remove services the file does not name")
+    ap.set_defaults(func=cmd_apply)
+
+
+def _store(ctx: CliContext) -> Any:
+    from ha.services import ServiceStore
+    from provisioner.cli.common import runtime
+
+    rt = runtime(ctx)
+    return ServiceStore(rt.store.r, rt.store.keys.prefix)
+
+
+def _declaration(ctx: CliContext, raw: dict[str, Any], where: str) -> Any:
+    """Validate ``raw``; the image must be a service image, and priority and anti-affinity default to
+    its HA policy when ``raw`` does not give them."""
+    from ha.services import parse_service
+    from provisioner.catalogue.model import ImageKind
+
+    svc = parse_service(raw, where)  # validates every field before the catalogue is asked
+    image = ctx.catalogue.resolve(svc.image)
+    if image.kind is not ImageKind.SERVICE:
+        raise ValidationError(f"{where} {svc.name}: image {image.ref} is a worker image, not a service")
+    full = dict(raw)
+    if full.get("priority") is None:
+        full["priority"] = image.ha.priority.value if image.ha else "normal"
+    if full.get("anti_affinity") is None and image.ha and image.ha.anti_affinity:
+        full["anti_affinity"] = image.ha.anti_affinity
+    return parse_service(full, where)
+
+
+def cmd_declare(ctx: CliContext, args: argparse.Namespace) -> int:
+    from ha.services import check_set
+
+    raw = {
+        "name": args.name,
+        "image": args.image,
+        "priority": args.priority,
+        "address": args.address,
+        "anti_affinity": args.anti_affinity,
+        "after": args.after,
+    }
+    raw = {k: v for k, v in raw.items() if v is not None}
+    svc = _declaration(ctx, raw, "service")
+    store = _store(ctx)
+    check_set([svc], known={s.name for s in store.all()})
+    store.declare(svc)
+    ctx.out.obj(svc.to_dict(), title=f"service {svc.name} declared")
+    return EXIT_OK
+
+
+def cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
+    rows = [s.to_dict() for s in _store(ctx).all()]
+    ctx.out.table(rows, ["name", "image", "priority", "address", "anti_affinity", "after"], title="services")
+    return EXIT_OK
+
+
+def cmd_show(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.state.keys import check_id
+
+    svc = _store(ctx).require(check_id(args.name, "service name"))
+    ctx.out.obj(svc.to_dict(), title=f"service {svc.name}")
+    return EXIT_OK
+
+
+def cmd_remove(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.state.keys import check_id
+
+    name = check_id(args.name, "service name")
+    if not _store(ctx).remove(name):
+        raise NotFoundError(f"service {name!r} is not declared")
+    ctx.out.message(f"service {name} removed (its VM, if any, keeps running until released)")
+    return EXIT_OK
+
+
+def cmd_export(ctx: CliContext, args: argparse.Namespace) -> int:
+    import yaml
+
+    doc = {"services": [s.to_dict() for s in _store(ctx).all()]}
+    if ctx.out.json:
+        ctx.out.obj(doc)
+    else:
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_apply(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner import yamlio
+
+    doc = yamlio.load(args.file, ValidationError)
+    items = doc.data.get("services") if isinstance(doc.data, dict) else None
+    if not isinstance(items, list):
+        raise ValidationError(f"{args.file}: expected a mapping with a 'services' list")
+    svcs = []
+    for i, raw in enumerate(items):
+        where = f"{args.file}:{doc.line(('services', i)) or '?'}: services[{i}]"
+        if not isinstance(raw, dict):
+            raise ValidationError(f"{where}: expected a mapping")
+        svcs.append(_declaration(ctx, raw, where))
+    declared, removed = _store(ctx).apply(svcs, prune=args.prune)
+    ctx.out.obj({"declared": declared, "removed": removed}, title=f"applied {args.file}")
+    return EXIT_OK
