@@ -37,9 +37,10 @@ def decode(data: bytes, secret: bytes | None) -> str | None:
     parts = data.split(b" ")
     if len(parts) not in (3, 4) or parts[0] != MAGIC or not parts[2].isdigit():
         return None
-    signed = len(parts) == 4 and secret is not None
-    if secret is not None and not (signed and hmac.compare_digest(parts[3], _sign(secret, b" ".join(parts[:3])))):
-        return None
+    if secret is not None:
+        good = len(parts) == 4 and hmac.compare_digest(parts[3], _sign(secret, b" ".join(parts[:3])))
+        if not good:
+            return None
     try:
         return parts[1].decode("ascii")
     except UnicodeDecodeError:
