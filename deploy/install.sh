@@ -30,10 +30,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.dynvm-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   log=$(mktemp)
-  if ! .venv/bin/pip install -q -e ".[test]" >"$log" 2>&1; then
+  # The build requirements go into .venv too, so the wheel test (tests/install) builds offline with
+  # --no-build-isolation.
+  if ! .venv/bin/pip install -q "setuptools>=77" wheel >"$log" 2>&1 ||
+     ! .venv/bin/pip install -q -e ".[test]" >>"$log" 2>&1; then
     cat "$log" >&2
     echo "dynvm install: pip install failed (output above)" >&2
     rm -f "$log"

@@ -180,5 +180,7 @@ def farm_dir() -> Path:
 
 
 def checkout_images_dir() -> Path:
-    """The images/ directory of a source checkout (the embedded default's catalogue)."""
-    return Path(__file__).resolve().parent.parent / "images"
+    """The default catalogue (images/): the checkout's, or the copy an installed wheel ships."""
+    from provisioner.catalogue.shipped import images_dir
+
+    return images_dir()
