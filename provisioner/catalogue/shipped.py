@@ -13,7 +13,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]  # .../provisioner
 
 
 def images_dir() -> Path:
-    """The checkout's ``images/`` when running from a source tree (editable install), else the shipped copy."""
+    """The checkout's ``images/`` in a source tree (editable install), else the shipped copy."""
     root = _PACKAGE.parent
     if (root / "pyproject.toml").is_file() and (root / "images").is_dir():
         return root / "images"
