@@ -1,0 +1,241 @@
+"""The leader monitor's failover engine: one round = detect, open recoveries, drive each open recovery one
+step.  Decisions come from the pure modules (detection, plan, fencing); every effect goes through the
+``World`` seam (Redis state, the fence command, the host queues), and every step is persisted in the
+recovery record first, so a leader that dies mid-failover is resumed by the next one at the right step.
+
+Exactly-once in effect: a record's step changes by compare-and-set on (step, fencing token); the world's
+writes are compare-and-set too (host state, instance state/host/epoch), so a duplicate or stale action
+fails instead of starting a VM twice.  Nothing is started elsewhere before the host is fenced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from ha.detection import Observation, Timing, Verdict, judge
+from ha.fencing import restart_allowed_after
+from ha.plan import FailoverPlan, plan_failover
+from ha.recovery import Recovery, RecoveryStore, Step
+from provisioner.model import HostState, InstanceState
+from provisioner.scheduler import SchedulerPolicy, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class FenceResult(StrEnum):
+    NOT_CONFIGURED = "not_configured"
+    OK = "ok"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    name: str
+    state: HostState
+    last_seen: float  # Redis time of its last lease renewal
+    lease_alive: bool
+    timing: Timing
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    storm_share: float = 0.5  # more than this share of hosts dead at once: hold for an operator
+    safety_margin_s: float = 0.5  # added to the self-fence/watchdog deadline before restarting elsewhere
+    watchdog_s: float = 2.0  # the agents' watchdog timeout
+
+
+class World(Protocol):
+    """Everything the engine reads and writes, in one seam (Redis + fence agents + host queues)."""
+
+    def now(self) -> float:
+        """Redis's clock."""
+
+    def hosts(self) -> list[HostView]: ...
+
+    def set_host_state(self, host: str, new: HostState, expected: HostState, reason: str, fence: int) -> bool:
+        """Compare-and-set, refused (False) if the host moved on or the fence no longer leads."""
+
+    def fence_host(self, host: str) -> FenceResult:
+        """Run the host's external fence command, if one is configured (argument vector, timeout)."""
+
+    def snapshot(self) -> Snapshot: ...
+
+    def commit(self, plan: FailoverPlan, fence: int) -> dict[str, str]:
+        """Claim capacity and move each service record to its new host atomically (preempting victims,
+        marking the dead host's workers lost); returns the placements that were committed."""
+
+    def start(self, placements: Mapping[str, str]) -> None:
+        """Send the boots to the survivors' queues ahead of any provisioning backlog (idempotent)."""
+
+    def states(self, ids: list[str]) -> dict[str, InstanceState | None]: ...
+
+    def event(self, kind: str, host: str | None, message: str) -> None: ...
+
+    def paused(self) -> str | None:
+        """Why automatic failover is paused (``dynvm ha pause`` or a fencing storm), or None."""
+
+    def pause(self, reason: str) -> None: ...
+
+
+@dataclass
+class RoundReport:
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    opened: list[str] = field(default_factory=list)
+    advanced: list[tuple[str, Step]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self, world: World, recoveries: RecoveryStore, policy: SchedulerPolicy, settings: Settings
+    ) -> None:
+        self.world = world
+        self.recs = recoveries
+        self.policy = policy
+        self.settings = settings
+        self.counts: dict[str, int] = {}
+
+    def round(self, fence: int) -> RoundReport:
+        """One monitor round as the leader holding ``fence``."""
+        report = RoundReport()
+        views = {h.name: h for h in self.world.hosts()}
+        now = self.world.now()
+        open_hosts = {r.host for r in self.recs.open_records()}
+        obs = [
+            Observation(h.name, h.state, now - h.last_seen, h.lease_alive, h.timing) for h in views.values()
+        ]
+        out = judge(obs, self.counts, self.settings.storm_share, already_dead=len(open_hosts))
+        self.counts = out.counts
+        report.verdicts = out.verdicts
+        if out.storm and self.world.paused() is None:
+            why = f"fencing storm: {', '.join(out.held)} silent at once; confirm with 'dynvm ha resume'"
+            self.world.pause(why)
+            self.world.event("ha_paused", None, why)
+        if self.world.paused() is not None:
+            return report
+        for name in out.dead:
+            if self._declare_dead(views[name], now, fence, report):
+                views[name] = dataclasses.replace(views[name], state=HostState.DEAD)
+        for rec in self.recs.open_records():
+            self._drive(rec, views.get(rec.host), now, fence, report)
+        return report
+
+    def _declare_dead(self, h: HostView, now: float, fence: int, report: RoundReport) -> bool:
+        silence = now - h.last_seen
+        why = f"lease silent {silence:.2f} s (class allows {h.timing.dead_after_s:g} s)"
+        if not self.world.set_host_state(h.name, HostState.DEAD, h.state, why, fence):
+            return False  # the host moved on (renewed, operator action) or we were deposed
+        if self.recs.open(h.name, fence, why):
+            report.opened.append(h.name)
+            self.world.event("host_dead", h.name, why)
+        return True
+
+    def _advance(
+        self, rec: Recovery, new: Step, fence: int, report: RoundReport, detail: dict[str, Any] | None = None
+    ) -> None:
+        self.recs.advance(rec.host, fence, rec.step, new, detail)
+        report.advanced.append((rec.host, new))
+        self.world.event(f"recovery_{new.value}", rec.host, _describe(new, detail))
+        rec.step = new
+        if detail is not None:
+            rec.detail = detail
+
+    def _drive(self, rec: Recovery, h: HostView | None, now: float, fence: int, report: RoundReport) -> None:
+        """Move one record on as far as this round allows; each step is persisted before the next."""
+        if h is not None and h.state not in (HostState.DEAD, HostState.FENCED):
+            # An operator brought the host back (rejoin): nothing left to recover.
+            self._advance(rec, Step.CLOSED, fence, report, {**rec.detail, "cancelled": f"host is {h.state}"})
+            return
+        if rec.step is Step.OPEN:
+            if h is not None and not self._fenced(h, now):
+                return
+            self.world.set_host_state(rec.host, HostState.FENCED, HostState.DEAD, "fenced", fence)
+            self._advance(rec, Step.FENCED, fence, report, {"started": {}, "pending": {}, "unplaced": {}})
+        if rec.step is Step.FENCED:
+            self._plan(rec, fence, report)
+        if rec.step is Step.PLANNED:
+            if rec.detail.get("pending"):
+                self.world.start(rec.detail["pending"])
+                started = {**rec.detail.get("started", {}), **rec.detail["pending"]}
+                detail = {**rec.detail, "started": started, "pending": {}}
+                self._advance(rec, Step.STARTED, fence, report, detail)
+            elif rec.detail.get("unplaced"):
+                self._plan(rec, fence, report)  # capacity may have come back: try again each round
+                return
+            else:
+                self._close(rec, fence, report)
+                return
+        if rec.step is Step.STARTED:
+            self._confirm(rec, fence, report)
+
+    def _plan(self, rec: Recovery, fence: int, report: RoundReport) -> None:
+        plan = plan_failover(self.world.snapshot(), rec.host, self.policy)
+        committed = self.world.commit(plan, fence) if plan.placements else {}
+        unplaced = {k: str(v) for k, v in plan.unplaced.items()}
+        unplaced.update({k: "capacity taken meanwhile" for k in plan.placements if k not in committed})
+        detail = {
+            **rec.detail,
+            "pending": committed,
+            "unplaced": unplaced,
+            "workers_lost": sorted({*rec.detail.get("workers_lost", []), *plan.workers_lost}),
+            "preempted": sorted({*rec.detail.get("preempted", []), *plan.preemptions}),
+        }
+        if rec.step is Step.PLANNED and detail == rec.detail:
+            return  # nothing changed: no write, no event (a re-plan runs every round)
+        self._advance(rec, Step.PLANNED, fence, report, detail)
+
+    def _fenced(self, h: HostView, now: float) -> bool:
+        """The old copies are provably gone: the self-fence / watchdog deadline has passed, and the
+        external fence command (when configured) succeeded."""
+        deadline = restart_allowed_after(
+            h.last_seen, h.timing.lease_ttl_s, self.settings.watchdog_s, self.settings.safety_margin_s
+        )
+        if now < deadline:
+            return False
+        return self.world.fence_host(h.name) is not FenceResult.FAILED
+
+    def _confirm(self, rec: Recovery, fence: int, report: RoundReport) -> None:
+        started: dict[str, str] = rec.detail.get("started", {})
+        states = self.world.states(sorted(started))
+        if any(s not in SETTLED for s in states.values()):
+            return  # still booting
+        if rec.detail.get("unplaced"):
+            self._plan(rec, fence, report)
+            return
+        self._close(rec, fence, report, states)
+
+    def _close(
+        self,
+        rec: Recovery,
+        fence: int,
+        report: RoundReport,
+        states: Mapping[str, InstanceState | None] | None = None,
+    ) -> None:
+        states = states or {}
+        detail = {
+            **rec.detail,
+            "ready": sorted(k for k, s in states.items() if s is InstanceState.READY),
+            "failed": sorted(k for k, s in states.items() if s is not InstanceState.READY),
+        }
+        self._advance(rec, Step.CONFIRMED, fence, report, detail)
+        self._advance(rec, Step.CLOSED, fence, report, detail)
+
+
+SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.LOST, InstanceState.GONE, None})
+
+
+def _describe(step: Step, detail: Mapping[str, object] | None) -> str:
+    if not detail:
+        return step.value
+    parts = [step.value]
+    placements = detail.get("pending")
+    if isinstance(placements, Mapping) and placements:
+        parts.append("placements " + ", ".join(f"{k}->{v}" for k, v in placements.items()))
+    unplaced = detail.get("unplaced")
+    if isinstance(unplaced, Mapping) and unplaced:
+        parts.append(f"unplaced {', '.join(unplaced)}")
+    return "; ".join(parts)
