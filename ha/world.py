@@ -1,0 +1,163 @@
+"""The engine's World on the real system: Redis state, the hosts' fence commands, the host queues."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Mapping
+
+from ha.detection import Timing
+from ha.engine import FenceResult, HostView
+from ha.plan import FailoverPlan
+from provisioner.errors import ConflictError, DynvmError, NotFoundError
+from provisioner.messaging import BOOT, PRIORITY_HA, host_queue
+from provisioner.model import HostState, InstanceState
+from provisioner.runtime import Runtime
+from provisioner.scheduler import Snapshot
+from provisioner.state.claims import ClaimRequest
+
+log = logging.getLogger(__name__)
+FENCE_TIMEOUT_S = 30.0
+
+
+class RedisWorld:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.store = rt.store
+        self.paused_key = f"{rt.store.keys.prefix}:ha:paused"
+
+    def now(self) -> float:
+        sec, usec = self.store.r.time()
+        return sec + usec / 1e6
+
+    def _timing(self, klass: str) -> Timing:
+        dc = self.rt.config.detection_classes.get(klass) or self.rt.config.detection_classes["standard"]
+        return Timing(dc.lease_ttl_s, dc.dead_after_s, dc.samples)
+
+    def hosts(self) -> list[HostView]:
+        hosts = self.store.list_hosts()
+        pipe = self.store.r.pipeline(transaction=False)
+        for h in hosts:
+            pipe.exists(self.store.keys.lease(h.name))
+        alive = pipe.execute()
+        return [
+            HostView(h.name, h.state, h.last_seen, bool(a), self._timing(h.detection_class))
+            for h, a in zip(hosts, alive, strict=True)
+        ]
+
+    def set_host_state(self, host: str, new: HostState, expected: HostState, reason: str, fence: int) -> bool:
+        try:
+            self.store.set_host_state(host, new, reason=reason, expected=expected)  # type: ignore[call-arg]
+        except (ConflictError, NotFoundError):
+            return False
+        return True
+
+    def fence_host(self, host: str) -> FenceResult:
+        """The configured fence command, as an argument vector (never a shell) with the host name
+        appended, bounded by a timeout; its exit status decides."""
+        hc = self.rt.config.host(host)
+        if hc is None or not hc.fence_command:
+            return FenceResult.NOT_CONFIGURED
+        argv = [*hc.fence_command, host]
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=FENCE_TIMEOUT_S, check=False, text=True)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            self.event("fence_failed", host, f"{argv[0]}: {err}"[:300])
+            return FenceResult.FAILED
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+            self.event("fence_failed", host, f"{argv[0]} exited {done.returncode}: {tail[0][:200]}")
+            return FenceResult.FAILED
+        self.event("fenced", host, f"{argv[0]} succeeded")
+        return FenceResult.OK
+
+    def snapshot(self) -> Snapshot:
+        return self.store.snapshot()
+
+    def commit(self, plan: FailoverPlan, fence: int) -> dict[str, str]:
+        """Claims first, all or nothing (victims' claims released in the same step); then each record moves
+        by compare-and-set from what the plan read.  A record that moved meanwhile gives its claim back."""
+        snap = {i.id: i for i in self.store.snapshot().instances}
+        sched = self.rt.config.scheduler
+        claims = [
+            ClaimRequest(host, iid, snap[iid].vcpus, snap[iid].memory_mib)
+            for iid, host in plan.placements.items()
+            if iid in snap
+        ]
+        releases = [(plan.victim_hosts[v], v) for v in sorted(plan.preemptions)]
+        result = self.store.claim_batch(claims, releases, sched.cpu_overcommit, sched.memory_overcommit)
+        if not result.committed:
+            return {}
+        self._preempt(plan)
+        self._workers_lost(plan)
+        out: dict[str, str] = {}
+        for iid in plan.order:
+            host = plan.placements.get(iid)
+            inst = snap.get(iid)
+            if host is None or inst is None:
+                continue
+            try:
+                if inst.state is not InstanceState.LOST:
+                    self.store.transition(iid, InstanceState.LOST, expected=inst.state,
+                                          reason=f"host {plan.dead_host} died")
+                self.store.transition(iid, InstanceState.REQUESTED, expected=InstanceState.LOST)
+                self.store.transition(iid, InstanceState.PLACED, expected=InstanceState.REQUESTED, host=host)
+            except (ConflictError, NotFoundError) as err:
+                log.warning("failover of %s: %s; giving its claim on %s back", iid, err, host)
+                self.store.release_claim(host, iid)
+                continue
+            self.store.add_event("placed", instance=iid, host=host, message=f"failover from {plan.dead_host}")
+            out[iid] = host
+        return out
+
+    def _preempt(self, plan: FailoverPlan) -> None:
+        from provisioner.messaging import RELEASE
+
+        for vid, why in sorted(plan.preemptions.items()):
+            try:
+                self.store.transition(vid, InstanceState.STOPPING, reason=why[:500])
+            except (ConflictError, NotFoundError):
+                continue
+            self.store.add_event("preempted", instance=vid, host=plan.victim_hosts[vid], message=why)
+            self.rt.app.send_task(RELEASE, args=[vid], queue=host_queue(plan.victim_hosts[vid]),
+                                  priority=PRIORITY_HA)
+
+    def _workers_lost(self, plan: FailoverPlan) -> None:
+        for wid in plan.workers_lost:
+            inst = self.store.get_instance(wid)
+            if inst is None or inst.host != plan.dead_host or inst.state is InstanceState.LOST:
+                continue
+            try:
+                self.store.transition(wid, InstanceState.LOST, expected=inst.state,
+                                      reason=f"host {plan.dead_host} died")
+            except (ConflictError, NotFoundError):
+                continue
+            self.store.add_event("worker_lost", instance=wid, host=plan.dead_host,
+                                 message=f"job {inst.owner or '-'} must be requeued")
+
+    def start(self, placements: Mapping[str, str]) -> None:
+        for iid, host in placements.items():
+            self.rt.app.send_task(BOOT, args=[iid], queue=host_queue(host), priority=PRIORITY_HA)
+
+    def states(self, ids: list[str]) -> dict[str, InstanceState | None]:
+        out: dict[str, InstanceState | None] = {}
+        for iid in ids:
+            inst = self.store.get_instance(iid)
+            out[iid] = inst.state if inst is not None else None
+        return out
+
+    def event(self, kind: str, host: str | None, message: str) -> None:
+        try:
+            self.store.add_event(kind, message, host=host)
+        except DynvmError as err:  # an event must never stop a failover
+            log.warning("event %s for %s not recorded: %s", kind, host, err)
+
+    def paused(self) -> str | None:
+        value = self.store.r.get(self.paused_key)
+        return str(value) if value is not None else None
+
+    def pause(self, reason: str) -> None:
+        self.store.r.set(self.paused_key, reason[:500])
+
+    def resume(self) -> bool:
+        return bool(self.store.r.delete(self.paused_key))
