@@ -26,7 +26,6 @@ BOOT = "dynvm.boot"
 RELEASE = "dynvm.release"
 MIGRATE = "dynvm.migrate"
 INVENTORY = "dynvm.inventory"
-EXEC = "dynvm.exec"
 PRIORITY_HA = 0  # kombu's Redis transport: lower number = served first
 PRIORITY_DEFAULT = 5
 

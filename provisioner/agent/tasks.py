@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from provisioner.messaging import BOOT, EXEC, INVENTORY, MIGRATE, RELEASE
+from provisioner.messaging import BOOT, INVENTORY, MIGRATE, RELEASE
 from provisioner.tasking import RETRY, runtime_of
 
 
@@ -32,9 +32,3 @@ def register(app: Any) -> None:
         from provisioner.agent.answers import answer_inventory
 
         answer_inventory(runtime_of(self), request_id)
-
-    @app.task(name=EXEC, shared=False, bind=True)  # type: ignore[untyped-decorator]
-    def exec_(self: Any, request_id: str, instance_id: str, argv: list[str], timeout_s: float) -> None:
-        from provisioner.agent.answers import answer_exec
-
-        answer_exec(runtime_of(self), request_id, instance_id, argv, timeout_s)

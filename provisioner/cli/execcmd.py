@@ -14,22 +14,39 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "exec",
         help="run a command inside a VM; exits with the command's own exit code",
-        description="Run COMMAND inside VM ID. dynvm exits with the command's exit code; dynvm's own "
-        "errors (unknown VM, VM not ready, timeout) are reported on stderr with the usual exit codes.",
+        description="Run COMMAND inside VM ID, straight through the VM's exec channel on its host (run this "
+        "on the VM's host; no queue is involved). dynvm exits with the command's exit code; dynvm's own "
+        "errors (unknown VM, VM not ready, not on its host, timeout, run token taken) are reported on stderr "
+        "with the usual exit codes.",
     )
     p.add_argument("id")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds the command may run (default 60)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds the command may run (default 60; 0 = no limit, for payloads of days)",
+    )
+    p.add_argument(
+        "--once",
+        metavar="ATTEMPT",
+        default=None,
+        help="start the command at most once for (VM, ATTEMPT); a second start exits 4",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=exec_cmd)
 
 
 def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.control.execjob import exec_in_vm
+    from provisioner.errors import ValidationError
 
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    res = exec_in_vm(runtime(ctx), args.id, argv, args.timeout)
+    if args.timeout < 0:
+        raise ValidationError(f"--timeout: {args.timeout} is negative (0 = no limit)")
+    timeout = None if args.timeout == 0 else args.timeout
+    res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once)
     if ctx.out.json:
         ctx.out.obj(res)
     else:

@@ -1,26 +1,56 @@
-"""Run a command inside a VM through its image's exec method, via the VM's host agent."""
+"""Run a command inside a VM through its image's exec method: straight to the VM's exec channel.
+
+No Celery task, no queue: the caller connects to the guest's virtio-serial socket itself, so a payload can
+run for days, holds no agent thread, and nothing can redeliver it.  The socket is local to the VM's host
+(QEMU binds it there), so this runs on that host: in the WNoDeS model the batch job already runs on the
+dynvm host its VM was placed on (the farm's hosts all share one machine).  Elsewhere it is refused with a
+one-line error naming the host.  ``run_token`` (a job's attempt) makes a replayed start fail instead of
+running the payload twice (provisioner.execchan.once).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from provisioner.errors import ConflictError, NotFoundError, ValidationError
+from provisioner.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
 from provisioner.model import InstanceState
-from provisioner.rpc import call_agent
 from provisioner.runtime import Runtime
 
 MAX_ARGS = 256
 
 
-def exec_in_vm(rt: Runtime, instance_id: str, argv: list[str], timeout_s: float = 60.0) -> dict[str, Any]:
-    """Client side: returns {exit_code, stdout, stderr, duration_s, host}."""
-    from provisioner.messaging import EXEC
+def exec_in_vm(
+    rt: Runtime,
+    instance_id: str,
+    argv: list[str],
+    timeout_s: float | None = 60.0,
+    run_token: str | None = None,
+) -> dict[str, Any]:
+    """Returns {exit_code, stdout, stderr, duration_s, host}.  ``timeout_s=None``: no limit (a payload)."""
+    from provisioner.execchan.client import exec_socket, run_in_guest
 
-    if not argv or len(argv) > MAX_ARGS or not all(isinstance(a, str) for a in argv):
+    ok = isinstance(argv, list) and 0 < len(argv) <= MAX_ARGS and all(isinstance(a, str) for a in argv)
+    if not ok:
         raise ValidationError(f"exec: give a command (1..{MAX_ARGS} arguments)")
     inst = rt.store.get_instance(instance_id)
     if inst is None:
         raise NotFoundError(f"vm {instance_id!r} not found")
     if inst.state is not InstanceState.READY or inst.host is None:
         raise ConflictError(f"vm {inst.id} is {inst.state.value}; exec needs a ready VM")
-    return call_agent(rt, inst.host, EXEC, [inst.id, argv, timeout_s], timeout_s + 15)
+    path = exec_socket(rt.config.storage.shared_dir, inst.id, inst.host)
+    if not path.exists():
+        raise UnavailableError(
+            f"vm {inst.id}: its exec channel {path} is not on this machine; run on its host {inst.host}"
+        )
+    if run_token is not None:
+        from provisioner.execchan.once import take_run_token
+
+        take_run_token(rt.store.r, rt.store.keys.prefix, inst.id, run_token)
+    res = run_in_guest(path, argv, timeout=timeout_s)
+    return {
+        "exit_code": res.exit_code,
+        "stdout": res.stdout,
+        "stderr": res.stderr,
+        "duration_s": round(res.duration_s, 3),
+        "host": inst.host,
+    }

@@ -11,7 +11,11 @@ the framing:
 The id is random per request: a reply left over from an earlier client that gave up is skipped.  QEMU
 serves one socket connection at a time, which serialises concurrent callers.  The guest enforces the
 timeout with busybox ``timeout`` (the job then ends with 143, SIGTERM); the host gives up a grace period
-later with DeadlineExceeded.
+later with DeadlineExceeded.  ``timeout=None`` is a batch payload: no host-side deadline at all (the batch
+system's walltime is the limit; a job may run for days) and the longest guest-side limit busybox takes.
+
+Callers connect to the socket themselves (``dynvm exec``, the batch payload wrapper): no payload ever
+crosses a queue that could redeliver it (DESIGN.md, "No payload in the control plane").
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ EXEC_PORT_NAME = "org.dynvm.exec.0"
 MAX_SCRIPT_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 4 * 1024 * 1024  # the guest caps stdout and stderr at 1 MiB each (base64: 4/3 of that)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+UNLIMITED_GUEST_S = 365 * 24 * 3600  # what the guest's busybox timeout gets for timeout=None (fits 32 bits)
 GRACE_S = 10.0  # a busy TCG guest needs a moment after its own timeout to report
 
 
@@ -77,7 +82,17 @@ def _check_socket(path: Path) -> None:
         raise ValidationError(f"exec channel {path}: not a unix socket")
 
 
-def _read_reply(sock: socket.socket, req_id: str, deadline: float, path: Path) -> list[str]:
+def exec_socket(shared_dir: str | os.PathLike[str], instance_id: str, host: str) -> Path:
+    """Where the host end of ``instance_id``'s exec channel is while it runs on ``host``: per instance, per
+    host (a live migration has one socket on each side).  The agent binds QEMU's channel to this path."""
+    from provisioner.state.keys import check_id
+
+    check_id(instance_id, "instance id")
+    check_id(host, "host name")
+    return Path(shared_dir) / "run" / instance_id / f"exec-{host}.sock"
+
+
+def _read_reply(sock: socket.socket, req_id: str, deadline: float | None, path: Path) -> list[str]:
     buf = b""
     while True:
         nl = buf.find(b"\n")
@@ -87,10 +102,10 @@ def _read_reply(sock: socket.socket, req_id: str, deadline: float, path: Path) -
             if len(parts) == 5 and parts[0] == "DYNVM-RESULT" and parts[1] == req_id:
                 return parts
             nl = buf.find(b"\n")  # a stale reply of an earlier, abandoned request: skip it
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
             raise DeadlineExceeded(f"exec channel {path}: no reply to request {req_id} in time")
-        sock.settimeout(remaining)
+        sock.settimeout(remaining)  # None: block as long as the job runs; a dead QEMU closes the socket
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
@@ -114,21 +129,25 @@ def run_in_guest(
     argv: list[str] | None = None,
     *,
     script: str | None = None,
-    timeout: float = 60.0,
+    timeout: float | None = 60.0,
 ) -> ExecResult:
-    """Run argv (or a shell script) in the guest behind ``socket_path``; return its exit code and output."""
+    """Run argv (or a shell script) in the guest behind ``socket_path``; return its exit code and output.
+
+    ``timeout=None``: no deadline (a batch payload; the batch system's walltime bounds it)."""
     text = build_script(argv, script)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_S:
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_S
+    ):
         raise ValidationError(f"run_in_guest: timeout must be in (0, {MAX_TIMEOUT_S:.0f}] s, got {timeout!r}")
     path = Path(socket_path)
     _check_socket(path)
     req_id = secrets.token_hex(8)
-    guest_timeout = max(1, int(timeout + 0.999))
+    guest_timeout = UNLIMITED_GUEST_S if timeout is None else max(1, int(timeout + 0.999))
     payload = base64.b64encode(text.encode()).decode()
     started = time.monotonic()
-    deadline = started + timeout + GRACE_S
+    deadline = None if timeout is None else started + timeout + GRACE_S
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        sock.settimeout(30.0 if deadline is None else max(0.1, deadline - time.monotonic()))
         try:
             sock.connect(str(path))
             sock.sendall(f"DYNVM-EXEC {req_id} {guest_timeout} {payload}\n".encode())
