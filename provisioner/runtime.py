@@ -52,12 +52,30 @@ def resolve_image(rt: Runtime, ref: str) -> ResolvedImage:
         return rt.catalogue.resolve(ref)
 
 
-def claim(rt: Runtime, host: str, inst: Instance) -> bool:
-    """Commit ``inst``'s capacity on ``host`` atomically, with the configured overcommit."""
+def try_claim(rt: Runtime, host: str, inst: Instance) -> str:
+    """Commit ``inst``'s capacity on ``host`` atomically, with the configured overcommit, its anti-affinity
+    group and its VO's quota, on a host whose agent holds its lease; 'ok' or why not (a claim code)."""
+    from provisioner.state.claims import ClaimRequest
+
     sched = rt.config.scheduler
-    return rt.store.claim(
-        host, inst.id, inst.vcpus, inst.memory_mib, sched.cpu_overcommit, sched.memory_overcommit
+    vo_cfg = rt.config.vos.get(inst.vo) if inst.vo is not None else None
+    req = ClaimRequest(
+        host,
+        inst.id,
+        inst.vcpus,
+        inst.memory_mib,
+        vo=inst.vo,
+        group=inst.anti_affinity,
+        max_instances=vo_cfg.max_instances if vo_cfg is not None else None,
+        max_vcpus=vo_cfg.max_vcpus if vo_cfg is not None else None,
     )
+    result = rt.store.claim_batch([req], (), sched.cpu_overcommit, sched.memory_overcommit)
+    return result.codes[inst.id]
+
+
+def claim(rt: Runtime, host: str, inst: Instance) -> bool:
+    """try_claim() as a yes/no."""
+    return try_claim(rt, host, inst) == "ok"
 
 
 def build_runtime(config: Config, host: str | None = None) -> Runtime:

@@ -12,10 +12,18 @@ import logging
 from provisioner.errors import ConflictError, NoCapacityError
 from provisioner.messaging import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
 from provisioner.model import Instance, InstanceState, Tier
-from provisioner.runtime import Runtime, claim
+from provisioner.runtime import Runtime, try_claim
 
 log = logging.getLogger(__name__)
 CLAIM_ATTEMPTS = 4
+# Why the atomic claim refused, in words (the codes of provisioner.state.claims.ClaimResult).
+_REFUSED = {
+    "capacity": "capacity taken by concurrent placements",
+    "anti_affinity": "another member of its anti-affinity group took the host",
+    "quota": "its VO's quota was reached",
+    "no_lease": "the chosen host's agent holds no lease",
+    "missing": "the chosen host is unknown",
+}
 
 
 def policy_for(rt: Runtime):  # type: ignore[no-untyped-def]
@@ -60,6 +68,7 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
 
     policy = policy_for(rt)
     host: str | None = None
+    refused = ""
     # Only anti-affinity, a VO quota or preemption need the other instances; skip reading them otherwise.
     light = inst.anti_affinity is None and (inst.vo is None or inst.vo not in policy.vo_quotas)
     for _ in range(CLAIM_ATTEMPTS):
@@ -76,12 +85,14 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
                 f"{inst.id}: preempting {len(plan.preemptions)} lower-tier VM(s) on "
                 f"{candidate}; will place when they are gone"
             )
-        if claim(rt, candidate, inst):
+        refused = try_claim(rt, candidate, inst)
+        if refused == "ok":
             host = candidate
             break
-        # Another worker took the capacity between snapshot and claim: re-plan on fresh state.
+        # Another worker took the capacity, the group's slot or the VO's quota between snapshot and claim
+        # (or the host's agent is gone): re-plan on fresh state.
     if host is None:
-        raise NoCapacityError(f"capacity for {inst.id} was taken by concurrent placements; will retry")
+        raise NoCapacityError(f"{inst.id}: {_REFUSED.get(refused, refused)} at commit")
     try:
         rt.store.transition(inst.id, InstanceState.PLACED, expected=InstanceState.REQUESTED, host=host)
     except ConflictError:

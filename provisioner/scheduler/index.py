@@ -35,8 +35,10 @@ _ON_HOST_STATES = CLAIMING_STATES
 PREEMPTIBLE_STATES = frozenset(
     {InstanceState.PLACED, InstanceState.BOOTING, InstanceState.READY, InstanceState.DRAINING}
 )
-# States that count against a VO quota (everything that is or will be a running VM).
-_QUOTA_STATES = frozenset(InstanceState) - {InstanceState.GONE, InstanceState.FAILED, InstanceState.LOST}
+# States that count against a VO quota: those holding a claim, as the claim script counts them (a
+# ``requested`` record does not count: otherwise a burst above the quota would block every one of its
+# members, each seeing the others as using the quota).
+_QUOTA_STATES = CLAIMING_STATES
 # Ranks that may ever be preempted (anything below the top tier).
 N_RANKS = max(t.rank for t in Tier)
 

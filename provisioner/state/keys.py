@@ -39,6 +39,19 @@ class Keys:
         """Hash instance id -> "vcpus,memory_mib" of the claims on one host."""
         return f"{self.prefix}:claims:{check_id(host, 'host name')}"
 
+    def vo_members(self, vo: str) -> str:
+        """Hash instance id -> "vcpus,refs" of a VO's instances holding a claim (its quota usage)."""
+        return f"{self.prefix}:vomembers:{check_id(vo, 'vo')}"
+
+    @property
+    def vo_vcpus(self) -> str:
+        """Hash VO -> vCPUs of its instances holding a claim."""
+        return f"{self.prefix}:vovcpus"
+
+    def anti_affinity(self, host: str) -> str:
+        """Hash anti-affinity group -> comma list of its instances holding a claim on the host."""
+        return f"{self.prefix}:aa:{check_id(host, 'host name')}"
+
     def lease(self, host: str) -> str:
         return f"{self.prefix}:lease:host:{check_id(host, 'host name')}"
 

@@ -21,6 +21,7 @@ def store(redis_url: str) -> StateStore:
     s = StateStore.from_url(redis_url)
     for name, vcpus in (("hv01", 32), ("hv02", 24), ("hv03", 16)):
         s.register_host(Host(name, "test:///default", capacity=Capacity(vcpus, vcpus * 2048)))
+        s.r.set(s.keys.lease(name), "agent-token", px=600_000)  # as if each host's agent were alive
     return s
 
 

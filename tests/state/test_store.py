@@ -42,7 +42,7 @@ def test_register_and_read_host(store: StateStore) -> None:
 
 def test_reregister_keeps_state_and_claims_and_bumps_epoch(store: StateStore) -> None:
     store.register_host(hv())
-    assert store.claim("hv01", "i1", 3, 1024)
+    assert store.claim("hv01", "i1", 3, 1024, require_lease=False)
     store.set_host_state("hv01", HostState.FENCED, "fenced by monitor")
     h = store.register_host(hv(vcpus=16))
     assert (h.state, h.capacity.vcpus, h.used_vcpus, h.epoch) == (HostState.FENCED, 16, 3, 2)
@@ -134,7 +134,7 @@ def test_delete_instance_removes_everything(store: StateStore) -> None:
     store.register_host(hv())
     store.create_instance(inst("a"), idempotency_key="slurm:9")
     store.transition("a", InstanceState.PLACED, host="hv01")
-    assert store.claim("hv01", "a", 2, 2048)
+    assert store.claim("hv01", "a", 2, 2048, require_lease=False)
     assert store.delete_instance("a")
     assert not store.delete_instance("a")
     assert store.get_instance("a") is None and store.instance_for_key("slurm:9") is None
@@ -196,7 +196,7 @@ def test_snapshot(store: StateStore) -> None:
     store.create_instance(inst("a"))
     store.create_instance(inst("b"))
     store.transition("b", InstanceState.GONE)
-    store.claim("hv02", "a", 2, 2048)
+    store.claim("hv02", "a", 2, 2048, require_lease=False)
     snap = store.snapshot()
     assert [h.name for h in snap.hosts] == ["hv01", "hv02"]
     assert snap.hosts[1].used_vcpus == 2 and snap.hosts[1].used_memory_mib == 2048

@@ -57,7 +57,7 @@ def test_leaving_claiming_states_releases_the_claim(redis_url: str, final: Insta
     store = StateStore(redis_url)
     store.register_host(Host("hv01", "test:///default", capacity=Capacity(4, 4096)))
     store.create_instance(Instance("i1", Role.WORKER, "img:1", 2, 1024))
-    assert store.claim("hv01", "i1", 2, 1024)
+    assert store.claim("hv01", "i1", 2, 1024, require_lease=False)
     store.transition("i1", InstanceState.PLACED, host="hv01")
     store.transition("i1", InstanceState.BOOTING)
     assert store.get_host("hv01").used_vcpus == 2  # type: ignore[union-attr]
