@@ -146,6 +146,9 @@ class Instance:
     created: float = 0.0
     updated: float = 0.0
     attempts: int = 0
+    # Placement epoch: bumped (inside Redis, atomically) on every placement and migration, so a decision
+    # taken on an older read of this record (state, host, epoch) can be refused by compare-and-set.
+    epoch: int = 0
 
     @property
     def domain_name(self) -> str:

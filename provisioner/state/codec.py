@@ -10,11 +10,12 @@ from provisioner.errors import ValidationError
 from provisioner.model import Capacity, Host, HostState, Instance, InstanceState, Role, Tier
 
 INSTANCE_FIELDS = frozenset(f.name for f in dataclasses.fields(Instance))
-_INT_FIELDS = frozenset({"vcpus", "memory_mib", "attempts"})
+_INT_FIELDS = frozenset({"vcpus", "memory_mib", "attempts", "epoch"})
 _FLOAT_FIELDS = frozenset({"created", "updated"})
 _ENUMS: dict[str, type[Any]] = {"role": Role, "state": InstanceState, "tier": Tier}
-# Fields only the store itself changes: the state moves through transition(), never a plain update.
-_PROTECTED = frozenset({"id", "state", "role"})
+# Fields only the store itself changes: the state moves through transition(), never a plain update, and
+# the placement epoch only ever goes up inside update_instance.lua.
+_PROTECTED = frozenset({"id", "state", "role", "epoch"})
 
 
 def encode_value(value: object) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, cast
 
 from provisioner.errors import ConflictError, InvalidTransition, NotFoundError
@@ -22,6 +24,39 @@ _ALLOWED_FROM: dict[InstanceState, str] = {
     for new in InstanceState
 }
 _CLAIMING_CSV = ",".join(sorted(s.value for s in CLAIMING_STATES))
+
+
+class AnyHost(Enum):
+    """``expected_host`` not checked (None already means "the record has no host")."""
+
+    ANY = "any"
+
+
+ANY_HOST = AnyHost.ANY
+
+
+@dataclass(frozen=True, slots=True)
+class _Expect:
+    """What a compare-and-set expects of the record; None (ANY_HOST for the host) = not checked."""
+
+    state: InstanceState | None
+    host: str | AnyHost | None
+    epoch: int | None
+
+
+def _conflict_message(
+    iid: str, new: InstanceState | None, exp: _Expect, state: str, host: str | None, epoch: int
+) -> str:
+    """Name each part of the read that no longer holds, e.g. "host is hv2, expected hv1"."""
+    diffs = []
+    if exp.state is not None and state != exp.state.value:
+        diffs.append(f"is {state}, expected {exp.state.value}")
+    if exp.host is not ANY_HOST and host != exp.host:
+        diffs.append(f"host is {host or '-'}, expected {exp.host or '-'}")
+    if exp.epoch is not None and epoch != exp.epoch:
+        diffs.append(f"epoch is {epoch}, expected {exp.epoch}")
+    wanted = f" (wanted {new.value})" if new is not None else ""
+    return f"instance {iid} changed since it was read: {'; '.join(diffs)}{wanted}"
 
 
 class InstancesMixin(StoreBase):
@@ -104,36 +139,69 @@ class InstancesMixin(StoreBase):
         instance_id: str,
         new_state: InstanceState,
         expected: InstanceState | None = None,
+        *,
+        expected_host: str | AnyHost | None = ANY_HOST,
+        expected_epoch: int | None = None,
+        bump_epoch: bool = False,
         **fields: Any,
     ) -> Instance:
         """Move an instance to ``new_state`` atomically, setting ``fields`` (None deletes a field).
 
+        A compare-and-set: ``expected`` (state), ``expected_host`` (None = the record has no host) and
+        ``expected_epoch`` are each checked when given, and a difference raises ConflictError naming what
+        differed, so of two racing callers that read the same record exactly one wins, and a decision taken
+        on a stale read is refused.  Callers that act on a record they read use ``transition_from``.
+
         Checked against provisioner.model.TRANSITIONS inside Redis: raises InvalidTransition if the table
-        forbids it, ConflictError if ``expected`` is given and the instance is in another state (so of two
-        racing callers expecting the same state exactly one wins), NotFoundError if unknown.  Entering a
-        state outside CLAIMING_STATES releases the instance's capacity claim in the same step.
+        forbids it, NotFoundError if unknown.  The placement epoch goes up by one when the host changes or
+        ``bump_epoch`` is set (a placement).  Entering a state outside CLAIMING_STATES releases the
+        instance's capacity claim in the same step.
         """
         fields.setdefault("updated", time.time())
-        return self._update(instance_id, new_state, expected, fields)
+        return self._update(
+            instance_id, new_state, _Expect(expected, expected_host, expected_epoch), fields, bump_epoch
+        )
+
+    def transition_from(
+        self, read: Instance, new_state: InstanceState, *, bump_epoch: bool = False, **fields: Any
+    ) -> Instance:
+        """``transition`` expecting exactly the state, host and epoch of ``read`` (the record the caller
+        decided on); returns the record as written, to pass to the caller's next transition."""
+        return self.transition(
+            read.id,
+            new_state,
+            read.state,
+            expected_host=read.host,
+            expected_epoch=read.epoch,
+            bump_epoch=bump_epoch,
+            **fields,
+        )
 
     @guarded
     def update_instance_fields(self, instance_id: str, **fields: Any) -> Instance:
-        """Set (or with None delete) fields other than id/state/role, atomically with the host index."""
+        """Set (or with None delete) fields other than id/state/role/epoch, atomically with the host index
+        (a host change bumps the epoch)."""
         fields.setdefault("updated", time.time())
-        return self._update(instance_id, None, None, fields)
+        return self._update(instance_id, None, _Expect(None, ANY_HOST, None), fields, False)
 
     def _update(
         self,
         instance_id: str,
         new_state: InstanceState | None,
-        expected: InstanceState | None,
+        exp: _Expect,
         fields: dict[str, Any],
+        bump_epoch: bool,
     ) -> Instance:
         to_set, to_del = update_fields(instance_id, fields)
+        if isinstance(exp.host, str):
+            check_id(exp.host, "host name")
         args: list[Any] = [
             instance_id,
             new_state.value if new_state is not None else "",
-            expected.value if expected is not None else "",
+            exp.state.value if exp.state is not None else "",
+            "*" if exp.host is ANY_HOST else (exp.host or ""),
+            "" if exp.epoch is None else str(int(exp.epoch)),
+            "1" if bump_epoch else "0",
             _ALLOWED_FROM[new_state] if new_state is not None else "",
             _CLAIMING_CSV,
             len(to_set),
@@ -142,19 +210,16 @@ class InstancesMixin(StoreBase):
             args += [k, v]
         args += to_del
         out = cast(list[str], self._run("update_instance", [self.keys.inst(instance_id)], args))
-        status, current = out[0], out[1]
+        status, cur_state, cur_host, cur_epoch = out[0], out[1], out[2] or None, int(out[3] or 0)
         if status == "missing":
             raise NotFoundError(f"instance {instance_id!r} not found")
         if status == "conflict":
-            assert expected is not None
-            raise ConflictError(
-                f"instance {instance_id} is {current}, expected {expected.value}"
-                + (f" (wanted {new_state.value})" if new_state is not None else "")
-            )
+            why = _conflict_message(instance_id, new_state, exp, cur_state, cur_host, cur_epoch)
+            raise ConflictError(why)
         if status == "invalid":
             assert new_state is not None
-            raise InvalidTransition(f"instance {instance_id} cannot go from {current} to {new_state.value}")
-        return instance_from_fields(pairs_to_dict(out[2:]))
+            raise InvalidTransition(f"instance {instance_id} cannot go from {cur_state} to {new_state.value}")
+        return instance_from_fields(pairs_to_dict(out[4:]))
 
     @guarded
     def delete_instance(self, instance_id: str) -> bool:

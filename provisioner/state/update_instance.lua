@@ -1,19 +1,28 @@
--- Atomic transition and/or field update of one instance, keeping the indexes right.
+-- Atomic compare-and-set transition and/or field update of one instance, keeping the indexes right.
 -- KEYS[1] instance hash
--- ARGV: prefix, id, new_state ('' = keep), expected ('' = any), allowed_from (csv of states from which
---       new_state may be entered), claiming (csv of states that hold a claim), n_set, set pairs..., del fields...
--- Returns {status, previous_state, field, value, ...} with status ok | missing | conflict | invalid.
-local prefix, id, new, expected = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- ARGV: prefix, id, new_state ('' = keep), expected_state ('' = any), expected_host ('*' = any, '' = the
+--       record has no host, else that host), expected_epoch ('' = any), bump ('1' = a new placement:
+--       increment the epoch even if the host stays), allowed_from (csv of states from which new_state may
+--       be entered), claiming (csv of states that hold a claim), n_set, set pairs..., del fields...
+-- Returns {status, state, host, epoch, field, value, ...} with status ok | missing | conflict | invalid;
+-- on conflict/invalid the record's current state, host and epoch (what the caller's read missed).
+local prefix, id, new = ARGV[1], ARGV[2], ARGV[3]
+local exp_state, exp_host, exp_epoch, bump = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local cur = redis.call('HGET', KEYS[1], 'state')
-if not cur then return {'missing', ''} end
-if expected ~= '' and cur ~= expected then return {'conflict', cur} end
-if new ~= '' and new ~= cur and not set_of(ARGV[5])[cur] then
-  return {'invalid', cur}
-end
+if not cur then return {'missing', '', '', ''} end
 local old_host = redis.call('HGET', KEYS[1], 'host')
-local n_set = tonumber(ARGV[7])
-if n_set > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + 2 * n_set)) end
-if #ARGV > 7 + 2 * n_set then redis.call('HDEL', KEYS[1], unpack(ARGV, 8 + 2 * n_set)) end
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or '0'
+if (exp_state ~= '' and cur ~= exp_state)
+    or (exp_host ~= '*' and (old_host or '') ~= exp_host)
+    or (exp_epoch ~= '' and tonumber(epoch) ~= tonumber(exp_epoch)) then
+  return {'conflict', cur, old_host or '', epoch}
+end
+if new ~= '' and new ~= cur and not set_of(ARGV[8])[cur] then
+  return {'invalid', cur, old_host or '', epoch}
+end
+local n_set = tonumber(ARGV[10])
+if n_set > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 11, 10 + 2 * n_set)) end
+if #ARGV > 10 + 2 * n_set then redis.call('HDEL', KEYS[1], unpack(ARGV, 11 + 2 * n_set)) end
 if new ~= '' and new ~= cur then
   redis.call('HSET', KEYS[1], 'state', new)
   redis.call('SREM', prefix .. ':idx:state:' .. cur, id)
@@ -24,12 +33,15 @@ if old_host ~= new_host then
   if old_host then redis.call('SREM', prefix .. ':idx:host:' .. old_host, id) end
   if new_host then redis.call('SADD', prefix .. ':idx:host:' .. new_host, id) end
 end
+-- A new placement (host changed, or the caller says so) gets a new epoch: every decision taken on a
+-- read of the previous placement now fails its compare-and-set.
+if bump == '1' or old_host ~= new_host then redis.call('HINCRBY', KEYS[1], 'epoch', 1) end
 -- Leaving the claiming states gives the capacity back in the same atomic step (no leaked claims).
-if new ~= '' and not set_of(ARGV[6])[new] then
+if new ~= '' and not set_of(ARGV[9])[new] then
   if old_host then release_claim(prefix, old_host, id) end
   if new_host and new_host ~= old_host then release_claim(prefix, new_host, id) end
 end
-local out = {'ok', cur}
+local out = {'ok', cur, old_host or '', epoch}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all do out[#out + 1] = all[i] end
 return out
