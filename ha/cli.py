@@ -40,6 +40,20 @@ def register(subparsers: Any) -> None:
     ap.add_argument("--prune", action="store_true", help="also remove services the file does not name")
     ap.set_defaults(func=cmd_apply)
 
+    ha = subparsers.add_parser("ha", help="high availability: status, pause, resume")
+    hs = ha.add_subparsers(dest="command", metavar="COMMAND")
+    st = hs.add_parser("status", help="hosts, lease ages, leader, open recoveries, reserve, last failovers")
+    st.set_defaults(func=cmd_ha_status)
+    pa = hs.add_parser("pause", help="no automatic failover until resumed")
+    pa.add_argument("--reason", default="operator", help="shown in ha status")
+    pa.set_defaults(func=cmd_ha_pause)
+    hs.add_parser("resume", help="allow automatic failover again").set_defaults(func=cmd_ha_resume)
+
+    mon = subparsers.add_parser("monitor", help="run a monitor (one leads; the others stand by)")
+    mon.add_argument("--round", type=float, default=0.1, metavar="S", help="seconds between rounds")
+    mon.add_argument("--lease", type=float, default=1.0, metavar="S", help="leader lease (takeover time)")
+    mon.set_defaults(func=cmd_monitor)
+
 
 def _store(ctx: CliContext) -> Any:
     from ha.services import ServiceStore
@@ -137,4 +151,66 @@ def cmd_apply(ctx: CliContext, args: argparse.Namespace) -> int:
         svcs.append(_declaration(ctx, raw, where))
     declared, removed = _store(ctx).apply(svcs, prune=args.prune)
     ctx.out.obj({"declared": declared, "removed": removed}, title=f"applied {args.file}")
+    return EXIT_OK
+
+
+def cmd_ha_status(ctx: CliContext, args: argparse.Namespace) -> int:
+    from ha.status import ha_status
+    from provisioner.cli.common import runtime
+
+    st = ha_status(runtime(ctx))
+    if ctx.out.json:
+        ctx.out.obj(st)
+        return EXIT_OK
+    ctx.out.obj({k: v for k, v in st.items() if k not in ("hosts", "recoveries", "monitors", "failovers")},
+                title="HA")
+    ctx.out.table(st["hosts"], ["name", "state", "lease_age_s", "lease", "detection_class"], title="hosts")
+    ctx.out.table(st["monitors"], ["member", "leading", "fence", "rounds", "errors", "age_s", "last_error"],
+                  title="monitors")
+    if st["recoveries"]:
+        ctx.out.table(st["recoveries"], ["host", "step", "fence", "reason"], title="open recoveries")
+    if st["failovers"]:
+        ctx.out.table(st["failovers"], ["ts", "host", "message"], title="last failovers")
+    return EXIT_OK
+
+
+def cmd_ha_pause(ctx: CliContext, args: argparse.Namespace) -> int:
+    from ha.world import RedisWorld
+    from provisioner.cli.common import runtime
+
+    rt = runtime(ctx)
+    reason = f"paused by operator: {str(args.reason)[:200]}"
+    RedisWorld(rt).pause(reason)
+    rt.store.add_event("ha_paused", reason)
+    ctx.out.message("HA paused: no automatic failover until 'dynvm ha resume'")
+    return EXIT_OK
+
+
+def cmd_ha_resume(ctx: CliContext, args: argparse.Namespace) -> int:
+    from ha.world import RedisWorld
+    from provisioner.cli.common import runtime
+
+    rt = runtime(ctx)
+    was = RedisWorld(rt).resume()
+    rt.store.add_event("ha_resumed", "resumed by operator" if was else "resume: was not paused")
+    ctx.out.message("HA resumed" if was else "HA was not paused")
+    return EXIT_OK
+
+
+def cmd_monitor(ctx: CliContext, args: argparse.Namespace) -> int:
+    import math
+    import signal
+    import threading
+
+    from ha.monitor import Monitor, MonitorSettings
+    from provisioner.cli.common import runtime
+
+    for name in ("round", "lease"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and 0.01 <= v <= 3600):
+            raise ValidationError(f"monitor --{name}: {v} is not between 0.01 and 3600 seconds")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    Monitor(runtime(ctx), MonitorSettings(round_s=args.round, lease_ttl_s=args.lease)).run(stop)
     return EXIT_OK

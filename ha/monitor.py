@@ -44,6 +44,7 @@ class Monitor:
         self.world = RedisWorld(rt)
         self.engine = Engine(self.world, self.recs, SchedulerPolicy.from_config(rt.config), settings.engine)
         self.hb_key = f"{prefix}:ha:monitor:{self.member}"
+        self.members_key = f"{prefix}:ha:monitors"
         self.rounds = 0
         self.errors = 0
         self.last_error = ""
@@ -97,6 +98,9 @@ class Monitor:
                 },
             )
             pipe.expire(self.hb_key, HEARTBEAT_TTL_S)
+            pipe.zadd(self.members_key, {self.member: time.time()})
+            # Members silent for a day are forgotten (the index stays O(monitors)).
+            pipe.zremrangebyscore(self.members_key, 0, time.time() - 86400)
             pipe.execute()
         except Exception as err:  # Redis down: the round counter above still moves; say so in the log
             self.errors += 1
