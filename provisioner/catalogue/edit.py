@@ -2,9 +2,12 @@
 
 Why this shape: the catalogue directory is shared by several control machines and operators.  Each edit
 takes an exclusive ``flock`` on a lock file in the directory, re-reads the file it changes from disk (not
-the possibly stale in-memory copy, so two concurrent edits never lose each other's change), checks the
-result by parsing it back, writes a temp file in the same directory, fsyncs it and ``os.replace``s it over
-the old one.  A failing edit leaves the catalogue byte-identical and no temp file behind.
+the possibly stale in-memory copy, so two concurrent edits never lose each other's change), changes only
+what it must in the file's round-trip tree (comments, key order and quoting stay: the catalogue is an
+operator's file, often kept in git; see roundtrip.py), checks the result by parsing it back and comparing
+it with the family the edit means to produce, writes a temp file in the same directory, fsyncs it and
+``os.replace``s it over the old one.  A failing edit leaves the catalogue byte-identical and no temp file
+behind.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from provisioner import yamlio
+from provisioner.catalogue import roundtrip
 from provisioner.catalogue.checksums import artefact_path
-from provisioner.catalogue.files import AddResult, parse_family, parse_ref
+from provisioner.catalogue.files import AddResult, parse_family_text, parse_ref, precheck
 from provisioner.catalogue.model import CHANNEL_RE, VERSION_RE, ImageFamily, ImageVersion
 from provisioner.errors import CatalogueError, ConflictError, UnknownImageError, ValidationError
 
@@ -71,32 +75,39 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def dump(family: ImageFamily) -> str:
+    """A family as a fresh YAML text (no comments to keep: for tools that generate catalogue files)."""
     data = family.model_dump(mode="json", exclude_defaults=True)
     ordered = {"schema_version": family.schema_version, "name": family.name, "kind": family.kind.value}
     ordered.update(data)
     return HEADER + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def _write_family(path: Path, family: ImageFamily) -> None:
-    text = dump(family)
-    # Never write what we could not read back.
-    back = yamlio.validate_model(yamlio.parse(text, str(path), CatalogueError), ImageFamily, CatalogueError)
-    if back != family:
-        raise CatalogueError(f"{path}: internal error: the dumped family does not read back identically")
+def _write(path: Path, editor: roundtrip.Editor, intended: ImageFamily) -> None:
+    """Write the edited tree, but only if it reads back (with the catalogue's own parser) as ``intended``."""
+    text = editor.dump()
+    back = parse_family_text(text, path).family
+    if back != intended:
+        a, b = back.model_dump(mode="json"), intended.model_dump(mode="json")
+        raise CatalogueError(
+            f"{path}: internal error: the edited file does not read back as intended "
+            f"({_first_difference(a, b)}); nothing was written"
+        )
     write_atomic(path, text)
 
 
-def _read(cat: Catalogue, name: str) -> tuple[Path, ImageFamily]:
+def _read(cat: Catalogue, name: str) -> tuple[Path, ImageFamily, roundtrip.Editor]:
     parse_ref(name)
     path = cat.directory / f"{name}.yaml"
     if not path.exists():
         raise UnknownImageError(f"unknown image {name!r} (no {path})")
-    return path, parse_family(path).family
+    text = yamlio.read_text(path, CatalogueError)
+    return path, parse_family_text(text, path).family, roundtrip.Editor(text, str(path))
 
 
-def _fill_checksums(cat: Catalogue, doc: yamlio.Document) -> None:
-    """Compute the sha256 of every artefact given with a path but no checksum (before validation)."""
-    versions = doc.data.get("versions")
+def _fill_checksums(cat: Catalogue, doc: yamlio.Document, data: Any) -> None:
+    """Compute the sha256 of every artefact of ``data`` (``doc.data`` or the round-trip tree of the same
+    text) given with a path but no checksum (before validation); ``doc`` gives the lines for errors."""
+    versions = data.get("versions")
     if not isinstance(versions, list):
         return
     for i, ver in enumerate(versions):
@@ -114,7 +125,7 @@ def _fill_checksums(cat: Catalogue, doc: yamlio.Document) -> None:
             line = doc.line((*loc, "path"))
             try:
                 real = artefact_path(cat.artefact_root, art["path"])
-                art["sha256"] = cat.checksums.sha256(real)
+                art["sha256"] = roundtrip.quoted(cat.checksums.sha256(real))
             except CatalogueError as err:
                 raise yamlio.located(
                     CatalogueError, doc.source, line, f"{where}.path: {err.message}"
@@ -189,23 +200,55 @@ def _stamped(ver: ImageVersion) -> ImageVersion:
 
 
 def add(cat: Catalogue, file: Path) -> AddResult:
-    doc = yamlio.load(file, CatalogueError)
-    _fill_checksums(cat, doc)
+    text = yamlio.read_text(file, CatalogueError)
+    doc = yamlio.parse(text, str(file), CatalogueError)
+    precheck(doc)
+    _fill_checksums(cat, doc, doc.data)
     new = yamlio.validate_model(doc, ImageFamily, CatalogueError)
+    source = roundtrip.Editor(text, str(file))  # the operator's text, comments and all
+    _fill_checksums(cat, doc, source.tree)  # the same sums (cached), into what is written
     cat.checksums.save()
     with locked(cat.directory):
         target = cat.directory / f"{new.name}.yaml"
         if not target.exists():
             family = new.model_copy(update={"versions": [_stamped(v) for v in new.versions]})
-            _write_family(target, family)
+            for item in roundtrip.sequence(source.tree, "versions"):
+                _stamp_item(item, family)
+            _write(target, source, family)
             return AddResult(
                 new.name, str(target), True, [v.version for v in new.versions], [], dict(new.channels)
             )
-        current = parse_family(target).family
+        _, current, editor = _read(cat, new.name)
         merged, added, unchanged = _merge(current, new, str(file), str(target))
         if merged != current:
-            _write_family(target, merged)
+            _append_versions(editor, source, added, merged)
+            channels = roundtrip.mapping(editor.tree, "channels") if new.channels else None
+            for ch, version in new.channels.items():
+                if channels is not None and ch not in current.channels:
+                    channels[ch] = roundtrip.quoted(version)
+            _write(target, editor, merged)
         return AddResult(new.name, str(target), False, added, unchanged, dict(merged.channels))
+
+
+def _stamp_item(item: Any, family: ImageFamily) -> None:
+    """Give a version's tree the ``created`` stamp the merged family has for it."""
+    ver = family.version(str(item.get("version")))
+    if ver is not None and ver.created is not None and "created" not in item:
+        item["created"] = roundtrip.quoted(ver.created)
+
+
+def _append_versions(
+    editor: roundtrip.Editor, source: roundtrip.Editor, added: list[str], merged: ImageFamily
+) -> None:
+    """Move the added versions' trees (with their comments) from the input file to the catalogue file."""
+    src_seq = roundtrip.sequence(source.tree, "versions")
+    dest_seq = roundtrip.sequence(editor.tree, "versions")
+    for i, item in enumerate(src_seq):
+        if str(item.get("version")) not in added:
+            continue
+        _stamp_item(item, merged)
+        comment = roundtrip.leading_comment(src_seq) if i == 0 else None
+        roundtrip.append_item(dest_seq, item, comment, editor.offset)
 
 
 def _check_token(value: str, field: str, pattern: Any) -> None:
@@ -224,19 +267,20 @@ def promote(cat: Catalogue, name: str, version: str, channel: str) -> None:
     _check_token(version, "version", VERSION_RE)
     _check_token(channel, "channel", CHANNEL_RE)
     with locked(cat.directory):
-        path, fam = _read(cat, name)
+        path, fam, editor = _read(cat, name)
         ver = _version_of(fam, version, path)
         if ver.retired:
             raise ConflictError(f"cannot promote {name}:{version} to {channel!r}: the version is retired")
         if fam.channels.get(channel) == version:
             return
-        _write_family(path, fam.model_copy(update={"channels": {**fam.channels, channel: version}}))
+        roundtrip.mapping(editor.tree, "channels")[channel] = roundtrip.quoted(version)
+        _write(path, editor, fam.model_copy(update={"channels": {**fam.channels, channel: version}}))
 
 
 def retire(cat: Catalogue, name: str, version: str) -> None:
     _check_token(version, "version", VERSION_RE)
     with locked(cat.directory):
-        path, fam = _read(cat, name)
+        path, fam, editor = _read(cat, name)
         ver = _version_of(fam, version, path)
         held = sorted(ch for ch, v in fam.channels.items() if v == version)
         if held:
@@ -249,4 +293,7 @@ def retire(cat: Catalogue, name: str, version: str) -> None:
         versions = [
             v.model_copy(update={"retired": True}) if v.version == version else v for v in fam.versions
         ]
-        _write_family(path, fam.model_copy(update={"versions": versions}))
+        for item in roundtrip.sequence(editor.tree, "versions"):
+            if str(item.get("version")) == version:
+                item["retired"] = True
+        _write(path, editor, fam.model_copy(update={"versions": versions}))

@@ -36,13 +36,18 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
 
 def parse_family(path: Path) -> Entry:
     """Parse and validate one catalogue file (no cross-file checks)."""
-    doc = yamlio.load(path, CatalogueError)
-    _precheck(doc)
+    return parse_family_text(yamlio.read_text(path, CatalogueError), path)
+
+
+def parse_family_text(text: str, path: Path) -> Entry:
+    """Like :func:`parse_family`, for text already read (an edit parses exactly what it will change)."""
+    doc = yamlio.parse(text, str(path), CatalogueError)
+    precheck(doc)
     family = yamlio.validate_model(doc, ImageFamily, CatalogueError)
     return Entry(family, path, doc)
 
 
-def _precheck(doc: yamlio.Document) -> None:
+def precheck(doc: yamlio.Document) -> None:
     """Cross-field checks the schema also makes, done first here to point at the exact line."""
     versions = doc.data.get("versions")
     seen: dict[object, int] = {}

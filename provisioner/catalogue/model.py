@@ -189,18 +189,22 @@ class ImageFamily(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ImageFamily:
-        seen: set[str] = set()
-        for v in self.versions:
+        # Each message starts with the field it is about: yamlio.validate_model turns that into the line.
+        seen: dict[str, int] = {}
+        for i, v in enumerate(self.versions):
             if v.version in seen:
-                raise ValueError(f"duplicate version {v.version!r} of image {self.name!r}")
-            seen.add(v.version)
+                first = seen[v.version]
+                raise ValueError(
+                    f"versions[{i}].version: duplicate version {v.version!r} (first at versions[{first}])"
+                )
+            seen[v.version] = i
         for ch, ver in self.channels.items():
             if ver not in seen:
-                raise ValueError(f"channel {ch!r} points at missing version {ver!r}")
+                raise ValueError(f"channels.{ch}: points at missing version {ver!r}")
         if self.kind is ImageKind.WORKER and not self.vos:
-            raise ValueError("a worker image must serve at least one VO ('vos')")
+            raise ValueError("kind: a worker image must serve at least one VO ('vos')")
         if self.kind is ImageKind.SERVICE and self.vos:
-            raise ValueError("a service image serves no VO; remove 'vos'")
+            raise ValueError("vos: a service image serves no VO; remove 'vos'")
         return self
 
     def version(self, version: str) -> ImageVersion | None:
