@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -34,6 +35,8 @@ from pathlib import Path
 from provisioner.errors import DeadlineExceeded, UnavailableError, ValidationError
 
 EXEC_PORT_NAME = "org.dynvm.exec.0"
+# provisioner.state.keys.ID_RE, repeated: this module is on the batch hooks' light path (no redis import).
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_SCRIPT_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 4 * 1024 * 1024  # the guest caps stdout and stderr at 1 MiB each (base64: 4/3 of that)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
@@ -85,10 +88,9 @@ def _check_socket(path: Path) -> None:
 def exec_socket(shared_dir: str | os.PathLike[str], instance_id: str, host: str) -> Path:
     """Where the host end of ``instance_id``'s exec channel is while it runs on ``host``: per instance, per
     host (a live migration has one socket on each side).  The agent binds QEMU's channel to this path."""
-    from provisioner.state.keys import check_id
-
-    check_id(instance_id, "instance id")
-    check_id(host, "host name")
+    for value, what in ((instance_id, "instance id"), (host, "host name")):
+        if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+            raise ValidationError(f"{what} {value!r:.64} is malformed (expected {_ID_RE.pattern})")
     return Path(shared_dir) / "run" / instance_id / f"exec-{host}.sock"
 
 

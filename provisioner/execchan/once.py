@@ -26,11 +26,14 @@ class SetNx(Protocol):
 
 
 def run_key(prefix: str, instance_id: str, attempt: str) -> str:
-    from provisioner.state.keys import check_id
+    from provisioner.execchan.client import _ID_RE
 
+    for value, what in ((prefix, "key prefix"), (instance_id, "instance id")):
+        if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+            raise ValidationError(f"{what} {value!r:.64} is malformed (expected {_ID_RE.pattern})")
     if not isinstance(attempt, str) or not ATTEMPT_RE.fullmatch(attempt):
         raise ValidationError(f"run attempt {attempt!r:.64} is malformed (expected {ATTEMPT_RE.pattern})")
-    return f"{check_id(prefix, 'key prefix')}:run:{check_id(instance_id, 'instance id')}:{attempt}"
+    return f"{prefix}:run:{instance_id}:{attempt}"
 
 
 def take_run_token(r: SetNx, prefix: str, instance_id: str, attempt: str) -> str:
