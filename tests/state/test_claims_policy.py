@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from typing import Any, cast
 
 import pytest
 
@@ -20,8 +21,8 @@ from tests.state.test_claims import check_books, race, store  # noqa: F401 - the
 pytestmark = pytest.mark.redis
 
 
-def q(host: str, iid: str, vcpus: int = 1, **kw: object) -> ClaimRequest:
-    return ClaimRequest(host, iid, vcpus, 256, **kw)  # type: ignore[arg-type]
+def q(host: str, iid: str, vcpus: int = 1, **kw: Any) -> ClaimRequest:
+    return ClaimRequest(host, iid, vcpus, 256, **kw)
 
 
 def code(s: StateStore, c: ClaimRequest) -> str:
@@ -55,7 +56,7 @@ def test_anti_affinity_is_checked_in_the_claim(store: StateStore) -> None:  # no
 
 
 def test_vo_quota_is_checked_in_the_claim_and_counts_instances_once(store: StateStore) -> None:  # noqa: F811
-    lim = {"vo": "cms", "max_instances": 2, "max_vcpus": 5}
+    lim: dict[str, Any] = {"vo": "cms", "max_instances": 2, "max_vcpus": 5}
     assert code(store, q("hv01", "a", 2, **lim)) == "ok"
     assert code(store, q("hv02", "b", 2, **lim)) == "ok"
     assert code(store, q("hv03", "c", 1, **lim)) == "quota"  # third instance
@@ -74,7 +75,7 @@ def test_vo_quota_is_checked_in_the_claim_and_counts_instances_once(store: State
 
 
 def test_a_batch_sees_its_releases_and_earlier_claims(store: StateStore) -> None:  # noqa: F811
-    lim = {"vo": "cms", "max_instances": 1}
+    lim: dict[str, Any] = {"vo": "cms", "max_instances": 1}
     assert code(store, q("hv01", "pool1", group="ce", **lim)) == "ok"
     batch = [q("hv01", "x", group="ce"), q("hv02", "y", **lim)]
     res = store.claim_batch(batch)
@@ -113,8 +114,15 @@ def test_racing_claims_never_break_quota_or_anti_affinity(store: StateStore) -> 
             iid = f"t{t}-{k}"
             vo = rnd.choice(["cms", "atlas"])
             n, v = limits[vo]
-            c = q(rnd.choice(hosts), iid, rnd.randint(1, 3), vo=vo, group=rnd.choice(["g1", "g2", None]),
-                  max_instances=n, max_vcpus=v)
+            c = q(
+                rnd.choice(hosts),
+                iid,
+                rnd.randint(1, 3),
+                vo=vo,
+                group=rnd.choice(["g1", "g2", None]),
+                max_instances=n,
+                max_vcpus=v,
+            )
             if store.claim_batch([c]).committed and rnd.random() < 0.3:
                 assert store.release_claim(c.host, iid)
 
@@ -122,7 +130,7 @@ def test_racing_claims_never_break_quota_or_anti_affinity(store: StateStore) -> 
     check_books(store)
     members: dict[str, dict[str, int]] = defaultdict(dict)
     for h in hosts:
-        for iid, value in store.r.hgetall(store.keys.claims(h)).items():
+        for iid, value in cast(dict[str, str], store.r.hgetall(store.keys.claims(h))).items():
             vcpus, _, vo, group = value.split(",")
             members[vo][iid] = int(vcpus)
         for group, ids in store.group_members(h).items():
