@@ -7,19 +7,19 @@ no-op for a running domain, and the state transitions are atomic compare-and-set
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 
 from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
 from provisioner.agent.ready import wait_ready
-from provisioner.errors import ConflictError, DynvmError, PermanentError
+from provisioner.errors import ConflictError, DynvmError, InvalidTransition, PermanentError
 from provisioner.model import Instance, InstanceState, Role
 from provisioner.runtime import Runtime, resolve_image
 
 log = logging.getLogger(__name__)
 BOOTABLE = (InstanceState.PLACED, InstanceState.BOOTING)
+STOP_ATTEMPTS = 5
 
 
 def _claim_boot(rt: Runtime, instance_id: str) -> bool:
@@ -33,15 +33,21 @@ def _claim_boot(rt: Runtime, instance_id: str) -> bool:
         return True
 
 
-def boot_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -> None:
+def boot_instance(
+    rt: Runtime, instance_id: str, final_attempt: bool = False, expected_epoch: int | None = None
+) -> None:
+    """Boot the instance placed on this host.  ``expected_epoch``: the placement the caller decided on
+    (the reconciler's re-drive); a record placed anew since is left to its own boot request."""
     if not _claim_boot(rt, instance_id):
         return
     try:
-        inst = rt.store.get_instance(instance_id)
-        if inst is None or inst.host != rt.host or inst.state not in BOOTABLE:
+        read = rt.store.get_instance(instance_id)
+        if read is None or read.host != rt.host or read.state not in BOOTABLE:
             return  # released, moved elsewhere, or already booted: nothing to do
+        if expected_epoch is not None and read.epoch != expected_epoch:
+            return
         try:
-            rt.store.transition(inst.id, InstanceState.BOOTING, expected=inst.state)
+            inst = rt.store.transition_from(read, InstanceState.BOOTING)
         except ConflictError:
             return  # someone else moved it on in the meantime
         try:
@@ -83,9 +89,9 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     _fault_hold(rt, inst)
     wait_ready(rt, inst, image)
     try:
-        rt.store.transition(inst.id, InstanceState.READY, expected=InstanceState.BOOTING)
+        rt.store.transition_from(inst, InstanceState.READY)
     except ConflictError:
-        # Released while booting: the release task tears the domain down; do not resurrect it.
+        # Released (or re-placed) while booting: the record's new owner deals with the domain.
         return
     ms = (time.monotonic() - started) * 1000
     rt.store.add_event(
@@ -99,11 +105,16 @@ def _boot(rt: Runtime, inst: Instance) -> None:
 
 
 def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
-    """Leave nothing behind: domain, overlay and claim go; the record says why."""
+    """Leave nothing behind: domain, overlay and claim go; the record says why.  Only if the record is
+    still the one this boot wrote: torn down after a release or a new placement, the domain (same name)
+    could be someone else's."""
     log.warning("instance %s failed on %s: %s", inst.id, rt.host, reason)
+    try:
+        rt.store.transition_from(inst, InstanceState.FAILED, reason=reason[:500])
+    except ConflictError as err:
+        log.info("instance %s: not failing it, %s", inst.id, err)
+        return
     _teardown(rt, inst)
-    with contextlib.suppress(ConflictError):  # already released or gone
-        rt.store.transition(inst.id, InstanceState.FAILED, reason=reason[:500])
     rt.store.add_event("failed", instance=inst.id, host=rt.host, message=reason[:500])
     rt.store.notify(inst.id)
 
@@ -119,19 +130,35 @@ def _teardown(rt: Runtime, inst: Instance, keep_service_data: bool = True) -> No
     rt.store.release_claim(rt.host, inst.id)
 
 
-def release_instance(rt: Runtime, instance_id: str) -> None:
-    inst = rt.store.get_instance(instance_id)
-    if inst is None or inst.state is InstanceState.GONE:
-        return
-    if inst.host is not None and inst.host != rt.host:
-        return  # it moved: the release was re-sent to its current host
-    if inst.state is not InstanceState.STOPPING:
+def _stopping(rt: Runtime, instance_id: str) -> Instance | None:
+    """The record moved to ``stopping`` by compare-and-set on a fresh read (re-read when it changed under
+    us, e.g. booting -> ready); None if there is nothing for this host to release."""
+    for _ in range(STOP_ATTEMPTS):
+        inst = rt.store.get_instance(instance_id)
+        if inst is None or inst.state is InstanceState.GONE:
+            return None
+        if inst.host is not None and inst.host != rt.host:
+            return None  # it moved: the release was re-sent to its current host
+        if inst.state is InstanceState.STOPPING:
+            return inst
         try:
-            rt.store.transition(inst.id, InstanceState.STOPPING)
+            return rt.store.transition_from(inst, InstanceState.STOPPING)
+        except InvalidTransition:
+            raise
         except ConflictError:
-            return
+            continue
+    raise ConflictError(f"instance {instance_id} kept changing while being released; will retry")
+
+
+def release_instance(rt: Runtime, instance_id: str) -> None:
+    inst = _stopping(rt, instance_id)
+    if inst is None:
+        return
     if inst.host is not None:
         _teardown(rt, inst, keep_service_data=False)
-    rt.store.transition(inst.id, InstanceState.GONE, reason="released")
+    try:
+        rt.store.transition_from(inst, InstanceState.GONE, reason="released")
+    except ConflictError:
+        return  # a redelivered release finished first
     rt.store.add_event("released", instance=inst.id, host=rt.host, message=f"{inst.image} released")
     rt.store.notify(inst.id)

@@ -12,26 +12,37 @@ import time
 
 from provisioner.agent.domain import instance_disks, spec_for
 from provisioner.errors import ConflictError, DynvmError, NoCapacityError, NotFoundError
-from provisioner.model import InstanceState
+from provisioner.model import CLAIMING_STATES, Instance, InstanceState
 from provisioner.runtime import Runtime, claim, resolve_image
 
 log = logging.getLogger(__name__)
 
 
-def migrate_instance(rt: Runtime, instance_id: str, dest: str) -> None:
+def migrate_instance(rt: Runtime, instance_id: str, dest: str, expected_epoch: int | None = None) -> None:
+    """Move ``instance_id`` live to ``dest``.  ``expected_epoch``: the placement the request was made for;
+    a VM placed or moved since (a late or redelivered request) is left where it is."""
     from provisioner.hypervisor.libvirt_host import LibvirtHost
 
     assert rt.hypervisor is not None and rt.host is not None
     inst = rt.store.get_instance(instance_id)
     if inst is None or inst.host != rt.host or inst.state is not InstanceState.READY:
         return  # already moved, released, or not in a movable state: nothing to do
+    if expected_epoch is not None and inst.epoch != expected_epoch:
+        rt.store.add_event(
+            "migration_refused",
+            instance=inst.id,
+            host=rt.host,
+            message=f"asked for epoch {expected_epoch}, the VM is at epoch {inst.epoch} (moved since)",
+        )
+        return
     dest_cfg = rt.config.host(dest)
     if dest_cfg is None:
         raise NotFoundError(f"migrate {inst.id}: destination host {dest!r} is not configured")
     if not claim(rt, dest, inst):
         raise NoCapacityError(f"migrate {inst.id}: {dest} has no room (or is not up)")
     try:
-        rt.store.transition(inst.id, InstanceState.MIGRATING, expected=InstanceState.READY)
+        # A new epoch for the move: decisions taken on a read from before it (a reconciler's) now fail.
+        moving = rt.store.transition_from(inst, InstanceState.MIGRATING, bump_epoch=True)
     except ConflictError:
         rt.store.release_claim(dest, inst.id)
         return
@@ -51,13 +62,28 @@ def migrate_instance(rt: Runtime, instance_id: str, dest: str) -> None:
     except DynvmError as err:
         rt.store.release_claim(dest, inst.id)
         with contextlib.suppress(ConflictError):
-            rt.store.transition(inst.id, InstanceState.READY, expected=InstanceState.MIGRATING)
+            rt.store.transition_from(moving, InstanceState.READY)
         rt.store.add_event("migration_failed", instance=inst.id, host=rt.host, message=str(err)[:300])
         raise
     finally:
         target.close()
-    rt.store.transition(inst.id, InstanceState.READY, expected=InstanceState.MIGRATING, host=dest)
-    rt.store.release_claim(rt.host, inst.id)
+    _finish(rt, moving, dest, t0)
+
+
+def _finish(rt: Runtime, moving: Instance, dest: str, t0: float) -> None:
+    """Record the move (host changes: a new epoch) and give the source's capacity back."""
+    assert rt.host is not None
+    try:
+        rt.store.transition_from(moving, InstanceState.READY, host=dest)
+    except ConflictError as err:
+        # Released (or failed over) while it moved: the record no longer wants it anywhere we know of.
+        # The VM now runs on ``dest``; that host's reconciler destroys it as an orphan after re-reading.
+        now = rt.store.get_instance(moving.id)
+        if now is None or now.host != dest or now.state not in CLAIMING_STATES:
+            rt.store.release_claim(dest, moving.id)  # unless a new placement on dest holds it now
+        rt.store.add_event("migration_orphaned", instance=moving.id, host=dest, message=str(err)[:300])
+        return
+    rt.store.release_claim(rt.host, moving.id)
     ms = (time.monotonic() - t0) * 1000
-    rt.store.add_event("migrated", instance=inst.id, host=dest, message=f"from {rt.host} in {ms:.0f} ms")
-    rt.store.notify(inst.id)
+    rt.store.add_event("migrated", instance=moving.id, host=dest, message=f"from {rt.host} in {ms:.0f} ms")
+    rt.store.notify(moving.id)

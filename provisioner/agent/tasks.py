@@ -22,10 +22,10 @@ def register(app: Any) -> None:
         release_instance(runtime_of(self), instance_id)
 
     @app.task(name=MIGRATE, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
-    def migrate(self: Any, instance_id: str, dest: str) -> None:
+    def migrate(self: Any, instance_id: str, dest: str, epoch: int | None = None) -> None:
         from provisioner.agent.migrate import migrate_instance
 
-        migrate_instance(runtime_of(self), instance_id, dest)
+        migrate_instance(runtime_of(self), instance_id, dest, expected_epoch=epoch)
 
     @app.task(name=INVENTORY, shared=False, bind=True)  # type: ignore[untyped-decorator]
     def inventory(self: Any, request_id: str) -> None:

@@ -7,12 +7,13 @@ import time
 from typing import Any
 
 from provisioner.catalogue.model import ImageKind, ResolvedImage
-from provisioner.errors import DeadlineExceeded, NotFoundError, ValidationError
+from provisioner.errors import ConflictError, DeadlineExceeded, NotFoundError, ValidationError
 from provisioner.model import Instance, InstanceState, Role, Tier
 from provisioner.runtime import Runtime
 
 SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
 ENDED = frozenset({InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
+RELEASE_ATTEMPTS = 5  # re-reads when the record changes under a release (placed meanwhile)
 
 
 def service_mac(name: str) -> str:
@@ -133,16 +134,21 @@ def wait(
 def release(rt: Runtime, instance_id: str) -> Instance:
     from provisioner.messaging import RELEASE, host_queue
 
-    inst = rt.store.get_instance(instance_id)
-    if inst is None:
-        raise NotFoundError(f"instance {instance_id} not found")
-    if inst.state is InstanceState.GONE:
-        return inst
-    if inst.host is None:
-        rt.store.transition(inst.id, InstanceState.GONE, reason="released before placement")
-        return inst
-    rt.app.send_task(RELEASE, args=[inst.id], queue=host_queue(inst.host))
-    return inst
+    for _ in range(RELEASE_ATTEMPTS):
+        inst = rt.store.get_instance(instance_id)
+        if inst is None:
+            raise NotFoundError(f"instance {instance_id} not found")
+        if inst.state is InstanceState.GONE:
+            return inst
+        if inst.host is not None:
+            rt.app.send_task(RELEASE, args=[inst.id], queue=host_queue(inst.host))
+            return inst
+        try:
+            # Only if it is still unplaced: a worker placing it meanwhile wins, and we ask its host instead.
+            return rt.store.transition_from(inst, InstanceState.GONE, reason="released before placement")
+        except ConflictError:
+            continue
+    raise ConflictError(f"instance {instance_id} kept changing while being released; try again")
 
 
 def client_runtime(config: Any) -> Runtime:

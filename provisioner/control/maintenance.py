@@ -51,7 +51,11 @@ def migrate(rt: Runtime, instance_id: str, dest: str | None = None) -> str:
         raise NotFoundError(f"host {dest!r} not found")
     if target.state is not HostState.UP:
         raise ConflictError(f"host {dest} is {target.state.value}; it takes no new VMs")
-    rt.app.send_task(MIGRATE, args=[inst.id, dest], queue=host_queue(inst.host), priority=PRIORITY_HA)
+    # The epoch read here travels with the request: the agent refuses to move a VM that has been placed or
+    # moved since (a redelivered or late request must not send it back where it came from).
+    rt.app.send_task(
+        MIGRATE, args=[inst.id, dest, inst.epoch], queue=host_queue(inst.host), priority=PRIORITY_HA
+    )
     return dest
 
 
@@ -60,7 +64,7 @@ def drain(rt: Runtime, host: str) -> dict[str, str]:
     h = rt.store.require_host(host)
     if h.state not in (HostState.UP, HostState.DRAINING):
         raise ConflictError(f"host {host} is {h.state.value}; only an up host can be drained")
-    rt.store.set_host_state(host, HostState.DRAINING, reason="operator drain")
+    rt.store.set_host_state(host, HostState.DRAINING, expected=h.state, reason="operator drain")
     rt.store.add_event("host_draining", host=host, message="no new placements; moving services")
     moves: dict[str, str] = {}
     services = [i for i in rt.store.list_instances(host=host, role=Role.SERVICE) if i.state in MOVABLE]
@@ -103,13 +107,7 @@ def recover(rt: Runtime, instance_id: str, dest: str | None = None) -> str:
     old = inst.host or ""
     if dest is None:
         dest = pick_destination(rt, inst.id, exclude=old)
-    rt.store.transition(
-        inst.id,
-        InstanceState.REQUESTED,
-        expected=inst.state,
-        host=dest,
-        reason=f"recovering from {old or '-'}",
-    )
+    rt.store.transition_from(inst, InstanceState.REQUESTED, host=dest, reason=f"recovering from {old or '-'}")
     rt.store.add_event("recovering", instance=inst.id, host=dest, message=f"was on {old or '-'}")
     rt.app.send_task(PROVISION, args=[inst.id], queue="provision")
     return dest

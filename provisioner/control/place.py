@@ -94,7 +94,8 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
     if host is None:
         raise NoCapacityError(f"{inst.id}: {_REFUSED.get(refused, refused)} at commit")
     try:
-        rt.store.transition(inst.id, InstanceState.PLACED, expected=InstanceState.REQUESTED, host=host)
+        # Compare-and-set on the record this placement was planned from (state, host, epoch); a new epoch.
+        rt.store.transition_from(inst, InstanceState.PLACED, bump_epoch=True, host=host)
     except ConflictError:
         # A concurrent delivery placed it first; give our claim back unless it landed on the same host.
         winner = rt.store.get_instance(inst.id)
@@ -111,9 +112,7 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
 
 def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
     try:
-        rt.store.transition(
-            inst.id, InstanceState.FAILED, expected=InstanceState.REQUESTED, reason=reason[:500]
-        )
+        rt.store.transition_from(inst, InstanceState.FAILED, reason=reason[:500])
     except ConflictError:
         return  # placed or released meanwhile: nothing to fail
     rt.store.add_event("failed", instance=inst.id, message=reason)
@@ -125,8 +124,13 @@ def preempt(rt: Runtime, victims: dict[str, str], hosts: dict[str, str], for_id:
     from provisioner.messaging import RELEASE
 
     for vid, why in victims.items():
+        victim = rt.store.get_instance(vid)
+        if victim is None or victim.host != hosts.get(vid):
+            continue  # gone or moved since the plan was made: the next plan sees where it is
         try:
-            rt.store.transition(vid, InstanceState.STOPPING, reason=f"preempted for {for_id}: {why}"[:500])
+            rt.store.transition_from(
+                victim, InstanceState.STOPPING, reason=f"preempted for {for_id}: {why}"[:500]
+            )
         except ConflictError:
             continue  # already stopping or gone
         rt.store.add_event("preempted", instance=vid, host=hosts.get(vid), message=f"for {for_id}: {why}")
