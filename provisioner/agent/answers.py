@@ -6,12 +6,18 @@ never through a queue that could redeliver them.
 
 from __future__ import annotations
 
-from provisioner.rpc import reply
+from typing import Any
+
+from provisioner.rpc import serve_request
 from provisioner.runtime import Runtime
 
 
-def answer_inventory(rt: Runtime, request_id: str) -> None:
-    """Agent side: list the domains and publish them."""
+def answer_inventory(rt: Runtime, request_id: str, *args: Any) -> None:
+    """Agent side: list the domains and publish them (an expired request is dropped, see rpc)."""
+    serve_request(rt, request_id, "inventory", _inventory, rt, *args)
+
+
+def _inventory(rt: Runtime) -> dict[str, Any]:
     assert rt.hypervisor is not None
     doms = [
         {
@@ -23,4 +29,4 @@ def answer_inventory(rt: Runtime, request_id: str) -> None:
         }
         for d in rt.hypervisor.list_domains()
     ]
-    reply(rt, request_id, {"host": rt.host, "domains": doms})
+    return {"host": rt.host, "domains": doms}

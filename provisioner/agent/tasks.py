@@ -28,7 +28,9 @@ def register(app: Any) -> None:
         migrate_instance(runtime_of(self), instance_id, dest, expected_epoch=epoch)
 
     @app.task(name=INVENTORY, shared=False, bind=True)  # type: ignore[untyped-decorator]
-    def inventory(self: Any, request_id: str) -> None:
+    def inventory(self: Any, request_id: str, *args: Any) -> None:
         from provisioner.agent.answers import answer_inventory
 
-        answer_inventory(runtime_of(self), request_id)
+        # Arguments pass through to the handler: a mismatch (client and agent of different versions)
+        # becomes an error reply there instead of a TypeError here that leaves the caller waiting.
+        answer_inventory(runtime_of(self), request_id, *args)
