@@ -6,7 +6,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 PKGS=(redis-server libvirt-daemon-system libvirt-clients libvirt-dev pkg-config qemu-system-x86 qemu-utils
-      busybox-static cpio iproute2 xz-utils python3-venv python3-dev gcc slurm-wlm munge)
+      busybox-static cpio iproute2 xz-utils python3-venv python3-dev gcc slurm-wlm munge redis-sentinel)
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
