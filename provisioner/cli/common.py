@@ -16,7 +16,7 @@ def runtime(ctx: CliContext) -> Runtime:
         from provisioner.messaging import make_app
         from provisioner.state.store import StateStore
 
-        store = StateStore.from_url(ctx.config.redis_url)
+        store = StateStore.from_url(ctx.state_config.redis_url)
         store.ping()
         rt = Runtime(config=ctx.config, store=store, catalogue=ctx.catalogue)
         rt.app = make_app(ctx.config)

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from provisioner.cli.output import Output
+from provisioner.errors import UnavailableError
 
 if TYPE_CHECKING:
     from provisioner.catalogue.store import Catalogue
@@ -20,6 +21,7 @@ class CliContext:
         self.out = out
         self._config: Config | None = None
         self._catalogue: Catalogue | None = None
+        self._embedded = False  # the config is the embedded default (no file, no farm)
 
     @property
     def config_path_option(self) -> str | None:
@@ -32,8 +34,27 @@ class CliContext:
             from provisioner.config import config_path
             from provisioner.configload import load_config
 
-            self._config = load_config(config_path(self.config_path_option))
+            path = config_path(self.config_path_option)
+            self._config = load_config(path)
+            self._embedded = path is None
         return self._config
+
+    @property
+    def state_config(self) -> Config:
+        """The configuration of a command that needs Redis.
+
+        Refused (UnavailableError, exit 5) when there is neither a configuration file nor a running farm:
+        the embedded default's Redis URL would silently reach whatever listens on 127.0.0.1:6379.
+        """
+        from provisioner.config import farm_dir
+
+        cfg = self.config
+        if self._embedded:
+            raise UnavailableError(
+                f"no dynvm configuration (--config, $DYNVM_CONFIG, /etc/dynvm/dynvm.yaml) and no farm up in "
+                f"{farm_dir()}: start one with `dynvm farm up`"
+            )
+        return cfg
 
     @property
     def catalogue(self) -> Catalogue:

@@ -30,7 +30,7 @@ def agent(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.agent.main import run_agent
 
     _logging()
-    run_agent(ctx.config, args.host, concurrency=args.concurrency)
+    run_agent(ctx.state_config, args.host, concurrency=args.concurrency)
     return EXIT_OK
 
 
@@ -38,5 +38,5 @@ def worker(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.control.worker import run_worker
 
     _logging()
-    run_worker(ctx.config, concurrency=args.concurrency)
+    run_worker(ctx.state_config, concurrency=args.concurrency)
     return EXIT_OK

@@ -1,4 +1,9 @@
-"""``dynvm farm up|down|status``: the embedded default on one machine."""
+"""``dynvm farm up|down|status``: the embedded default on one machine.
+
+``farm up`` on a farm that is already up returns it (and says so) when it is the farm asked for; another
+driver, host count or ``--redis-url`` is a conflict (exit 4): the running farm is not changed under its
+users, `dynvm farm down` comes first.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,32 @@ from typing import Any
 
 from provisioner.cli.context import CliContext
 from provisioner.errors import EXIT_OK
+
+
+def farm_dir_arg(value: str) -> Path:
+    """--dir: never empty (it would silently mean "here"); relative is made absolute by FarmLayout."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty path (give a directory)")
+    return Path(value)
+
+
+def _timeout_arg(value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:32]!r} is not a number of seconds") from None
+    if not 1 <= t <= 3600:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{value[:32]} s: choose 1..3600")
+    return t
+
+
+def _dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dir",
+        type=farm_dir_arg,
+        default=None,
+        help="farm directory (default: $DYNVM_FARM_DIR or /var/lib/dynvm/farm as root)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -22,19 +53,27 @@ def register(sub: Any) -> None:
         default="test",
         help="test: libvirt's test driver (default); qemu: real TCG guests (root)",
     )
+    _dir_option(up)
     up.add_argument(
-        "--dir",
-        type=Path,
+        "--redis-url",
         default=None,
-        help="farm directory (default: $DYNVM_FARM_DIR or /var/lib/dynvm/farm as root)",
+        help="use this Redis instead of starting a private one (refused on a running farm that uses another)",
     )
-    up.add_argument("--redis-url", default=None, help="use this Redis instead of starting a private one")
+    up.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep the previous farm's Redis state, overlays and catalogue (default: start clean); hosts "
+        "not in the new layout are removed, or put in maintenance while they hold VMs",
+    )
+    up.add_argument(
+        "--timeout", type=_timeout_arg, default=None, help="seconds to wait for every host (90; qemu 180)"
+    )
     up.set_defaults(func=farm_up)
     down = fs.add_parser("down", help="stop everything the farm started")
-    down.add_argument("--dir", type=Path, default=None)
+    _dir_option(down)
     down.set_defaults(func=farm_down)
     st = fs.add_parser("status", help="show the farm's processes")
-    st.add_argument("--dir", type=Path, default=None)
+    _dir_option(st)
     st.set_defaults(func=farm_status)
 
 
@@ -43,11 +82,14 @@ def farm_up(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.farm.local import farm_up as up
 
     layout = default_layout(args.dir)
-    t0 = time.monotonic()
-    up(layout, args.hosts, args.driver, redis_url=args.redis_url)
+    t0, wall0 = time.monotonic(), time.time()
+    timeout = args.timeout or (180.0 if args.driver == "qemu" else 90.0)
+    st = up(layout, args.hosts, args.driver, redis_url=args.redis_url, timeout_s=timeout,
+            keep_state=args.keep_state)
     status = farm_status(layout)
+    status["already_running"] = st.started < wall0
     status["up_seconds"] = round(time.monotonic() - t0, 2)
-    ctx.out.obj(status, title="farm up")
+    ctx.out.obj(status, title="farm up (already running: unchanged)" if st.started < wall0 else "farm up")
     return EXIT_OK
 
 

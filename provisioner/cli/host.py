@@ -1,4 +1,4 @@
-"""``dynvm host list|show|drain|undrain``."""
+"""``dynvm host list|show|drain|undrain|remove``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def register(sub: Any) -> None:
     undrain = hs.add_parser("undrain", help="accept placements again")
     undrain.add_argument("name")
     undrain.set_defaults(func=host_undrain)
+    remove = hs.add_parser(
+        "remove", help="retire a host: forget it (refused while it holds VMs or its agent runs)"
+    )
+    remove.add_argument("name")
+    remove.add_argument(
+        "--force", action="store_true", help="remove it even while it holds VMs or its agent holds the lease"
+    )
+    remove.set_defaults(func=host_remove)
 
 
 def _row(rt: Any, h: Host, counts: dict[str, int]) -> dict[str, Any]:
@@ -106,4 +114,29 @@ def host_undrain(ctx: CliContext, args: argparse.Namespace) -> int:
     rt.store.set_host_state(h.name, HostState.UP, reason="operator undrain")
     rt.store.add_event("host_up", host=h.name, message="accepting placements")
     ctx.out.obj({"name": h.name, "state": HostState.UP, "at": ts(time.time())})
+    return EXIT_OK
+
+
+def host_remove(ctx: CliContext, args: argparse.Namespace) -> int:
+    """Exit 4 while the host holds VMs (live instance records or claims) or its agent holds the lease:
+    its VMs would be forgotten and a running agent would register it again."""
+    rt = runtime(ctx)
+    h = _get(rt, args.name)
+    ended = ("gone", "failed", "lost")
+    holding = [i.id for i in rt.store.list_instances(host=h.name) if i.state.value not in ended]
+    if not args.force:
+        if rt.store.lease_alive(h.name):
+            raise ConflictError(
+                f"host {h.name}: its agent holds the lease (stop the agent first, or --force)"
+            )
+        try:
+            rt.store.remove_host(h.name, if_idle=True)
+        except ConflictError as err:
+            raise ConflictError(f"{err}; drain it or release them first, or --force") from None
+    else:
+        rt.store.remove_host(h.name)
+    why = f"operator remove --force ({len(holding)} VM(s) on it)" if args.force else "operator remove"
+    rt.store.add_event("host_removed", why, host=h.name)
+    row = {"name": h.name, "removed": True, "forced": bool(args.force), "instances_left": holding}
+    ctx.out.obj({**row, "at": ts(time.time())})
     return EXIT_OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import yaml
 from provisioner.config import Config, checkout_images_dir
 from provisioner.errors import ConflictError, DeadlineExceeded, PermanentError, UnavailableError
 from provisioner.farm.layout import FarmLayout, FarmState, pid_alive
+from provisioner.state.base import redact
 
 HOST_CPUS = 16
 HOST_MEMORY_MIB = 32768
@@ -78,6 +81,44 @@ def _farm_config(
     }
 
 
+def _check_running(st: FarmState, layout: FarmLayout, hosts: int, driver: str, redis_url: str | None) -> None:
+    """A running farm is returned as it is only if it is the one asked for; anything else is a conflict."""
+    if st.driver != driver or len(st.hosts) != hosts:
+        raise ConflictError(
+            f"a farm is already up in {layout.base} ({st.driver}, {len(st.hosts)} hosts): "
+            "run `dynvm farm down` first"
+        )
+    if redis_url is not None and redis_url != st.redis_url:
+        where = "its own Redis" if st.own_redis else f"Redis at {redact(st.redis_url)}"
+        raise ConflictError(
+            f"a farm is already up in {layout.base} with {where}; --redis-url {redact(redis_url)} "
+            "needs a new farm: run `dynvm farm down` first"
+        )
+
+
+def _fresh_state(layout: FarmLayout, redis_url: str | None) -> None:
+    """A new farm starts from nothing: no Redis data, no overlays or run files, a fresh catalogue copy.
+    An external Redis is never emptied by us: if it holds dynvm state, that is a conflict."""
+    if redis_url is not None:
+        from provisioner.state.store import StateStore
+
+        store = StateStore.from_url(redis_url)
+        try:
+            old = [h.name for h in store.list_hosts()] or (["(instances)"] if store.list_instances() else [])
+        finally:
+            store.r.close()
+        if old:
+            raise ConflictError(
+                f"redis at {redact(redis_url)} already holds dynvm state (hosts {', '.join(old[:5])}): "
+                "pass --keep-state to use it, or give an empty database"
+            )
+    for d in (layout.redis_dir, layout.shared / "instances", layout.shared / "run", layout.catalogue):
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d)
+        elif d.exists() or d.is_symlink():
+            d.unlink()
+
+
 def farm_up(
     layout: FarmLayout,
     hosts: int,
@@ -86,8 +127,14 @@ def farm_up(
     timeout_s: float = UP_TIMEOUT_S,
     host_cpus: int = HOST_CPUS,
     host_memory_mib: int = HOST_MEMORY_MIB,
+    keep_state: bool = False,
 ) -> FarmState:
-    """Start the farm (idempotent: an identical running farm is returned as it is)."""
+    """Start the farm (an identical running farm is returned as it is).
+
+    A new farm starts from clean state (its own Redis data, overlays and catalogue copy are wiped) unless
+    ``keep_state``; then hosts of an earlier layout are removed, or put in maintenance while they hold VMs
+    (the returned state's ``retired`` says which).
+    """
     if driver not in ("test", "qemu"):
         raise PermanentError(f"--driver {driver!r}: choose test or qemu")
     if not 1 <= hosts <= 64:
@@ -95,13 +142,13 @@ def farm_up(
     if driver == "qemu" and os.geteuid() != 0:
         raise PermanentError("--driver qemu needs root (it starts one libvirtd per host in namespaces)")
     st = layout.read_state()
-    if st is not None and pid_alive(st.supervisor_pid):
-        if st.driver != driver or len(st.hosts) != hosts:
-            raise ConflictError(
-                f"a farm is already up in {layout.base} ({st.driver}, {len(st.hosts)} hosts): "
-                "run `dynvm farm down` first"
-            )
+    if st is not None and st.supervisor_up():
+        _check_running(st, layout, hosts, driver, redis_url)
         return st
+    if st is not None:
+        farm_down(layout)  # leftovers of a farm whose supervisor died (only processes proven ours)
+    if not keep_state:
+        _fresh_state(layout, redis_url)
     for d in (layout.base, layout.logs, layout.shared, layout.shared / "images", layout.shared / "instances"):
         d.mkdir(parents=True, exist_ok=True)
     names = host_names(hosts)
@@ -124,20 +171,26 @@ def farm_up(
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
     os.replace(tmp, layout.config_file)
     st = FarmState(
-        driver=driver, hosts=names, redis_url=url, started=time.time(), own_redis=redis_url is None
+        driver=driver,
+        hosts=names,
+        redis_url=url,
+        started=time.time(),
+        own_redis=redis_url is None,
+        keep_state=keep_state,
     )
     layout.write_state(st)
-    logf = open(layout.logs / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
-    subprocess.Popen(
-        [sys.executable, "-m", "provisioner.farm.supervisor", str(layout.base)],
-        stdout=logf,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    logf.close()
+    log_path = layout.logs / "supervisor.log"
+    with open(log_path, "ab") as logf:
+        log_offset = logf.tell()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "provisioner.farm.supervisor", str(layout.base)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
-        _wait_up(layout, names, timeout_s)
+        _wait_up(layout, names, timeout_s, proc, log_offset)
     except Exception:
         farm_down(layout)
         raise
@@ -146,7 +199,26 @@ def farm_up(
     return st2
 
 
-def _wait_up(layout: FarmLayout, names: list[str], timeout_s: float) -> None:
+def _supervisor_exit_reason(layout: FarmLayout, proc: subprocess.Popen[bytes], log_offset: int) -> str:
+    """Why the supervisor exited: the error it recorded, else its log's last line, else its status."""
+    st = layout.read_state()
+    if st is not None and st.last_error:
+        return st.last_error
+    try:
+        with open(layout.logs / "supervisor.log", "rb") as f:
+            f.seek(log_offset)
+            lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        lines = []
+    if lines:
+        return lines[-1].removeprefix("farm supervisor exited: ")[:300]
+    return f"exit status {proc.returncode}"
+
+
+def _wait_up(
+    layout: FarmLayout, names: list[str], timeout_s: float, proc: subprocess.Popen[bytes], log_offset: int
+) -> None:
+    """Until every host's agent holds its lease; the supervisor's death ends the wait at once."""
     from provisioner.state.store import StateStore
 
     deadline = time.monotonic() + timeout_s
@@ -154,69 +226,116 @@ def _wait_up(layout: FarmLayout, names: list[str], timeout_s: float) -> None:
     assert st is not None
     store = StateStore.from_url(st.redis_url)
     missing: list[str] = names
-    while time.monotonic() < deadline:
-        st = layout.read_state()
-        if st is not None and st.supervisor_pid and not pid_alive(st.supervisor_pid):
-            raise UnavailableError(f"farm supervisor died; see {layout.logs / 'supervisor.log'}")
-        try:
-            missing = [h for h in names if not store.lease_alive(h)]
-        except UnavailableError:
-            missing = names
-        if not missing:
-            return
-        time.sleep(0.1)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UnavailableError(
+                    f"farm supervisor exited: {_supervisor_exit_reason(layout, proc, log_offset)} "
+                    f"(see {layout.logs / 'supervisor.log'})"
+                )
+            st = layout.read_state()
+            try:
+                # Agents are spawned only after start-up (and --keep-state's host retirement) is done.
+                spawned = set(st.children) if st is not None else set()
+                missing = [h for h in names if f"agent-{h}" not in spawned or not store.lease_alive(h)]
+            except UnavailableError:
+                missing = names
+            if not missing:
+                return
+            time.sleep(0.1)
+    finally:
+        store.r.close()
     raise DeadlineExceeded(
         f"farm not up after {timeout_s:.0f} s: no lease from {', '.join(missing)} (see {layout.logs})"
     )
 
 
+def _stop(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
 def farm_down(layout: FarmLayout, timeout_s: float = 60.0) -> bool:
-    """Stop the supervisor (which stops everything it started). True if a farm was running."""
+    """Stop the supervisor (which stops everything it started). True if a farm was running.
+
+    Only processes proven to be the farm's (pid + identity recorded at start) are signalled; a stale
+    farm.json (reboot, pid reuse) stops nothing that is not ours.  Returns once they are all gone.
+    """
     st = layout.read_state()
     if st is None:
         return False
-    was_up = pid_alive(st.supervisor_pid)
+    was_up = st.supervisor_up()
     if was_up and st.supervisor_pid:
-        os.kill(st.supervisor_pid, signal.SIGTERM)
+        _stop(st.supervisor_pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while pid_alive(st.supervisor_pid):
+        while st.supervisor_up():
             if time.monotonic() > deadline:
-                os.kill(st.supervisor_pid, signal.SIGKILL)
+                _stop(st.supervisor_pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
     # Belt and braces: nothing the farm started may outlive it.
-    for pid in [*st.children.values(), st.redis_pid]:
-        if pid_alive(pid):
-            assert pid is not None
-            os.kill(pid, signal.SIGKILL)
+    latest = layout.read_state() or st
+    ours = [(n, p) for s in (st, latest) for n, p in [*s.children.items(), ("redis", s.redis_pid)]]
+    killed = [p for n, p in ours if p is not None and (st.ours(n, p) or latest.ours(n, p))]
+    for pid in killed:
+        _stop(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.02)
     if st.driver == "qemu":
         from provisioner.farm.qemu import QemuFarm
 
         QemuFarm(layout.base / "qemu", len(st.hosts)).down()
-    st.children, st.redis_pid, st.supervisor_pid = {}, None, None
-    layout.write_state(st)
     layout.state_file.unlink(missing_ok=True)
     return was_up
 
 
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()
+
+
 def farm_status(layout: FarmLayout) -> dict[str, Any]:
+    """What runs, as proven by pid + identity, and whether Redis answers; ``healthy`` only if all do."""
     st = layout.read_state()
-    if st is None or not pid_alive(st.supervisor_pid):
-        return {"up": False, "dir": str(layout.base)}
+    if st is None or not st.supervisor_up():
+        out: dict[str, Any] = {"up": False, "dir": str(layout.base)}
+        if st is not None and st.last_error:
+            out["last_error"] = st.last_error
+        return out
     procs = {
-        name: {"pid": pid, "alive": pid_alive(pid), "restarts": st.restarts.get(name, 0)}
+        name: {"pid": pid, "alive": st.ours(name, pid), "restarts": st.restarts.get(name, 0)}
         for name, pid in st.children.items()
     }
-    return {
+    answers = _redis_answers(st.redis_url)
+    redis_row: dict[str, Any] = {"answers": answers, "restarts": st.restarts.get("redis", 0)}
+    if st.own_redis:
+        redis_row |= {"pid": st.redis_pid, "alive": st.ours("redis", st.redis_pid)}
+    out = {
         "up": True,
+        "healthy": answers and all(p["alive"] for p in procs.values()),
         "dir": str(layout.base),
         "driver": st.driver,
         "hosts": st.hosts,
-        "redis_url": st.redis_url,
+        "redis_url": redact(st.redis_url),
+        "redis": redis_row,
         "supervisor_pid": st.supervisor_pid,
         "processes": procs,
         "config": str(layout.config_file),
     }
+    if st.retired:
+        out["retired_hosts"] = st.retired
+    if st.last_error:
+        out["last_error"] = st.last_error
+        out["last_error_at"] = datetime.fromtimestamp(st.last_error_at, UTC) if st.last_error_at else None
+    return out
 
 
 def default_layout(base: Path | None = None) -> FarmLayout:

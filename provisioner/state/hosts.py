@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from provisioner.errors import NotFoundError, ValidationError
+import redis
+
+from provisioner.errors import ConflictError, NotFoundError, ValidationError
 from provisioner.model import Host, HostState
 from provisioner.state.base import StoreBase, as_str_dict, guarded
 from provisioner.state.codec import host_from_fields, host_to_fields
@@ -74,12 +76,29 @@ class HostsMixin(EventsMixin, StoreBase):
         return HostState(previous)
 
     @guarded
-    def remove_host(self, name: str) -> None:
-        """Forget a host (operator action); its claims and lease go with it."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.keys.host(name), self.keys.claims(name), self.keys.lease(name))
-        pipe.srem(self.keys.hosts, name)
-        pipe.execute()
+    def remove_host(self, name: str, if_idle: bool = False) -> None:
+        """Forget a host (operator action); its claims and lease go with it.
+
+        ``if_idle``: only while it holds no claim and no live instance record (ConflictError naming them
+        otherwise); checked under WATCH, so a placement committed meanwhile makes the removal fail.
+        """
+        with self.r.pipeline(transaction=True) as pipe:
+            if if_idle:
+                pipe.watch(self.keys.claims(name), self.keys.by_host(name))  # type: ignore[no-untyped-call]
+                held = set(cast(dict[str, str], pipe.hgetall(self.keys.claims(name))))
+                for iid in cast(set[str], pipe.smembers(self.keys.by_host(name))):
+                    if pipe.hget(self.keys.inst(iid), "state") not in (None, "gone", "failed", "lost"):
+                        held.add(iid)
+                if held:
+                    shown = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
+                    raise ConflictError(f"host {name!r} holds {len(held)} VM(s): {shown}")
+                pipe.multi()
+            pipe.delete(self.keys.host(name), self.keys.claims(name), self.keys.lease(name))
+            pipe.srem(self.keys.hosts, name)
+            try:
+                pipe.execute()
+            except redis.exceptions.WatchError:
+                raise ConflictError(f"host {name!r} changed while being removed; try again") from None
 
     @guarded
     def renew_lease(self, host: str, token: str, ttl_s: float) -> None:

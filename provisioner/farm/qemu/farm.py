@@ -2,14 +2,19 @@
 
 Shape (FARM-NOTES.md): one network namespace for the whole farm holding bridge ``dvbr0`` (the site LAN
 in miniature, 10.77.0.0/24, the bridge itself at .1).  Each host is a holder process
-``ip netns exec NS unshare -m -u`` whose mount namespace bind-mounts the host's private libvirt dirs; its
+``nsenter --net=/run/netns/NS unshare -m -u`` whose mount namespace bind-mounts the host's private libvirt
+dirs (and a sysfs of the farm's network namespace, as ``ip netns exec`` would mount); its
 virtlockd, virtlogd and libvirtd are started into that namespace with nsenter, so every guest QEMU of the
 host lives there too and attaches its tap to the one bridge.  libvirtd (hence every QEMU it forks) runs at
 nice 10 so agents and monitors keep their heartbeats on time while TCG boots fill the cores.
 
 Truth: the processes themselves; ``<base>/qemu-farm.json`` records pids and namespace inodes so that
-``down()`` finds everything again (and falls back to the netns by name if the record is lost).  Every farm
-process is in the farm's network namespace, so killing that namespace's processes ends the farm.
+``down()`` finds everything again (and falls back to the netns by name if the record is lost); a record
+from an earlier boot is ignored (its inodes and pids now belong to others).  Every farm process is in the
+farm's network namespace, so killing that namespace's processes ends the farm.
+
+Namespaces are entered with ``nsenter --net=/run/netns/NS``, never ``ip -n NS`` / ``ip netns exec``: those
+do ``mount --make-rslave /``, which fails where ``/`` is not a mount point (a plain chroot).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 from provisioner.errors import PermanentError, UnavailableError, ValidationError
 from provisioner.farm.qemu.hostconf import HostPaths, config_files, holder_script, migration_ports
 from provisioner.farm.qemu.procs import (
+    boot_id,
     kill_ns,
     ns_inode,
     pid_alive,
@@ -88,11 +94,14 @@ class QemuFarm:
 
     # ---- state -----------------------------------------------------------------------------------
     def _read_state(self) -> dict[str, Any] | None:
+        """The record of the running farm; None when missing, unreadable or written before a reboot."""
         try:
             data = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("boot_id") != boot_id():
+            return None
+        return data
 
     def is_up(self) -> bool:
         st = self._read_state()
@@ -125,7 +134,7 @@ class QemuFarm:
             raise
         hosts: dict[str, dict[str, Any]] = {}
         state: dict[str, Any] = {"netns": self.netns, "netns_inode": ns_inode(f"/run/netns/{self.netns}"),
-                                 "bridge": self.bridge, "hosts": hosts}
+                                 "boot_id": boot_id(), "bridge": self.bridge, "hosts": hosts}
         for h in self.hosts:
             hosts[h] = {"holder": holders[h], "mnt_inode": ns_inode(f"/proc/{holders[h]}/ns/mnt"),
                                  **daemons[h], "uri": self.host_uri(h)}
@@ -149,11 +158,16 @@ class QemuFarm:
     def _make_netns(self) -> None:
         ns, br = self.netns, self.bridge
         run(["ip", "netns", "add", ns], f"create netns {ns}")
-        run(["ip", "-n", ns, "link", "set", "lo", "up"], f"netns {ns}: lo up")
-        run(["ip", "-n", ns, "link", "add", br, "type", "bridge", "forward_delay", "0", "stp_state", "0"],
-            f"netns {ns}: create bridge {br}")
-        run(["ip", "-n", ns, "addr", "add", f"{self.gateway}/24", "dev", br], f"netns {ns}: address {br}")
-        run(["ip", "-n", ns, "link", "set", br, "up"], f"netns {ns}: {br} up")
+        run(self._in_netns(["ip", "link", "set", "lo", "up"]), f"netns {ns}: lo up")
+        bridge = ["ip", "link", "add", br, "type", "bridge", "forward_delay", "0", "stp_state", "0"]
+        run(self._in_netns(bridge), f"netns {ns}: create bridge {br}")
+        address = ["ip", "addr", "add", f"{self.gateway}/24", "dev", br]
+        run(self._in_netns(address), f"netns {ns}: address {br}")
+        run(self._in_netns(["ip", "link", "set", br, "up"]), f"netns {ns}: {br} up")
+
+    def _in_netns(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside the farm's network namespace (nsenter: works where ``ip -n`` does not)."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
 
     def _prepare_host(self, host: str, index: int) -> None:
         p = self.paths(host)
@@ -179,8 +193,8 @@ class QemuFarm:
             p = self.paths(h)
             with (p.root / "holder.log").open("wb") as logf:
                 procs[h] = subprocess.Popen(
-                    ["ip", "netns", "exec", self.netns, "unshare", "-m", "-u", "--propagation", "private",
-                     "sh", "-c", holder_script(p, h)],
+                    self._in_netns(["unshare", "-m", "-u", "--propagation", "private",
+                                    "sh", "-c", holder_script(p, h)]),
                     stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                 )
         holders: dict[str, int] = {}

@@ -141,6 +141,9 @@ def holder_script(paths: HostPaths, hostname: str) -> str:
     lines = ["set -e", "mount --make-rprivate /"]
     for src, dst in paths.binds():
         lines.append(f"mkdir -p '{dst}' && mount --bind '{src}' '{dst}'")
+    # What `ip netns exec` did for us: a /sys showing the farm namespace's devices (the bridge), not the
+    # machine's.  The old /sys is detached first; if there was none, the new one still goes on top.
+    lines.append("umount -l /sys 2>/dev/null || true; mount -t sysfs sysfs /sys")
     lines += [f"hostname '{hostname}'", f"echo $$ > '{paths.pidfile('holder')}.tmp'",
               f"mv '{paths.pidfile('holder')}.tmp' '{paths.pidfile('holder')}'", "exec sleep infinity"]
     return "\n".join(lines) + "\n"
