@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from provisioner.config import Config
@@ -26,30 +29,63 @@ class Runtime:
     hypervisor: Hypervisor | None = None  # set in a host agent
     lease_token: str = ""  # a host agent's lease token (its identity towards the host's lease)
     booting: set[str] = field(default_factory=set)  # instance ids this agent is booting right now
-    catalogue_mtime: int | None = None  # catalogue directory mtime at the last load
+    catalogue_mtime: int | None = None  # catalogue signature (directory + files' mtimes) at the last load
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def resolve_image(rt: Runtime, ref: str) -> ResolvedImage:
     """Resolve through a catalogue that follows edits: the directory's mtime changes with every atomic
-    rename, so a long-running agent or worker reloads when an operator adds or promotes an image."""
-    from provisioner.catalogue.store import Catalogue
+    rename, so a long-running agent or worker reloads when an operator adds or promotes an image.  A bad
+    file never fails an image of another family: the reload serves the last good version of what it
+    cannot read (Catalogue.load_serving) and reports the bad file as an event."""
     from provisioner.errors import UnknownImageError
 
-    directory = rt.config.catalogue_dir
-    try:
-        mtime = directory.stat().st_mtime_ns
-    except OSError:
-        mtime = 0
+    mtime = _catalogue_signature(rt.config.catalogue_dir)
     if rt.catalogue_mtime != mtime:
-        rt.catalogue = Catalogue.load(directory, rt.config.storage.artefacts)
+        reload_catalogue(rt)
         rt.catalogue_mtime = mtime
     try:
         return rt.catalogue.resolve(ref)
     except UnknownImageError:
         # Same-granularity mtime (an edit within the clock tick of our last load): reload once and retry.
-        rt.catalogue = Catalogue.load(directory, rt.config.storage.artefacts)
+        reload_catalogue(rt)
         return rt.catalogue.resolve(ref)
+
+
+def _catalogue_signature(directory: Path) -> int:
+    """Changes with every rename in the directory AND with a file rewritten in place (an editor that does
+    not rename): the directory's mtime plus each ``*.yaml`` file's mtime and size."""
+    try:
+        dir_mtime = directory.stat().st_mtime_ns
+        with os.scandir(directory) as it:
+            stats = [(e.name, e.stat()) for e in it if e.name.endswith(".yaml")]
+        files = sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats)
+    except OSError:
+        return 0
+    return hash((dir_mtime, *files))
+
+
+def reload_catalogue(rt: Runtime) -> None:
+    """Load the catalogue again (serving the last good version of a bad file); each bad file this process
+    had not reported yet becomes a ``catalogue_problem`` event, so operators see it in ``dynvm events``."""
+    from provisioner.catalogue.store import Catalogue
+
+    previous = rt.catalogue
+    rt.catalogue = Catalogue.load_serving(
+        rt.config.catalogue_dir, rt.config.storage.artefacts, previous=previous
+    )
+    report_catalogue_problems(rt, {str(f) for f in previous.problems} if previous is not None else set())
+
+
+def report_catalogue_problems(rt: Runtime, already: set[str]) -> None:
+    from provisioner.errors import DynvmError
+
+    for f in rt.catalogue.problems:
+        if str(f) in already:
+            continue
+        # Redis down: the CLI and `image validate` still show it; a report never fails a boot.
+        with contextlib.suppress(DynvmError):
+            rt.store.add_event("catalogue_problem", str(f), host=rt.host or "", file=f.file)
 
 
 def try_claim(rt: Runtime, host: str, inst: Instance) -> str:
@@ -84,8 +120,10 @@ def build_runtime(config: Config, host: str | None = None) -> Runtime:
 
     store = StateStore.from_url(config.redis_url)
     store.ping()
-    catalogue = Catalogue.load(config.catalogue_dir, config.storage.artefacts)
-    return Runtime(config=config, store=store, catalogue=catalogue, host=host)
+    catalogue = Catalogue.load_serving(config.catalogue_dir, config.storage.artefacts)
+    rt = Runtime(config=config, store=store, catalogue=catalogue, host=host)
+    report_catalogue_problems(rt, set())
+    return rt
 
 
 def serve(rt: Runtime, queue: str, name: str, concurrency: int) -> None:

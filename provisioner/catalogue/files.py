@@ -24,6 +24,7 @@ class Entry:
     family: ImageFamily
     file: Path
     doc: yamlio.Document
+    text: str = ""  # the file's text as parsed (kept as the family's last good version)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -44,7 +45,7 @@ def parse_family_text(text: str, path: Path) -> Entry:
     doc = yamlio.parse(text, str(path), CatalogueError)
     precheck(doc)
     family = yamlio.validate_model(doc, ImageFamily, CatalogueError)
-    return Entry(family, path, doc)
+    return Entry(family, path, doc, text)
 
 
 def precheck(doc: yamlio.Document) -> None:

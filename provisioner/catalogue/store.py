@@ -14,6 +14,7 @@ from pathlib import Path
 from provisioner import yamlio
 from provisioner.catalogue.checksums import ChecksumCache, artefact_path, default_cache_path
 from provisioner.catalogue.files import DEFAULT_CHANNEL, AddResult, Entry, parse_family, parse_ref
+from provisioner.catalogue.lastgood import LastGood
 from provisioner.catalogue.model import Artefact, ImageFamily, ImageKind, ResolvedImage
 from provisioner.errors import CatalogueError, DynvmError, UnknownImageError
 
@@ -102,6 +103,8 @@ class Catalogue:
         self.artefact_root = artefact_root
         self._entries = entries
         self.checksums = checksums if checksums is not None else ChecksumCache(default_cache_path())
+        # Bad files found by load_serving (what is served instead is in each message); empty = all good.
+        self.problems: list[Finding] = []
 
     @classmethod
     def load(cls, directory: Path, artefact_root: Path, checksums: ChecksumCache | None = None) -> Catalogue:
@@ -115,6 +118,41 @@ class Catalogue:
                 first = yamlio.located(CatalogueError, f.file, f.line, more)
             raise first
         return cls(directory, artefact_root, entries, checksums)
+
+    @classmethod
+    def load_serving(
+        cls,
+        directory: Path,
+        artefact_root: Path,
+        previous: Catalogue | None = None,
+        checksums: ChecksumCache | None = None,
+        last_good: LastGood | None = None,
+    ) -> Catalogue:
+        """What a running system serves: every good file, and for a bad file its family's last good
+        version (the on-disk copy, else ``previous``'s), so one bad file never stops the other families
+        nor, once seen good, its own.  Each bad file is an error in ``problems``.  Only a missing or
+        empty directory raises (there is nothing to serve)."""
+        entries, problems = scan(directory)
+        lg = last_good if last_good is not None else LastGood.default()
+        for entry in entries.values():
+            lg.remember(directory, entry)
+        kept: dict[str, Entry] = {}
+        for stem in sorted({p.stem for p in directory.glob("*.yaml")} - set(entries)):
+            old = previous._entries.get(stem) if previous and previous.directory == directory else None
+            fallback = lg.recall(directory, stem) or old
+            if fallback is not None:
+                kept[stem] = fallback
+        cat = cls(directory, artefact_root, {**entries, **kept}, checksums)
+        for err in problems:
+            f = Finding.from_error(err, str(directory))
+            stem = Path(f.file).stem
+            note = (
+                f"serving the last good version of {stem!r} until the file is fixed"
+                if stem in kept
+                else f"{Path(f.file).name} is not served (no good version of it seen yet)"
+            )
+            cat.problems.append(Finding(Severity.ERROR, f.file, f.line, f"{f.message}; {note}"))
+        return cat
 
     @classmethod
     def check(
@@ -131,7 +169,12 @@ class Catalogue:
             return cat, cat.validate()
         entries, problems = scan(path)
         cat = cls(path, artefact_root, entries, checksums)
-        return cat, [Finding.from_error(p, str(path)) for p in problems] + cat.validate()
+        findings = [Finding.from_error(p, str(path)) for p in problems]
+        for stem in sorted({p.stem for p in path.glob("*.yaml")} - set(entries)):
+            if LastGood.default().recall(path, stem) is not None:
+                msg = f"while this file is bad, dynvm serves the last good version of {stem!r} it saw"
+                findings.append(Finding(Severity.WARNING, str(path / f"{stem}.yaml"), None, msg))
+        return cat, findings + cat.validate()
 
     # -- queries -------------------------------------------------------------------------------------
     def families(self) -> list[ImageFamily]:

@@ -62,5 +62,8 @@ class CliContext:
             from provisioner.catalogue.store import Catalogue
 
             cfg = self.config
-            self._catalogue = Catalogue.load(cfg.catalogue_dir, cfg.storage.artefacts)
+            # One bad file never stops a command: its family keeps its last good version; say so loudly.
+            self._catalogue = Catalogue.load_serving(cfg.catalogue_dir, cfg.storage.artefacts)
+            for problem in self._catalogue.problems:
+                self.out.warning(f"catalogue: {problem}")
         return self._catalogue

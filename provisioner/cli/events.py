@@ -59,6 +59,7 @@ def status(ctx: CliContext, args: argparse.Namespace) -> int:
                 for h in hosts
             },
             "instances": by_state,
+            "catalogue": "; ".join(str(p) for p in rt.catalogue.problems) or "ok",
         },
         title="dynvm status",
     )
