@@ -38,14 +38,16 @@ def migrate_instance(rt: Runtime, instance_id: str, dest: str, expected_epoch: i
     dest_cfg = rt.config.host(dest)
     if dest_cfg is None:
         raise NotFoundError(f"migrate {inst.id}: destination host {dest!r} is not configured")
-    if not claim(rt, dest, inst):
-        raise NoCapacityError(f"migrate {inst.id}: {dest} has no room (or is not up)")
+    # The record says migrating before the destination is claimed, so a claim on ``dest`` is never seen
+    # by dest's reconciler next to a record that does not explain it.  The epoch goes up when it lands.
     try:
-        # A new epoch for the move: decisions taken on a read from before it (a reconciler's) now fail.
-        moving = rt.store.transition_from(inst, InstanceState.MIGRATING, bump_epoch=True)
+        moving = rt.store.transition_from(inst, InstanceState.MIGRATING)
     except ConflictError:
-        rt.store.release_claim(dest, inst.id)
         return
+    if not claim(rt, dest, moving):
+        with contextlib.suppress(ConflictError):
+            rt.store.transition_from(moving, InstanceState.READY)
+        raise NoCapacityError(f"migrate {inst.id}: {dest} has no room (or is not up)")
     rt.store.add_event("migrating", instance=inst.id, host=rt.host, message=f"live to {dest}")
     t0 = time.monotonic()
     target = LibvirtHost(dest_cfg.uri, call_timeout_s=rt.config.timeouts.libvirt_call_s)

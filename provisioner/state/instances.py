@@ -184,6 +184,15 @@ class InstancesMixin(StoreBase):
         fields.setdefault("updated", time.time())
         return self._update(instance_id, None, _Expect(None, ANY_HOST, None), fields, False)
 
+    @guarded
+    def release_claim_from(self, read: Instance, host: str) -> Instance:
+        """Give back ``read``'s claim on ``host`` only if the record is still exactly ``read`` (state,
+        host, epoch): a claim found unjustified on a stale read may belong to a placement or a move made
+        since.  Raises ConflictError (naming what differed) or NotFoundError; the record is not changed."""
+        check_id(host, "host name")
+        exp = _Expect(read.state, read.host, read.epoch)
+        return self._update(read.id, None, exp, {}, False, release_on=host)
+
     def _update(
         self,
         instance_id: str,
@@ -191,6 +200,7 @@ class InstancesMixin(StoreBase):
         exp: _Expect,
         fields: dict[str, Any],
         bump_epoch: bool,
+        release_on: str = "",
     ) -> Instance:
         to_set, to_del = update_fields(instance_id, fields)
         if isinstance(exp.host, str):
@@ -204,6 +214,7 @@ class InstancesMixin(StoreBase):
             "1" if bump_epoch else "0",
             _ALLOWED_FROM[new_state] if new_state is not None else "",
             _CLAIMING_CSV,
+            release_on,
             len(to_set),
         ]
         for k, v in to_set.items():
