@@ -26,7 +26,8 @@ LabelValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{0,63}$")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` passed every `gt=0` and broke later (OverflowError in a timer).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DomainType(StrEnum):
@@ -38,8 +39,8 @@ class DomainType(StrEnum):
 class DetectionClass(Strict):
     """How fast a host of this class is declared dead (counted from its last lease renewal)."""
 
-    lease_ttl_s: float = Field(default=3.0, gt=0)
-    dead_after_s: float = Field(default=4.0, gt=0)
+    lease_ttl_s: float = Field(default=3.0, gt=0, le=3600)
+    dead_after_s: float = Field(default=4.0, gt=0, le=86400)
     samples: int = Field(default=2, ge=1, le=100)
 
 
@@ -114,10 +115,10 @@ class SchedulerConfig(Strict):
 
 
 class TimeoutsConfig(Strict):
-    libvirt_call_s: float = Field(default=10.0, gt=0)
-    provision_s: float = Field(default=300.0, gt=0)
-    visibility_s: float = Field(default=3600.0, gt=0)
-    reconcile_interval_s: float = Field(default=10.0, gt=0)
+    libvirt_call_s: float = Field(default=10.0, gt=0, le=3600)
+    provision_s: float = Field(default=300.0, gt=0, le=86400)
+    visibility_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    reconcile_interval_s: float = Field(default=10.0, gt=0, le=3600)
 
 
 class Config(Strict):

@@ -18,7 +18,7 @@ from provisioner.catalogue.files import REF_RE
 from provisioner.catalogue.model import VO_RE, ImageKind, ResolvedImage
 from provisioner.catalogue.store import Catalogue
 from provisioner.config import Config, IdentitySource
-from provisioner.errors import IdentityError, UnknownVOError, ValidationError
+from provisioner.errors import IdentityError, UnknownImageError, UnknownVOError, ValidationError
 
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
 GROUP_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -140,7 +140,10 @@ def image_for_vo(
         known = ", ".join(sorted(config.vos)) or "none"
         raise UnknownVOError(f"unknown VO {vo!r} (configured: {known})")
     if requested is None:
-        image = catalogue.resolve(vc.image)
+        try:
+            image = catalogue.resolve(vc.image)
+        except UnknownImageError as err:  # the configuration is at fault: say where
+            raise UnknownImageError(f"vos.{vo}.image in {config.source}: {err.message}") from None
         what = f"configured image {vc.image!r} of VO {vo!r}"
     else:
         ref = validate_token(requested, "image", IMAGE_REF_RE, 128)

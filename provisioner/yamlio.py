@@ -11,7 +11,9 @@ which ``BaseException.__reduce__`` keeps, so the errors stay picklable.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +29,16 @@ try:  # libyaml is ~10x faster; the pure-Python loader gives the same nodes and 
 except ImportError:  # pragma: no cover - depends on how PyYAML was built
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
-MAX_FILE_BYTES = 4 * 1024 * 1024
-# Aliases can make a tiny document expand exponentially ("billion laughs"); cap the walk.
-MAX_NODES = 200_000
+# Every YAML file dynvm reads (configuration, catalogue) is refused above this size before it is read:
+# parsing costs ~100x the file size in memory, and a real file is a few kB.
+MAX_FILE_BYTES = 1024 * 1024
+# Aliases can make a tiny document expand exponentially ("billion laughs"); cap the walk.  The same bound
+# is applied to the parser's events first, which is cheap (streaming) where building the tree is not.
+MAX_NODES = 100_000
 MAX_REPR = 60
+# A key echoed in a dotted path must look like a key, not like a line of some other file
+# (`--config /etc/shadow` must not print a password hash).
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}$")
 
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -59,10 +67,17 @@ def short_repr(value: object, limit: int = MAX_REPR) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
+def safe_key(key: object) -> str:
+    """``key`` as text if it looks like a key; otherwise a placeholder that echoes nothing of it."""
+    text = str(key)
+    return text if _SAFE_KEY.match(text) else "<unrecognised key>"
+
+
 def dotted(loc: Loc) -> str:
-    """``("hosts", 2, "uri")`` -> ``hosts[2].uri``."""
+    """``("hosts", 2, "uri")`` -> ``hosts[2].uri``; a key that does not look like one is not echoed."""
     out = ""
-    for part in loc:
+    for raw in loc:
+        part = raw if isinstance(raw, int) or raw == "[key]" else safe_key(raw)
         if isinstance(part, int):
             out += f"[{part}]"
         elif part == "[key]":
@@ -87,14 +102,29 @@ def located(error_cls: type[E], source: str, line: int | None, message: str) -> 
 
 
 def read_text(path: Path, error_cls: type[E]) -> str:
-    """The file's text; unreadable, over-large and non-UTF-8 files are errors naming the file."""
+    """The file's text; unreadable, non-regular, over-large and non-UTF-8 files are errors naming the file.
+
+    A FIFO or device is refused without blocking (opened non-blocking, checked with fstat before any
+    read), and the size is checked before reading.
+    """
     src = str(path)
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise located(error_cls, src, None, f"cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise located(error_cls, src, None, f"not a regular file ({_file_kind(st.st_mode)})")
+    if st.st_size > MAX_FILE_BYTES:
+        os.close(fd)
+        raise located(error_cls, src, None, f"file larger than {MAX_FILE_BYTES} bytes ({st.st_size})")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise located(error_cls, src, None, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:  # it grew while we read it
         raise located(error_cls, src, None, f"file larger than {MAX_FILE_BYTES} bytes")
     try:
         return raw.decode("utf-8")
@@ -104,8 +134,39 @@ def read_text(path: Path, error_cls: type[E]) -> str:
         raise located(error_cls, src, line, f"not valid UTF-8 at byte offset {exc.start} ({bad!r})") from None
 
 
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def _count_events(text: str, source: str, error_cls: type[E]) -> None:
+    """Refuse a document of more than MAX_NODES parser events before building its tree (a flat list of
+    millions of items costs seconds and hundreds of MB to compose, and a few ms to count)."""
+    loader = _Loader(text)
+    try:
+        n = 0
+        while loader.check_event():
+            loader.get_event()
+            n += 1
+            if n > MAX_NODES:
+                raise located(error_cls, source, None, f"document has over {MAX_NODES} YAML nodes")
+    except yaml.YAMLError:
+        return  # parse() reports it, with its line
+    finally:
+        loader.dispose()
+
+
 def parse(text: str, source: str, error_cls: type[E]) -> Document:
     """Parse one YAML document that must be a mapping."""
+    _count_events(text, source, error_cls)
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -173,7 +234,7 @@ class _Walker:
                         self.error_cls,
                         self.source,
                         line,
-                        f"{path}: duplicate key {short_repr(key)} (first at line {seen[key]})",
+                        f"{path}: duplicate key {short_repr(safe_key(key))} (first at line {seen[key]})",
                     )
                 seen[key] = line
                 if isinstance(key, str | int):

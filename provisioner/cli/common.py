@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provisioner.cli.context import CliContext
 from provisioner.runtime import Runtime
+
+if TYPE_CHECKING:
+    from provisioner.config import Config
+    from provisioner.state.store import StateStore
 
 
 def runtime(ctx: CliContext) -> Runtime:
@@ -17,11 +21,48 @@ def runtime(ctx: CliContext) -> Runtime:
         from provisioner.state.store import StateStore
 
         store = StateStore.from_url(ctx.state_config.redis_url)
-        store.ping()
+        ping(store, ctx.config)
         rt = Runtime(config=ctx.config, store=store, catalogue=ctx.catalogue)
         rt.app = make_app(ctx.config)
         ctx._runtime = rt  # type: ignore[attr-defined]
     return rt
+
+
+def ping(store: StateStore, config: Config) -> None:
+    """Ask Redis once; a server that refuses the database or does not speak Redis is one clear line.
+
+    A lost connection is UnavailableError already (the store's guard); these are not connection errors
+    in redis-py, so they would otherwise end as "internal error".
+    """
+    import redis.exceptions
+
+    from provisioner.errors import ConfigError, UnavailableError
+    from provisioner.state.base import redact
+
+    url = redact(config.redis_url)
+    try:
+        store.ping()
+    except redis.exceptions.ResponseError as err:  # e.g. "DB index is out of range", "NOAUTH ..."
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"redis_url {url!r} in {config.source}: the server refused it: {detail}") from None
+    except (redis.exceptions.InvalidResponse, redis.exceptions.DataError) as err:
+        raise UnavailableError(
+            f"redis_url {url!r} in {config.source}: the server there does not speak the Redis protocol "
+            f"({type(err).__name__})"
+        ) from None
+    except redis.exceptions.RedisError as err:  # anything else from the client: still one line
+        raise UnavailableError(f"redis at {url}: {type(err).__name__}: {err}") from None
+
+
+def check_redis(config: Config) -> None:
+    """A daemon's start-up check: Redis answers at the configured URL (before the daemon acts)."""
+    from provisioner.state.store import StateStore
+
+    store = StateStore.from_url(config.redis_url)
+    try:
+        ping(store, config)
+    finally:
+        store.close()
 
 
 def ts(epoch: float | None) -> datetime | None:

@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from provisioner.cli.argtypes import int_range
 from provisioner.cli.common import runtime
 from provisioner.cli.context import CliContext
 from provisioner.errors import EXIT_OK
 
 COLUMNS = ["ts", "kind", "instance", "host", "message"]
+MAX_COUNT = 100_000  # the stream keeps ~10,000 (events_maxlen); more is never there to read
 
 
 def register(sub: Any) -> None:
     ev = sub.add_parser("events", help="the event stream (newest last)")
-    ev.add_argument("-n", "--count", type=int, default=50)
+    ev.add_argument(
+        "-n",
+        "--count",
+        type=int_range(1, MAX_COUNT),
+        default=50,
+        help=f"how many (1..{MAX_COUNT}, default 50)",
+    )
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     ev.set_defaults(func=events)
     st = sub.add_parser("status", help="hosts, VMs and processes at a glance")
@@ -43,6 +51,8 @@ def _line(e: dict[str, Any]) -> str:
 
 
 def status(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.state.base import redact
+
     rt = runtime(ctx)
     hosts = rt.store.list_hosts()
     insts = rt.store.list_instances()
@@ -52,7 +62,7 @@ def status(ctx: CliContext, args: argparse.Namespace) -> int:
     ctx.out.obj(
         {
             "config": ctx.config.source,
-            "redis": ctx.config.redis_url,
+            "redis": redact(ctx.config.redis_url),  # never print a password
             "hosts": {
                 h.name: f"{h.state.value}, lease {'alive' if rt.store.lease_alive(h.name) else 'expired'}, "
                 f"{h.used_vcpus}/{h.capacity.vcpus} vCPU"

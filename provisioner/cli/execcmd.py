@@ -6,8 +6,11 @@ import argparse
 import sys
 from typing import Any
 
+from provisioner.cli.argtypes import seconds
 from provisioner.cli.common import runtime
 from provisioner.cli.context import CliContext
+
+MAX_EXEC_SECONDS = 366 * 24 * 3600.0  # payloads run for days; a year is a bound, not a limit anyone meets
 
 
 def register(sub: Any) -> None:
@@ -22,7 +25,7 @@ def register(sub: Any) -> None:
     p.add_argument("id")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds(hi=MAX_EXEC_SECONDS, allow_lo=True),
         default=60.0,
         help="seconds the command may run (default 60; 0 = no limit, for payloads of days)",
     )

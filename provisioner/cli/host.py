@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from provisioner.cli.argtypes import seconds
 from provisioner.cli.common import runtime, ts
 from provisioner.cli.context import CliContext
 from provisioner.errors import EXIT_OK, ConflictError, NotFoundError
@@ -25,7 +26,7 @@ def register(sub: Any) -> None:
     drain = hs.add_parser("drain", help="refuse new placements; move service VMs away live")
     drain.add_argument("name")
     drain.add_argument("--wait", action="store_true", help="wait until its service VMs have moved")
-    drain.add_argument("--timeout", type=float, default=600.0)
+    drain.add_argument("--timeout", type=seconds(), default=600.0)
     drain.set_defaults(func=host_drain)
     undrain = hs.add_parser("undrain", help="accept placements again")
     undrain.add_argument("name")

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from provisioner.cli.argtypes import nonempty
 from provisioner.cli.context import CliContext
 from provisioner.cli.output import Mode, Output
 from provisioner.errors import (
@@ -59,7 +60,11 @@ def _add_globals(p: argparse.ArgumentParser, top: bool) -> None:
     default: Any = argparse.SUPPRESS
     try:
         p.add_argument(
-            "--config", metavar="PATH", default=None if top else default, help="configuration file"
+            "--config",
+            metavar="PATH",
+            type=nonempty("--config"),  # '' used to be dropped silently (and the default read instead)
+            default=None if top else default,
+            help="configuration file",
         )
         p.add_argument(
             "-o",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -168,5 +169,19 @@ class Output:
         sys.stderr.flush()
 
 
+# An error line echoes values (ids, paths, arguments); one of 100 kB made a 100 kB line.  Each long word is
+# cut, then the whole line, so the message stays readable and names its culprit by its start.
+MAX_WORD = 80
+MAX_LINE = 1000
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD + 1},}}")
+
+
+def _cut_word(m: re.Match[str]) -> str:
+    word = m.group(0)
+    return f"{word[: MAX_WORD - 20]}...({len(word)} chars)"
+
+
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split("\n")).replace("\r", " ")
+    line = " ".join(str(text).split("\n")).replace("\r", " ")
+    line = _LONG_WORD.sub(_cut_word, line)
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 20] + f"...({len(line)} chars)"

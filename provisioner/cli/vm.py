@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from provisioner.cli.argtypes import int_range, seconds
 from provisioner.cli.common import instance_row, runtime
 from provisioner.cli.context import CliContext
-from provisioner.errors import EXIT_OK, NotFoundError
+from provisioner.errors import EXIT_OK, NotFoundError, UsageError
 from provisioner.model import InstanceState, Role
 
 COLUMNS = ["id", "state", "role", "image", "vo", "host", "vcpus", "memory_mib", "owner", "reason"]
+# Bounds of what a command line may ask for; the image's own bounds are checked when the VM is placed.
+MAX_VCPUS = 1024
+MAX_MEMORY_MIB = 16 * 1024 * 1024
 
 
 def register(sub: Any) -> None:
@@ -19,14 +23,14 @@ def register(sub: Any) -> None:
     p = vs.add_parser("provision", help="request a VM")
     p.add_argument("--image", help="image NAME[:VERSION|:CHANNEL] (a bare name means its stable channel)")
     p.add_argument("--vo", help="the VO it is for (a worker image must serve it)")
-    p.add_argument("--vcpus", type=int)
-    p.add_argument("--memory", type=int, metavar="MIB")
+    p.add_argument("--vcpus", type=int_range(1, MAX_VCPUS))
+    p.add_argument("--memory", type=int_range(1, MAX_MEMORY_MIB), metavar="MIB")
     p.add_argument("--key", help="idempotency key: a second request with the same key returns the first VM")
     p.add_argument("--owner", help="owner label (e.g. a batch job key)")
     p.add_argument("--name", help="service name (service images): fixes its MAC address")
     p.add_argument("--ip", help="fixed IPv4 address of a service VM (given to the guest on its command line)")
     p.add_argument("--wait", action="store_true", help="wait until it is ready (or failed)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    p.add_argument("--timeout", type=seconds(), default=300.0, help="seconds to wait (default 300)")
     p.set_defaults(func=vm_provision)
     ls = vs.add_parser("list", help="VMs")
     ls.add_argument("--host")
@@ -45,16 +49,17 @@ def register(sub: Any) -> None:
         move.add_argument("id")
         move.add_argument("--to", dest="to", help="destination host (default: the scheduler's choice)")
         move.add_argument("--wait", action="store_true")
-        move.add_argument("--timeout", type=float, default=300.0)
+        move.add_argument("--timeout", type=seconds(), default=300.0)
         move.set_defaults(func=func)
     rel = vs.add_parser("release", help="stop and remove a VM")
     rel.add_argument("id")
     rel.add_argument("--wait", action="store_true")
-    rel.add_argument("--timeout", type=float, default=120.0)
+    rel.add_argument("--timeout", type=seconds(), default=120.0)
     rel.set_defaults(func=vm_release)
 
 
 def vm_provision(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.catalogue.model import ImageKind
     from provisioner.control.client import choose_image, submit, wait
     from provisioner.identity import validate_token
 
@@ -62,10 +67,16 @@ def vm_provision(ctx: CliContext, args: argparse.Namespace) -> int:
         validate_token(args.key, "--key", r"^[A-Za-z0-9_.:-]+$", 128)
     if args.owner is not None:
         validate_token(args.owner, "--owner", r"^[A-Za-z0-9_.:@-]+$", 128)
-    rt = runtime(ctx)
-    image, vo = choose_image(rt, args.image, args.vo)
     if args.name is not None:
         validate_token(args.name, "--name", r"^[a-z][a-z0-9-]{0,62}$", 63)
+    rt = runtime(ctx)
+    image, vo = choose_image(rt, args.image, args.vo)
+    if image.kind is not ImageKind.SERVICE:
+        given = [opt for opt, v in (("--name", args.name), ("--ip", args.ip)) if v is not None]
+        if given:
+            raise UsageError(
+                f"{' and '.join(given)} apply to service images only; {image.ref} is a {image.kind} image"
+            )
     inst, created = submit(
         rt,
         image,

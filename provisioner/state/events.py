@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from provisioner import oplog
 from provisioner.state.base import MAX_BLOCK_S, StoreBase, guarded
 
 _CORE = ("ts", "kind", "instance", "host", "message")
@@ -61,14 +62,22 @@ class EventsMixin(StoreBase):
         *,
         instance: str | None = None,
         host: str | None = None,
+        vo: str | None = None,
+        duration_s: float | None = None,
         **extra: str,
     ) -> str:
-        """Append one event; returns its stream id."""
+        """Append one event; returns its stream id.  It is also logged as one line (:mod:`provisioner.oplog`),
+        first, so the operation is in the process's log even when Redis cannot take the event."""
+        oplog.event(kind, message, instance=instance, host=host, vo=vo, duration_s=duration_s, extra=extra)
         fields: dict[str, str] = {"ts": _now_iso(), "kind": kind, "message": message[:MAX_MESSAGE]}
         if instance:
             fields["instance"] = instance
         if host:
             fields["host"] = host
+        if vo:
+            fields["vo"] = vo
+        if duration_s is not None:
+            fields["duration_ms"] = str(round(duration_s * 1000))
         fields.update({k: str(v)[:MAX_MESSAGE] for k, v in extra.items() if k not in _CORE})
         eid = self.r.xadd(self.keys.events, cast(Any, fields), maxlen=self.events_maxlen, approximate=True)
         return str(eid)

@@ -62,7 +62,7 @@ def test_error_names_file_line_and_dotted_path() -> None:
         ("domain_type: xen\n", ":1: domain_type: Input should be 'kvm', 'qemu' or 'test'"),
         ("schema_version: 2\n", ":1: schema_version: "),
         ("vos:\n  cms:\n    image: cms-wn\n    groups: cms\n", ":4: vos.cms.groups: "),
-        ("vos:\n  'cms;rm':\n    image: cms-wn\n", "vos.cms;rm (key): String should match"),
+        ("vos:\n  'cms;rm':\n    image: cms-wn\n", ":2: vos.<unrecognised key> (key): String should match"),
         (
             "hosts:\n  - {name: a, uri: 'test:///default'}\n  - {name: a, uri: 'test:///default'}\n",
             ":3: hosts[1].name: duplicate host name 'a'",

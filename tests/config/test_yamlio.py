@@ -105,7 +105,7 @@ def test_non_utf8_names_byte_offset_and_line(tmp_path: Path) -> None:
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         yamlio.load(tmp_path / "nope.yaml", ConfigError)
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match=r"not a regular file \(a directory\)"):
         yamlio.load(tmp_path, ConfigError)
 
 
@@ -135,3 +135,65 @@ def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
     doc = yamlio.load(write(tmp_path, text), ConfigError)
     assert doc.data["hosts"] == [{"uri": "test:///default", "port": 7}]
     assert doc.line(("hosts", 0, "uri")) == 4
+
+
+# -- hostile files (issue 11) ------------------------------------------------------------------------------
+def _load_in_thread(path: Path) -> BaseException | None:
+    """Load ``path`` in a daemon thread so a hang fails the test instead of blocking the run."""
+    import threading
+
+    box: list[BaseException | None] = []
+
+    def go() -> None:
+        try:
+            yamlio.load(path, ConfigError)
+            box.append(None)
+        except BaseException as exc:  # handed to the test
+            box.append(exc)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(10)
+    assert box, f"loading {path} blocked"
+    return box[0]
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "dynvm.yaml"
+    os.mkfifo(fifo)
+    err = _load_in_thread(fifo)
+    assert isinstance(err, ConfigError) and "not a regular file (a FIFO)" in str(err)
+
+
+def test_size_is_bounded_before_reading(tmp_path: Path) -> None:
+    p = write(tmp_path, "- 1\n" * 950_000)  # 3.8 MB: 10 s and 630 MB to reject before the bound
+    err = _load_in_thread(p)
+    assert isinstance(err, ConfigError) and f"file larger than {yamlio.MAX_FILE_BYTES} bytes" in str(err)
+    assert yamlio.MAX_FILE_BYTES == 1024 * 1024
+
+
+def test_node_count_is_bounded_before_building_the_tree(tmp_path: Path) -> None:
+    p = write(tmp_path, "- 1\n" * 200_000)  # 800 kB, under the size bound
+    err = _load_in_thread(p)
+    assert isinstance(err, ConfigError) and f"over {yamlio.MAX_NODES} YAML nodes" in str(err)
+
+
+def test_foreign_file_content_is_not_echoed(tmp_path: Path) -> None:
+    secret = "root:$y$j9T$abcdefgh$SECRETHASHSECRETHASH:20228:0:99999:7:::"
+    p = write(tmp_path, f"{secret}\ndaemon:*:20228:0:99999:7:::\n")
+    from provisioner.configload import load_config
+
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    err = str(ei.value)
+    assert "SECRETHASH" not in err and "daemon" not in err and "\n" not in err
+    assert err.startswith(f"{p}:1: <unrecognised key>: unknown key"), err
+
+
+def test_duplicate_foreign_key_is_not_echoed(tmp_path: Path) -> None:
+    p = write(tmp_path, "pass:word$x: 1\npass:word$x: 2\n")
+    with pytest.raises(ConfigError) as ei:
+        yamlio.load(p, ConfigError)
+    assert "word" not in str(ei.value) and ":2: <unrecognised key>: duplicate key" in str(ei.value)
