@@ -183,6 +183,10 @@ class Catalogue:
     def entry(self, name: str) -> Entry:
         e = self._entries.get(name)
         if e is None:
+            bad = next((p for p in self.problems if Path(p.file).name == f"{name}.yaml"), None)
+            if bad is not None:  # name the culprit, not just "unknown"
+                at = f"{bad.file}:{bad.line}" if bad.line is not None else bad.file
+                raise UnknownImageError(f"image {name!r} is not served: {at} is invalid (see image validate)")
             raise UnknownImageError(f"unknown image {yamlio.short_repr(name)} (catalogue {self.directory})")
         return e
 

@@ -56,7 +56,7 @@ def test_no_last_good_version_known_only_that_family_is_missing(tmp_path: Path) 
     d, root = make_catalogue(tmp_path)
     break_file(d / "cms-wn.yaml")
     cat = Catalogue.load_serving(d, root, checksums=ChecksumCache(None), last_good=LastGood(None))
-    with pytest.raises(UnknownImageError):
+    with pytest.raises(UnknownImageError, match=r"image 'cms-wn' is not served: .*cms-wn\.yaml:5 is invalid"):
         cat.resolve("cms-wn")
     assert cat.resolve("lhcb-wn").name == "lhcb-wn"
     (p,) = cat.problems
@@ -99,7 +99,9 @@ def test_cli_serves_the_last_good_catalogue_and_warns(env: Path, capsys: pytest.
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert [r["name"] for r in json.loads(out)] == ["atlas-wn", "ce", "cms-wn", "lhcb-wn", "se", "wms"]
-    assert f"dynvm: warning: catalogue: {env / 'cms-wn.yaml'}:5: error: malformed YAML" in err
+    (warning,) = err.splitlines()  # long paths may be cut by the CLI's line limit: check the parts
+    assert warning.startswith("dynvm: warning: catalogue: ") and "malformed YAML" in warning
+    assert "serving the last good version of 'cms-wn'" in warning
     assert main(["image", "show", "atlas-wn"]) == 0
     capsys.readouterr()
     rc = main(["image", "validate"])
