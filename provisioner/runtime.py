@@ -40,16 +40,22 @@ def resolve_image(rt: Runtime, ref: str) -> ResolvedImage:
     cannot read (Catalogue.load_serving) and reports the bad file as an event."""
     from provisioner.errors import UnknownImageError
 
-    mtime = _catalogue_signature(rt.config.catalogue_dir)
-    if rt.catalogue_mtime != mtime:
-        reload_catalogue(rt)
-        rt.catalogue_mtime = mtime
     try:
-        return rt.catalogue.resolve(ref)
+        return current_catalogue(rt).resolve(ref)
     except UnknownImageError:
         # Same-granularity mtime (an edit within the clock tick of our last load): reload once and retry.
         reload_catalogue(rt)
         return rt.catalogue.resolve(ref)
+
+
+def current_catalogue(rt: Runtime) -> Catalogue:
+    """``rt.catalogue``, reloaded first if the catalogue changed on disk since the last load (for long-lived
+    processes that pick images, e.g. by VO: they see promotions without a restart)."""
+    mtime = _catalogue_signature(rt.config.catalogue_dir)
+    if rt.catalogue_mtime != mtime:
+        reload_catalogue(rt)
+        rt.catalogue_mtime = mtime
+    return rt.catalogue
 
 
 def _catalogue_signature(directory: Path) -> int:
