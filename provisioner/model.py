@@ -26,6 +26,32 @@ class HostState(StrEnum):
 # Only these accept new placements.
 PLACEABLE_HOST_STATES = frozenset({HostState.UP})
 
+H = HostState
+# Moves any writer (agent, monitor, operator) may make, always compare-and-set on the state it read.
+# A dead host only goes on to fenced: nothing automatic brings it back, because its VMs may be running
+# elsewhere by then; a suspect host is one the agent could not reach libvirt on (it may come back up).
+HOST_TRANSITIONS: dict[HostState, frozenset[HostState]] = {
+    H.UP: frozenset({H.DRAINING, H.MAINTENANCE, H.SUSPECT, H.DEAD}),
+    H.DRAINING: frozenset({H.UP, H.MAINTENANCE, H.SUSPECT, H.DEAD}),
+    H.MAINTENANCE: frozenset({H.UP, H.DRAINING, H.SUSPECT, H.DEAD}),
+    H.SUSPECT: frozenset({H.UP, H.DRAINING, H.MAINTENANCE, H.DEAD}),
+    H.DEAD: frozenset({H.FENCED}),
+    H.FENCED: frozenset(),
+}
+# Moves only an operator may make (``dynvm host rejoin``, undrain): leaving dead/fenced after checking
+# the host by hand.  Operators may also make every move of HOST_TRANSITIONS.
+OPERATOR_HOST_TRANSITIONS: dict[HostState, frozenset[HostState]] = {
+    H.DEAD: frozenset({H.UP, H.DRAINING, H.MAINTENANCE}),
+    H.FENCED: frozenset({H.UP, H.DRAINING, H.MAINTENANCE}),
+}
+
+
+def host_transition_allowed(current: HostState, new: HostState, operator: bool = False) -> bool:
+    """Whether ``current -> new`` is allowed (the same state is a no-op, always allowed)."""
+    if current == new or new in HOST_TRANSITIONS[current]:
+        return True
+    return operator and new in OPERATOR_HOST_TRANSITIONS.get(current, frozenset())
+
 
 class Role(StrEnum):
     WORKER = "worker"
@@ -108,8 +134,10 @@ class Host:
     used_memory_mib: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     detection_class: str = "standard"
-    last_seen: float = 0.0  # epoch seconds of the last lease renewal
+    last_seen: float = 0.0  # epoch seconds (Redis clock) of the last lease renewal
     epoch: int = 0  # bumped each time the agent (re)registers
+    # Whether an agent holds the host's lease, as read with the record (a snapshot reads it; None: not read).
+    lease_alive: bool | None = None
 
     @property
     def free_vcpus(self) -> int:

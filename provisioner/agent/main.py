@@ -1,23 +1,47 @@
-"""``dynvm agent --host NAME``: register the host, renew its lease, reconcile, serve ``host.NAME``."""
+"""``dynvm agent --host NAME``: take the host's lease, register, serve ``host.NAME``; renew and reconcile
+in two threads of their own.
+
+Order at start-up: the lease first (a second agent for a live host stops here, before it touches
+libvirt or any record), then libvirt and the host record, then lease renewal, and only then the start-up
+reconciliation (which may re-drive unfinished boots for minutes) in its own thread.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import threading
-import time
 
+from provisioner.agent.lease import LeaseKeeper, acquire
 from provisioner.config import Config
-from provisioner.errors import DynvmError, NotFoundError
+from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.model import Host, HostState
 from provisioner.runtime import Runtime, build_runtime, serve
 
 log = logging.getLogger(__name__)
+# States the agent itself moves to suspect when it cannot reach libvirt (dead/fenced are the monitor's).
+_LIVE_STATES = frozenset({HostState.UP, HostState.DRAINING, HostState.MAINTENANCE})
+
+
+def lease_ttl_s(config: Config, host: str) -> float:
+    hc = config.host(host)
+    return config.detection_classes[hc.detection_class if hc else "standard"].lease_ttl_s
+
+
+def _mark_suspect(rt: Runtime, host: str, err: DynvmError) -> None:
+    stored = rt.store.get_host(host)
+    if stored is None or stored.state not in _LIVE_STATES:
+        return
+    with contextlib.suppress(ConflictError):  # someone moved it meanwhile: theirs is newer
+        rt.store.set_host_state(
+            host, HostState.SUSPECT, expected=stored.state, reason=f"agent cannot reach libvirt: {err}"[:300]
+        )
 
 
 def start_agent_runtime(config: Config, host: str) -> Runtime:
-    """Connect, register the host with the capacity libvirt reports, and re-drive unfinished work."""
+    """Take the lease, connect, register the host with the capacity libvirt reports."""
     from provisioner.agent import tasks
     from provisioner.hypervisor.libvirt_host import LibvirtHost
     from provisioner.messaging import make_app
@@ -26,76 +50,87 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
     if hc is None:
         raise NotFoundError(f"host {host!r} is not in the configuration ({config.source})")
     rt = build_runtime(config, host=host)
-    rt.hypervisor = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
+    rt.lease_token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    acquire(rt.store, host, rt.lease_token, lease_ttl_s(config, host))
     try:
+        rt.hypervisor = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
         cap = rt.hypervisor.capacity()
     except DynvmError as err:
         # Unreachable hypervisor: say so where operators and the scheduler look, create nothing.
-        if rt.store.get_host(host) is not None:
-            rt.store.set_host_state(
-                host, HostState.SUSPECT, reason=f"agent cannot reach libvirt: {err}"[:300]
-            )
+        _mark_suspect(rt, host, err)
         rt.store.add_event("host_unreachable", host=host, message=str(err)[:300])
+        rt.store.drop_lease(host, rt.lease_token)
         raise
     stored = rt.store.register_host(
-        Host(
-            name=host,
-            uri=hc.uri,
-            capacity=cap,
-            labels=dict(hc.labels),
-            detection_class=hc.detection_class,
-            last_seen=time.time(),
-        )
+        Host(name=host, uri=hc.uri, capacity=cap, labels=dict(hc.labels), detection_class=hc.detection_class)
     )
     if stored.state is HostState.SUSPECT:  # we reach libvirt again; dead/fenced stay for the operator
-        rt.store.set_host_state(host, HostState.UP, reason="agent reached libvirt again")
-    rt.lease_token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        with contextlib.suppress(ConflictError):
+            rt.store.set_host_state(
+                host, HostState.UP, expected=HostState.SUSPECT, reason="agent reached libvirt again"
+            )
     rt.app = make_app(config)
     tasks.register(rt.app)
     rt.app.dynvm_runtime = rt
-    from provisioner.agent.reconcile import reconcile_host
-
-    # Reconcile before the first lease renewal: a host counts as up only once its records match libvirt.
-    reconcile_host(rt, startup=True)
-    _renew(rt)
     return rt
 
 
-def _renew(rt: Runtime) -> None:
+class ReconcileLoop:
+    """Start-up reconciliation (re-driving unfinished boots), then one pass every reconcile interval.
+
+    Its own thread: a re-driven boot may take the full readiness timeout, which must never delay a lease
+    renewal.  Survives every exception (logged and counted); a failed start-up pass is retried as one.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.stop = threading.Event()
+        self.passes = 0
+        self.failures = 0
+        self.last_error = ""
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        from provisioner.agent.reconcile import reconcile_host
+
+        startup = True
+        while not self.stop.is_set():
+            try:
+                reconcile_host(self.rt, startup=startup)
+                startup = False
+                self.passes += 1
+            except Exception as err:  # any error: count, log, try again next interval
+                self.failures += 1
+                self.last_error = f"{type(err).__name__}: {err}"[:300]
+                log.warning("reconcile %s: pass failed (%d so far): %s", self.rt.host, self.failures, err)
+            self.stop.wait(self.rt.config.timeouts.reconcile_interval_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"reconcile-{self.rt.host}", daemon=True)
+        self._thread.start()
+
+
+def start_background(rt: Runtime) -> tuple[LeaseKeeper, ReconcileLoop]:
+    """Lease renewal first (renewed once now), then reconciliation, each in its own thread."""
     assert rt.host is not None
-    hc = rt.config.host(rt.host)
-    klass = rt.config.detection_classes[hc.detection_class if hc else "standard"]
-    rt.store.renew_lease(rt.host, rt.lease_token, klass.lease_ttl_s)
-
-
-def _background(rt: Runtime, stop: threading.Event) -> None:
-    """Lease renewal every third of the TTL; reconciliation every reconcile interval."""
-    from provisioner.agent.reconcile import reconcile_host
-
-    assert rt.host is not None
-    hc = rt.config.host(rt.host)
-    ttl = rt.config.detection_classes[hc.detection_class if hc else "standard"].lease_ttl_s
-    next_reconcile = time.monotonic() + rt.config.timeouts.reconcile_interval_s
-    while not stop.wait(ttl / 3):
-        try:
-            _renew(rt)
-            if time.monotonic() >= next_reconcile:
-                reconcile_host(rt)
-                next_reconcile = time.monotonic() + rt.config.timeouts.reconcile_interval_s
-        except DynvmError as err:
-            log.warning("agent %s: %s", rt.host, err)
+    keeper = LeaseKeeper(rt.store, rt.host, rt.lease_token, lease_ttl_s(rt.config, rt.host))
+    keeper.start()
+    loop = ReconcileLoop(rt)
+    loop.start()
+    return keeper, loop
 
 
 def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
     from provisioner.messaging import host_queue
 
     rt = start_agent_runtime(config, host)
-    stop = threading.Event()
-    t = threading.Thread(target=_background, args=(rt, stop), name=f"lease-{host}", daemon=True)
-    t.start()
+    keeper, loop = start_background(rt)
     try:
         serve(rt, host_queue(host), f"agent-{host}", concurrency)
     finally:
-        stop.set()
+        loop.stop.set()
+        keeper.close()
+        with contextlib.suppress(DynvmError):  # a clean stop frees the lease for a successor at once
+            rt.store.drop_lease(host, rt.lease_token)
         assert rt.hypervisor is not None
         rt.hypervisor.close()

@@ -1,4 +1,4 @@
-"""``dynvm host list|show|drain|undrain|remove``."""
+"""``dynvm host list|show|drain|undrain|rejoin|remove``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def register(sub: Any) -> None:
     undrain = hs.add_parser("undrain", help="accept placements again")
     undrain.add_argument("name")
     undrain.set_defaults(func=host_undrain)
+    rejoin = hs.add_parser("rejoin", help="bring a dead/fenced host back (after checking it by hand)")
+    rejoin.add_argument("name")
+    rejoin.set_defaults(func=host_rejoin)
     remove = hs.add_parser(
         "remove", help="retire a host: forget it (refused while it holds VMs or its agent runs)"
     )
@@ -84,6 +87,12 @@ def host_show(ctx: CliContext, args: argparse.Namespace) -> int:
     h = _get(rt, args.name)
     row = _row(rt, h, _counts(rt))
     row["instances"] = [i.id for i in rt.store.list_instances(host=h.name) if i.state.value != "gone"]
+    health = rt.store.lease_health(h.name)  # as the agent left it with its last successful renewal
+    row["state_reason"] = rt.store.host_reason(h.name)
+    row["lease_failures"] = health.failures
+    row["lease_refusals"] = health.refusals
+    row["lease_losses"] = health.losses
+    row["lease_last_error"] = health.last_error
     if args.inventory:
         from provisioner.control.inventory import host_inventory
 
@@ -112,9 +121,23 @@ def host_undrain(ctx: CliContext, args: argparse.Namespace) -> int:
             f"host {h.name} is {h.state.value}; a fenced/dead host rejoins only by "
             "`dynvm host rejoin` after the operator checked it"
         )
-    rt.store.set_host_state(h.name, HostState.UP, reason="operator undrain")
+    rt.store.set_host_state(h.name, HostState.UP, expected=h.state, reason="operator undrain", operator=True)
     rt.store.add_event("host_up", host=h.name, message="accepting placements")
     ctx.out.obj({"name": h.name, "state": HostState.UP, "at": ts(time.time())})
+    return EXIT_OK
+
+
+def host_rejoin(ctx: CliContext, args: argparse.Namespace) -> int:
+    """Operator action: a dead/fenced host accepts placements again, once its agent holds the lease."""
+    rt = runtime(ctx)
+    h = _get(rt, args.name)
+    if h.state not in (HostState.DEAD, HostState.FENCED):
+        raise ConflictError(f"host {h.name} is {h.state.value}; rejoin is for dead/fenced hosts (undrain?)")
+    if not rt.store.lease_alive(h.name):
+        raise ConflictError(f"host {h.name}: no agent holds its lease; start its agent first")
+    rt.store.set_host_state(h.name, HostState.UP, expected=h.state, reason="operator rejoin", operator=True)
+    rt.store.add_event("host_rejoined", host=h.name, message=f"was {h.state.value}; accepting placements")
+    ctx.out.obj({"name": h.name, "state": HostState.UP, "was": h.state, "at": ts(time.time())})
     return EXIT_OK
 
 

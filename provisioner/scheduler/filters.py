@@ -35,6 +35,19 @@ class StateFilter:
         return f"host is {work.index.states[h].value}"
 
 
+class LeaseFilter:
+    """Only hosts whose agent holds the lease: an up host whose agent is gone (stopped, crashed, or a host
+    left over from an earlier farm) would accept a placement that no agent ever picks up."""
+
+    name = "lease"
+
+    def mask(self, work: Work, req: PlacementRequest) -> BoolArray:
+        return work.index.lease_ok
+
+    def reason(self, work: Work, req: PlacementRequest, h: int) -> str:
+        return "lease expired (no agent renewing it)"
+
+
 class PinnedFilter:
     """The WNoDeS case: a job's VM goes on the job's own node or nowhere."""
 
@@ -99,6 +112,7 @@ class CapacityFilter:
 
 FILTERS: tuple[Filter, ...] = (
     StateFilter(),
+    LeaseFilter(),
     PinnedFilter(),
     LabelFilter(),
     AntiAffinityFilter(),

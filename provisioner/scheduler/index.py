@@ -69,6 +69,8 @@ class HostIndex:
         self.used_vcpus: IntArray = np.array([h.used_vcpus for h in hosts], dtype=np.int64)
         self.used_mem: IntArray = np.array([h.used_memory_mib for h in hosts], dtype=np.int64)
         self.placeable: BoolArray = np.array([h.state in PLACEABLE_HOST_STATES for h in hosts], dtype=bool)
+        # A host whose lease is known to be gone (None: not read, e.g. a hand-built snapshot) takes nothing.
+        self.lease_ok: BoolArray = np.array([h.lease_alive is not False for h in hosts], dtype=bool)
         self.all_hosts: BoolArray = np.ones(self.n, dtype=bool)
         self.no_hosts: BoolArray = np.zeros(self.n, dtype=bool)
         self._label_masks = self._build_label_masks(hosts)

@@ -26,6 +26,7 @@ SCRIPTS = (
     "renew_lease",
     "set_host_state",
     "drop_lease",
+    "acquire_lease",
     "release_claim",
 )
 # Blocking reads (events, notifications) are cut into pieces shorter than the socket timeout.

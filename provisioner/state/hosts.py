@@ -6,16 +6,48 @@ agents, monitors and operators), its used resources from the claims (provisioner
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, cast
 
 import redis
 
-from provisioner.errors import ConflictError, NotFoundError, ValidationError
-from provisioner.model import Host, HostState
+from provisioner.errors import ConflictError, InvalidTransition, NotFoundError, ValidationError
+from provisioner.model import HOST_TRANSITIONS, OPERATOR_HOST_TRANSITIONS, Host, HostState
 from provisioner.state.base import StoreBase, as_str_dict, guarded
 from provisioner.state.codec import host_from_fields, host_to_fields
 from provisioner.state.events import EventsMixin
 from provisioner.state.keys import check_id
+
+
+def _allowed(operator: bool) -> str:
+    """The transition table as the set_host_state script reads it: "from>to,..."."""
+    moves = {(a, b) for a, tos in HOST_TRANSITIONS.items() for b in tos}
+    if operator:
+        moves |= {(a, b) for a, tos in OPERATOR_HOST_TRANSITIONS.items() for b in tos}
+    return ",".join(sorted(f"{a.value}>{b.value}" for a, b in moves))
+
+
+_ALLOWED = {False: _allowed(False), True: _allowed(True)}
+
+
+class Renewal(StrEnum):
+    """What a lease renewal found."""
+
+    RENEWED = "renewed"  # the token held the lease: extended
+    RETAKEN = "retaken"  # the lease had expired: taken again, but there was a gap (the lease was lost)
+    REFUSED = "refused"  # another token holds the lease: nothing written
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHealth:
+    """An agent's renewal record, kept on the host record (written with each successful renewal)."""
+
+    failures: int = 0  # renewals that raised (Redis unreachable, read-only replica, anything)
+    refusals: int = 0  # renewals refused because another token held the lease
+    losses: int = 0  # times the agent learnt its lease had been lost (expired or taken)
+    last_error: str = ""
+
 
 
 class HostsMixin(EventsMixin, StoreBase):
@@ -28,6 +60,7 @@ class HostsMixin(EventsMixin, StoreBase):
         """
         key = self.keys.host(host.name)
         fields = host_to_fields(host)
+        fields.pop("last_seen", None)  # the script takes it from Redis's clock, never the agent's
         args: list[Any] = [host.name, host.state.value]
         for k, v in fields.items():
             args += [k, v]
@@ -66,11 +99,30 @@ class HostsMixin(EventsMixin, StoreBase):
         return str(self.r.hget(self.keys.host(name), "state_reason") or "")
 
     @guarded
-    def set_host_state(self, name: str, state: HostState, reason: str = "") -> HostState:
-        """Set a host's state; returns the previous one.  Raises NotFoundError for an unknown host."""
-        previous = self._run("set_host_state", [self.keys.host(name)], [state.value, reason[:500]])
-        if previous is None:
+    def set_host_state(
+        self, name: str, state: HostState, *, expected: HostState, reason: str = "", operator: bool = False
+    ) -> HostState:
+        """Compare-and-set a host's state: only from ``expected`` (what the writer read), only along
+        HOST_TRANSITIONS (plus OPERATOR_HOST_TRANSITIONS with ``operator``).  Returns the previous state.
+
+        Raises NotFoundError (unknown host), ConflictError (the state is no longer ``expected``) or
+        InvalidTransition (the table forbids the move: dead/fenced are left only by an operator).
+        """
+        got = self._run(
+            "set_host_state",
+            [self.keys.host(name)],
+            [state.value, expected.value, reason[:500], _ALLOWED[operator]],
+        )
+        if got is None:
             raise NotFoundError(f"host {name!r} is not registered")
+        status, previous = str(got[0]), str(got[1])
+        if status == "stale":
+            raise ConflictError(
+                f"host {name} is {previous}, not {expected.value} as read: {state.value} not applied"
+            )
+        if status == "forbidden":
+            who = "" if operator else " (dead/fenced hosts are brought back by an operator: host rejoin)"
+            raise InvalidTransition(f"host {name} cannot go from {previous} to {state.value}{who}")
         if previous != state.value:
             self.add_event("host_state", f"{previous} -> {state.value}: {reason}".rstrip(": "), host=name)
         return HostState(previous)
@@ -101,16 +153,48 @@ class HostsMixin(EventsMixin, StoreBase):
                 raise ConflictError(f"host {name!r} changed while being removed; try again") from None
 
     @guarded
-    def renew_lease(self, host: str, token: str, ttl_s: float) -> None:
-        """(Re)take the host's lease for ``ttl_s`` seconds and record last_seen (Redis clock)."""
+    def acquire_lease(self, host: str, token: str, ttl_s: float) -> str | None:
+        """Take the host's lease for ``token`` if nobody holds it (SET NX PX); touches no record.
+
+        Returns None when ``token`` holds the lease now, else the token of the agent holding it.
+        """
+        check_id(host, "host name")
         check_id(token, "lease token")
-        if not ttl_s > 0:
-            raise ValidationError(f"lease ttl for host {host}: {ttl_s} must be > 0")
-        ok = self._run(
-            "renew_lease", [self.keys.host(host), self.keys.lease(host)], [token, max(1, int(ttl_s * 1000))]
+        holder = self._run("acquire_lease", [self.keys.lease(host)], [token, _ttl_ms(host, ttl_s)])
+        return str(holder) if holder else None
+
+    @guarded
+    def renew_lease(
+        self, host: str, token: str, ttl_s: float, health: LeaseHealth | None = None
+    ) -> tuple[Renewal, str]:
+        """Extend the host's lease if ``token`` holds it, or take it again if it expired (a gap: the
+        caller lost its lease meanwhile); record last_seen (Redis clock) and ``health`` on the host.
+
+        Returns (outcome, holder): holder is the other agent's token when REFUSED, else "".
+        Raises NotFoundError for an unregistered host (nothing written).
+        """
+        check_id(token, "lease token")
+        h = health or LeaseHealth()
+        got = self._run(
+            "renew_lease",
+            [self.keys.host(host), self.keys.lease(host)],
+            [token, _ttl_ms(host, ttl_s), h.failures, h.refusals, h.losses, h.last_error[:300]],
         )
-        if not ok:
+        status, holder = str(got[0]), str(got[1])
+        if status == "unknown":
             raise NotFoundError(f"host {host!r} is not registered; cannot renew its lease")
+        return Renewal(status), holder
+
+    @guarded
+    def lease_health(self, host: str) -> LeaseHealth:
+        """The renewal record the host's agent left with its last successful renewal."""
+        raw = cast(
+            list[str | None],
+            self.r.hmget(
+                self.keys.host(host), ["lease_failures", "lease_refusals", "lease_losses", "lease_last_error"]
+            ),
+        )
+        return LeaseHealth(int(raw[0] or 0), int(raw[1] or 0), int(raw[2] or 0), raw[3] or "")
 
     @guarded
     def lease_alive(self, host: str) -> bool:
@@ -134,3 +218,9 @@ class HostsMixin(EventsMixin, StoreBase):
         if token is None:
             return bool(self.r.delete(key))
         return bool(self._run("drop_lease", [key], [token]))
+
+
+def _ttl_ms(host: str, ttl_s: float) -> int:
+    if not ttl_s > 0:
+        raise ValidationError(f"lease ttl for host {host}: {ttl_s} must be > 0")
+    return max(1, int(ttl_s * 1000))

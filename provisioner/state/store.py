@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import cast
 
-from provisioner.model import InstanceState
+from provisioner.model import Host, InstanceState
 from provisioner.scheduler.types import Snapshot
 from provisioner.state.base import guarded
 from provisioner.state.claims import ClaimsMixin
@@ -21,6 +21,11 @@ from provisioner.state.hosts import HostsMixin
 from provisioner.state.instances import InstancesMixin
 
 _LIVE_STATES = [s.value for s in InstanceState if s is not InstanceState.GONE]
+
+
+def _with_lease(host: Host, alive: object) -> Host:
+    host.lease_alive = bool(alive)
+    return host
 
 
 class StateStore(HostsMixin, InstancesMixin, ClaimsMixin):
@@ -45,9 +50,13 @@ class StateStore(HostsMixin, InstancesMixin, ClaimsMixin):
         names_l, ids_l = sorted(names), sorted(ids)
         for n in names_l:
             pipe.hgetall(self.keys.host(n))
+        for n in names_l:  # lease liveness: placement skips hosts whose agent is not renewing
+            pipe.exists(self.keys.lease(n))
         for iid in ids_l:
             pipe.hgetall(self.keys.inst(iid))
         raw = pipe.execute()
-        hosts = tuple(host_from_fields(h) for h in raw[: len(names_l)] if h)
-        insts = tuple(instance_from_fields(i) for i in raw[len(names_l) :] if i)
+        nh = len(names_l)
+        leases = raw[nh : 2 * nh]
+        hosts = tuple(_with_lease(host_from_fields(h), a) for h, a in zip(raw[:nh], leases, strict=True) if h)
+        insts = tuple(instance_from_fields(i) for i in raw[2 * nh :] if i)
         return Snapshot(hosts=hosts, instances=insts, taken_at=time.time())

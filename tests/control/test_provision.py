@@ -96,7 +96,7 @@ def test_concurrent_provisions_never_overbook(test_farm: Farm) -> None:
 def test_no_capacity_is_explained_per_filter(test_farm: Farm) -> None:
     rt = test_farm.rt
     for h in rt.store.list_hosts():
-        rt.store.set_host_state(h.name, HostState.DRAINING, reason="test")
+        rt.store.set_host_state(h.name, HostState.DRAINING, expected=h.state, reason="test")
     try:
         r = cli(test_farm, "-o", "json", "vm", "provision", "--vo", "lhcb", "--wait", "--timeout", "60")
         assert r.returncode == 4, r.stderr
@@ -105,7 +105,7 @@ def test_no_capacity_is_explained_per_filter(test_farm: Farm) -> None:
         assert "hv1" in body["reason"] and "draining" in body["reason"]
     finally:
         for h in rt.store.list_hosts():
-            rt.store.set_host_state(h.name, HostState.UP, reason="test")
+            rt.store.set_host_state(h.name, HostState.UP, expected=h.state, reason="test")
 
 
 def test_unknown_names_are_clean_errors(test_farm: Farm) -> None:

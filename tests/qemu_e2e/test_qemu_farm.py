@@ -128,7 +128,7 @@ def test_drain_moves_services_live_and_the_ce_keeps_its_address(qfarm: QFarm) ->
         h = qfarm.rt.store.require_host(ce.host)
         assert h.state is HostState.DRAINING
     finally:
-        qfarm.rt.store.set_host_state(ce.host, HostState.UP, reason="test undrain")
+        qfarm.rt.store.set_host_state(ce.host, HostState.UP, expected=HostState.DRAINING, reason="undrain")
     release(qfarm.rt, ce.id)
     wait(qfarm.rt, ce.id, 60, until=ENDED)
 

@@ -96,6 +96,7 @@ def test_explanation_exact_text() -> None:
     counts = [(f.name, f.passed, f.failed) for f in plan.unplaced["big"].filters]
     assert counts == [
         ("state", 2, 1),
+        ("lease", 2, 0),
         ("pinned", 2, 0),
         ("labels", 1, 1),
         ("anti_affinity", 1, 0),

@@ -98,7 +98,10 @@ def test_claim_is_idempotent_and_release_too(store: StateStore) -> None:
 
 @pytest.mark.parametrize("state", [s for s in HostState if s is not HostState.UP])
 def test_no_claims_on_hosts_that_are_not_up(store: StateStore, state: HostState) -> None:
-    store.set_host_state("hv01", state)
+    if state is HostState.FENCED:  # fenced only after dead (provisioner.model.HOST_TRANSITIONS)
+        store.set_host_state("hv01", HostState.DEAD, expected=HostState.UP)
+    was = HostState.DEAD if state is HostState.FENCED else HostState.UP
+    store.set_host_state("hv01", state, expected=was)
     assert not store.claim("hv01", "a", 1, 1)
     assert store.claim_batch([ClaimRequest("hv01", "a", 1, 1)]).codes == {"a": f"state:{state.value}"}
 

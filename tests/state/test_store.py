@@ -43,7 +43,8 @@ def test_register_and_read_host(store: StateStore) -> None:
 def test_reregister_keeps_state_and_claims_and_bumps_epoch(store: StateStore) -> None:
     store.register_host(hv())
     assert store.claim("hv01", "i1", 3, 1024, require_lease=False)
-    store.set_host_state("hv01", HostState.FENCED, "fenced by monitor")
+    store.set_host_state("hv01", HostState.DEAD, expected=HostState.UP, reason="lease expired")
+    store.set_host_state("hv01", HostState.FENCED, expected=HostState.DEAD, reason="fenced by monitor")
     h = store.register_host(hv(vcpus=16))
     assert (h.state, h.capacity.vcpus, h.used_vcpus, h.epoch) == (HostState.FENCED, 16, 3, 2)
     assert store.host_reason("hv01") == "fenced by monitor"
@@ -55,13 +56,14 @@ def test_new_host_takes_given_state(store: StateStore) -> None:
 
 def test_set_host_state_unknown_host(store: StateStore) -> None:
     with pytest.raises(NotFoundError, match="'ghost'"):
-        store.set_host_state("ghost", HostState.DEAD)
+        store.set_host_state("ghost", HostState.DEAD, expected=HostState.UP)
     assert store.get_host("ghost") is None
 
 
 def test_set_host_state_records_event(store: StateStore) -> None:
     store.register_host(hv())
-    assert store.set_host_state("hv01", HostState.DRAINING, "operator") is HostState.UP
+    prev = store.set_host_state("hv01", HostState.DRAINING, expected=HostState.UP, reason="operator")
+    assert prev is HostState.UP
     ev = store.read_events()[-1]
     assert (ev.kind, ev.host, ev.message) == ("host_state", "hv01", "up -> draining: operator")
 
