@@ -47,8 +47,8 @@ class RedisWorld:
 
     def set_host_state(self, host: str, new: HostState, expected: HostState, reason: str, fence: int) -> bool:
         try:
-            self.store.set_host_state(host, new, reason=reason, expected=expected)  # type: ignore[call-arg]
-        except (ConflictError, NotFoundError):
+            self.store.set_host_state(host, new, expected=expected, reason=reason)
+        except (ConflictError, NotFoundError):  # InvalidTransition is a ConflictError
             return False
         return True
 
@@ -97,11 +97,12 @@ class RedisWorld:
             if host is None or inst is None:
                 continue
             try:
-                if inst.state is not InstanceState.LOST:
-                    self.store.transition(iid, InstanceState.LOST, expected=inst.state,
-                                          reason=f"host {plan.dead_host} died")
-                self.store.transition(iid, InstanceState.REQUESTED, expected=InstanceState.LOST)
-                self.store.transition(iid, InstanceState.PLACED, expected=InstanceState.REQUESTED, host=host)
+                rec = inst
+                if rec.state is not InstanceState.LOST:
+                    why = f"host {plan.dead_host} died"
+                    rec = self.store.transition_from(rec, InstanceState.LOST, reason=why)
+                rec = self.store.transition_from(rec, InstanceState.REQUESTED)
+                self.store.transition_from(rec, InstanceState.PLACED, bump_epoch=True, host=host)
             except (ConflictError, NotFoundError) as err:
                 log.warning("failover of %s: %s; giving its claim on %s back", iid, err, host)
                 self.store.release_claim(host, iid)
@@ -114,8 +115,11 @@ class RedisWorld:
         from provisioner.messaging import RELEASE
 
         for vid, why in sorted(plan.preemptions.items()):
+            victim = self.store.get_instance(vid)
+            if victim is None or victim.host != plan.victim_hosts[vid]:
+                continue
             try:
-                self.store.transition(vid, InstanceState.STOPPING, reason=why[:500])
+                self.store.transition_from(victim, InstanceState.STOPPING, reason=why[:500])
             except (ConflictError, NotFoundError):
                 continue
             self.store.add_event("preempted", instance=vid, host=plan.victim_hosts[vid], message=why)
@@ -128,8 +132,7 @@ class RedisWorld:
             if inst is None or inst.host != plan.dead_host or inst.state is InstanceState.LOST:
                 continue
             try:
-                self.store.transition(wid, InstanceState.LOST, expected=inst.state,
-                                      reason=f"host {plan.dead_host} died")
+                self.store.transition_from(inst, InstanceState.LOST, reason=f"host {plan.dead_host} died")
             except (ConflictError, NotFoundError):
                 continue
             self.store.add_event("worker_lost", instance=wid, host=plan.dead_host,
