@@ -128,7 +128,6 @@ class LeaseKeeper:
 
     def _lost(self, why: str) -> None:
         self.stats.losses += 1
-        self.lost.set()
         log.error("lease %s: lost: %s", self.host, why)
         try:
             self.store.add_event("lease_lost", why, host=self.host)
@@ -139,6 +138,7 @@ class LeaseKeeper:
                 self.on_lost(why)
             except Exception:  # a broken hook must not stop renewal
                 log.exception("lease %s: on_lost hook failed", self.host)
+        self.lost.set()  # last: whoever waits on it sees the loss counted, recorded and handled
 
     def run(self) -> None:
         while not self.stop.wait(self.interval_s):
