@@ -1,116 +1,33 @@
 """The reconciler against real Redis and libvirt's real test driver, with writes landing between its reads.
 
-``RacingHost`` is the real test-driver host; a test gives it a write to make just before libvirt answers
-the domain listing, which is exactly the moment a migration or placement finishing elsewhere lands in the
-reported races.  Each test failed on the reconciler before the decision table and epoch compare-and-set.
+``RacingHost`` (tests/agent/world.py) makes a write just before libvirt answers the domain listing, the
+moment a migration or placement finishing elsewhere lands in the reported races.  Each test failed on
+the reconciler before the decision table and the epoch compare-and-set.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from provisioner.agent.reconcile import Action, Observation, apply, decide, reconcile_host
-from provisioner.catalogue.store import Catalogue
-from provisioner.config import Config, HostConfig
 from provisioner.errors import ConflictError
-from provisioner.hypervisor.domxml import DomainSpec, build_domain_xml
-from provisioner.hypervisor.libvirt_host import LibvirtHost
-from provisioner.hypervisor.testdriver import write_test_host_xml
-from provisioner.interfaces import DomainInfo, DomainState
-from provisioner.model import Capacity, Host, Instance, InstanceState, Role
+from provisioner.model import InstanceState
 from provisioner.runtime import Runtime
-from provisioner.state import StateStore
+from tests.agent.world import (
+    RacingHost,
+    events,
+    land,
+    listed,
+    migrate_in_redis,
+    ready_on,
+    running_here,
+    start_domain,
+)
 
 pytestmark = [pytest.mark.redis, pytest.mark.libvirt]
 S = InstanceState
-
-
-class RacingHost(LibvirtHost):
-    """The real test-driver host, with an optional write to make right before it lists its domains."""
-
-    def __init__(self, uri: str) -> None:
-        super().__init__(uri)
-        self.before_list: Callable[[], None] | None = None
-
-    def list_domains(self) -> list[DomainInfo]:
-        hook, self.before_list = self.before_list, None
-        if hook is not None:
-            hook()
-        return super().list_domains()
-
-
-@pytest.fixture()
-def rt(redis_url: str, tmp_path: Path) -> Iterator[Runtime]:
-    uri = write_test_host_xml(tmp_path / "hv1.xml", cpus=8, memory_mib=8192)
-    cfg = Config(
-        redis_url=redis_url,
-        domain_type="test",
-        catalogue_dir=tmp_path,
-        hosts=[HostConfig(name="hv1", uri=uri), HostConfig(name="hv2", uri=uri)],
-    )
-    store = StateStore(redis_url)
-    for name in ("hv1", "hv2"):
-        store.register_host(Host(name, uri, capacity=Capacity(8, 8192)))
-        store.renew_lease(name, f"agent-{name}", 60)
-    hv = RacingHost(uri)
-    yield Runtime(
-        config=cfg, store=store, catalogue=Catalogue(tmp_path, tmp_path, {}), host="hv1", hypervisor=hv
-    )
-    hv.close()
-
-
-def start_domain(rt: Runtime, iid: str) -> str:
-    assert rt.hypervisor is not None
-    name = f"dynvm-{iid}"
-    spec = DomainSpec(
-        name=name,
-        uuid=str(uuid.uuid4()),
-        domain_type="test",
-        vcpus=1,
-        memory_mib=256,
-        console_pty=False,
-        metadata={"instance_id": iid, "role": "worker", "image": "cms-wn:1"},
-    )
-    rt.hypervisor.define_and_start(name, build_domain_xml(spec))
-    return name
-
-
-def running_here(rt: Runtime, name: str) -> bool:
-    assert rt.hypervisor is not None
-    return rt.hypervisor.state(name) is DomainState.RUNNING
-
-
-def ready_on(store: StateStore, iid: str, host: str) -> Instance:
-    """A record placed, booted and ready on ``host``, holding its claim there (by the real transitions)."""
-    store.create_instance(Instance(iid, Role.WORKER, "cms-wn:1", 1, 256, created=time.time()))
-    assert store.claim(host, iid, 1, 256)
-    read = store.require_instance(iid)
-    read = store.transition_from(read, S.PLACED, bump_epoch=True, host=host)
-    read = store.transition_from(read, S.BOOTING)
-    return store.transition_from(read, S.READY)
-
-
-def migrate_in_redis(store: StateStore, read: Instance, dest: str) -> Instance:
-    """What agent/migrate.py writes around the libvirt move (the move itself is the test's business)."""
-    moving = store.transition_from(read, S.MIGRATING)
-    assert store.claim(dest, read.id, 1, 256)
-    return moving
-
-
-def land(store: StateStore, moving: Instance, dest: str) -> Instance:
-    landed = store.transition_from(moving, S.READY, host=dest)
-    assert moving.host is not None
-    store.release_claim(moving.host, moving.id)
-    return landed
-
-
-def events(store: StateStore, iid: str) -> list[str]:
-    return [e.kind for e in store.read_events(count=500) if e.instance == iid]
 
 
 def test_a_migration_landing_between_the_reads_keeps_the_vm(rt: Runtime) -> None:
@@ -173,7 +90,7 @@ def test_a_destroy_decided_on_a_stale_read_is_not_applied(rt: Runtime) -> None:
     read = ready_on(store, "s1", "hv1")
     failed = store.transition_from(read, S.FAILED, reason="test")
     name = start_domain(rt, "s1")
-    decision = decide("hv1", Observation("s1", failed, failed, _listed(rt, name)), time.time(), 300, False)
+    decision = decide("hv1", Observation("s1", failed, failed, listed(rt, name)), time.time(), 300, False)
     assert decision.action is Action.DESTROY_ORPHAN
     again = store.transition_from(failed, S.REQUESTED, host="hv1")
     assert store.claim("hv1", "s1", 1, 256)
@@ -183,7 +100,7 @@ def test_a_destroy_decided_on_a_stale_read_is_not_applied(rt: Runtime) -> None:
     # decided on a current read, the same destroy goes ahead
     store.transition_from(store.require_instance("s1"), S.FAILED, reason="boot failed")
     current = store.require_instance("s1")
-    fresh = decide("hv1", Observation("s1", current, current, _listed(rt, name)), time.time(), 300, False)
+    fresh = decide("hv1", Observation("s1", current, current, listed(rt, name)), time.time(), 300, False)
     assert apply(rt, fresh) is True and not running_here(rt, name)
 
 
@@ -191,7 +108,7 @@ def test_no_destroy_while_this_agent_boots_the_instance(rt: Runtime) -> None:
     store = rt.store
     failed = store.transition_from(ready_on(store, "b1", "hv1"), S.FAILED, reason="test")
     name = start_domain(rt, "b1")
-    decision = decide("hv1", Observation("b1", failed, failed, _listed(rt, name)), time.time(), 300, False)
+    decision = decide("hv1", Observation("b1", failed, failed, listed(rt, name)), time.time(), 300, False)
     rt.booting.add("b1")  # a boot of it holds the agent's slot
     assert apply(rt, decision) is False and running_here(rt, name)
     rt.booting.discard("b1")
@@ -225,8 +142,3 @@ def test_a_stale_claim_is_released_by_compare_and_set_only(rt: Runtime) -> None:
     assert "c1" in store.claims_on("hv1")
     assert reconcile_host(rt).claims_released == []  # migrating: both claims stay
     land(store, moving, "hv1")
-
-
-def _listed(rt: Runtime, name: str) -> DomainInfo:
-    assert rt.hypervisor is not None
-    return next(d for d in rt.hypervisor.list_domains() if d.name == name)
