@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from provisioner.catalogue.model import NAME_RE, VO_RE
 
@@ -123,6 +123,7 @@ class TimeoutsConfig(Strict):
 
 class Config(Strict):
     schema_version: Literal[1] = 1
+    # redis://[user:pw@]host:port/db or sentinel://[user:pw@]h1:p1,h2:p2,.../service[/db] (see redisurl.py)
     redis_url: str = "redis://127.0.0.1:6379/0"
     catalogue_dir: Path = Path("images")
     domain_type: DomainType = DomainType.KVM
@@ -141,6 +142,18 @@ class Config(Strict):
     network: NetworkConfig = NetworkConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     source: str = Field(default="<embedded default>", exclude=True)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        from provisioner.errors import DynvmError
+        from provisioner.redisurl import check_url, redact
+
+        try:
+            check_url(url)
+        except DynvmError as err:
+            raise ValueError(str(err).replace(f"redis url {redact(url)!r}: ", "")) from None
+        return url
 
     @model_validator(mode="after")
     def _unique_hosts(self) -> Config:

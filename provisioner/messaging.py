@@ -35,7 +35,12 @@ def host_queue(host: str) -> str:
 
 
 def make_app(config: Config, name: str = "dynvm") -> Celery:
-    app = Celery(name, broker=config.redis_url, set_as_current=False)
+    from provisioner.redisurl import broker_settings
+
+    # A sentinel:// configuration becomes kombu's Sentinel transport (sentinels + master_name), so the
+    # broker follows a Redis failover exactly as the state store does.
+    broker, sentinel_options = broker_settings(config.redis_url)
+    app = Celery(name, broker=broker, set_as_current=False)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -54,6 +59,7 @@ def make_app(config: Config, name: str = "dynvm") -> Celery:
             "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",
+            **sentinel_options,
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

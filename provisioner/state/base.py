@@ -6,12 +6,12 @@ import functools
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, ParamSpec, Self, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.exceptions
 
 from provisioner.errors import UnavailableError
+from provisioner.redisurl import redact
 from provisioner.state.keys import Keys
 
 P = ParamSpec("P")
@@ -34,16 +34,6 @@ SOCKET_TIMEOUT_S = 30.0
 MAX_BLOCK_S = 20.0
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def guarded(fn: Callable[P, R]) -> Callable[P, R]:
     """Translate a lost Redis connection into UnavailableError naming the (redacted) URL."""
 
@@ -56,8 +46,48 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
             url = getattr(store, "url", "?")
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UnavailableError(f"redis at {redact(url)} is unreachable: {detail}") from None
+        except redis.exceptions.ReadOnlyError:
+            # A write reached a server that was just demoted (a Sentinel failover in progress): retryable.
+            url = getattr(args[0], "url", "?")
+            raise UnavailableError(f"redis at {redact(url)} is read-only (failover in progress)") from None
 
     return wrapper
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url``: one server, or (``sentinel://``) whichever server the sentinels name master,
+    followed through failovers (a connection to a demoted master is dropped and the master asked again)."""
+    from provisioner.errors import ValidationError
+    from provisioner.redisurl import check_url, parse_sentinel, scheme_of
+
+    check_url(url)
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 5.0,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "health_check_interval": 30,
+    }
+    if scheme_of(url) == "sentinel":
+        from redis.sentinel import Sentinel
+
+        t = parse_sentinel(url)
+        sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 2.0, "socket_timeout": 2.0}
+        if t.sentinel_password is not None:
+            sentinel_kwargs["password"] = t.sentinel_password
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(t.sentinels),
+            sentinel_kwargs=sentinel_kwargs,
+            db=t.db,
+            username=t.username,
+            password=t.password,
+            **common,
+        )
+        client: redis.Redis = sentinel.master_for(t.service, redis_class=redis.Redis)  # type: ignore[no-untyped-call]
+        return client
+    try:
+        return redis.Redis.from_url(url, **common)
+    except ValueError as err:
+        raise ValidationError(f"redis url {redact(url)!r}: {err}") from None
 
 
 def _script_source(name: str) -> str:
@@ -73,18 +103,7 @@ class StoreBase:
         self.url = url
         self.keys = Keys(prefix)
         self.events_maxlen = events_maxlen
-        try:
-            self.r: redis.Redis = redis.Redis.from_url(
-                url,
-                decode_responses=True,
-                socket_connect_timeout=5.0,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                health_check_interval=30,
-            )
-        except ValueError as err:
-            from provisioner.errors import ValidationError
-
-            raise ValidationError(f"redis url {redact(url)!r}: {err}") from None
+        self.r: redis.Redis = connect(url)
         self._scripts: dict[str, Any] = {n: self.r.register_script(_script_source(n)) for n in SCRIPTS}
 
     @classmethod
