@@ -1,11 +1,15 @@
 -- KEYS[1] instance hash, KEYS[2] (optional) idempotency key
 -- ARGV: prefix, id, state, role, host ('' if none), field, value, ...
 -- Returns {1, id} created, {0, existing id} idempotent hit, {-1, id} id already taken.
+-- A key maps to a LIVE instance only: a record that ended (gone, failed, lost: the ENDED states of
+-- provisioner/state/retention.py) or expired never satisfies it, and the key moves to the new instance.
 local prefix, id = ARGV[1], ARGV[2]
+local ended = {gone = true, failed = true, lost = true}
 if KEYS[2] then
   local existing = redis.call('GET', KEYS[2])
-  if existing and redis.call('EXISTS', prefix .. ':inst:' .. existing) == 1 then
-    return {0, existing}
+  if existing then
+    local st = redis.call('HGET', prefix .. ':inst:' .. existing, 'state')
+    if st and not ended[st] then return {0, existing} end
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, id} end
