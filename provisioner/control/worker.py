@@ -15,4 +15,7 @@ def run_worker(config: Config, concurrency: int = 8) -> None:
     rt.app = make_app(config)
     tasks.register(rt.app)
     rt.app.dynvm_runtime = rt
+    from batch_hooks.server import start_thread
+
+    start_thread(rt)  # the batch hooks' requests (<prefix>:hooks): light hooks, trusted work done here
     serve(rt, PROVISION_QUEUE, f"worker-{os.getpid()}", concurrency)

@@ -1,0 +1,25 @@
+"""``python -m batch_hooks SYSTEM OP``: the hooks' light entry point (what deploy/slurm's scripts run).
+
+Kept apart from the ``dynvm`` CLI so a hook process imports no pydantic, Celery or catalogue.  Exit codes
+are the hook protocol's, documented per system in batch_hooks.slurm.  No traceback on any input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv[:1] == ["slurm"]:
+            from batch_hooks import slurm
+
+            return slurm.main(argv[1:])
+        sys.stderr.write("usage: python -m batch_hooks slurm OP\n")
+        return 2
+    except Exception as exc:  # a bug must still not print a traceback into a batch system's log
+        sys.stderr.write(f"dynvm hook: internal error: {type(exc).__name__}: {str(exc)[:200]}\n")
+        return 1
+
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,212 @@
+"""The trusted side of the hooks: serve ``<prefix>:hooks`` requests (runs in a control worker or
+``dynvm hook serve``; holds the full runtime, so the hook processes do not have to).
+
+prolog  = trusted identity (uid -> pool account group -> VO; never a job's comment, constraint, typed
+          account or self-set attribute) -> the VO's image -> provision with the job attempt's idempotency
+          key -> wait with the request's deadline -> record the VM for the job + a per-job Redis ACL user.
+epilog  = release the job's VM (worker VMs are single-use), drop the record and the ACL user.  Idempotent.
+
+A prolog that fails after submitting releases what it submitted, so a requeued attempt starts clean.
+Every request is answered (an unexpected exception becomes an error reply, never a silent timeout); the
+serving loop survives any exception and logs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from batch_hooks.context import JobContext
+from batch_hooks.proto import MAX_REQUEST_BYTES, REPLY_TTL_S, hooks_key, job_acl_user, jobvm_key, reply_key
+from provisioner.errors import (
+    DynvmError,
+    TransientError,
+    UnavailableError,
+    ValidationError,
+)
+from provisioner.model import Instance, InstanceState
+from provisioner.runtime import Runtime
+
+log = logging.getLogger("dynvm.hooks")
+MAX_WAIT_S = 3600.0
+REQUEST_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def job_user_rules(prefix: str, job_key: str, instance_id: str, attempt: int, password: str) -> list[str]:
+    """ACL rules of a job's own Redis user: read its VM record, take its VM's run token; nothing else."""
+    return ["reset", "on", f">{password}", f"~{jobvm_key(prefix, job_key)}",
+            f"~{prefix}:run:{instance_id}:{attempt}", "-@all", "+hgetall", "+set", "+ping", "+auth"]
+
+
+def vo_of(rt: Runtime, ctx: JobContext) -> str:
+    """The job's VO from trusted identity only: the uid's pool account and its group on this machine."""
+    from provisioner.identity import JobIdentity, resolve_vo
+
+    identity = JobIdentity.from_uid(ctx.uid)
+    if identity.user != ctx.user:
+        raise ValidationError(f"uid {ctx.uid} is {identity.user!r} here, not {ctx.user!r}")
+    return resolve_vo(identity, rt.config)
+
+
+def _size(value: int | None, lo: int, default: int, hi: int, what: str) -> int:
+    if value is None:
+        return default
+    if value > hi:
+        raise ValidationError(f"the job asks for {value} {what}; its VO's image allows at most {hi}")
+    return max(lo, value)
+
+
+def prolog(rt: Runtime, ctx: JobContext, deadline: float) -> dict[str, Any]:
+    from provisioner.control.client import release, submit, wait
+    from provisioner.identity import image_for_vo
+
+    vo = vo_of(rt, ctx)
+    image = image_for_vo(vo, rt.catalogue, rt.config)
+    spec = image.spec
+    vcpus = _size(ctx.cpus, spec.vcpus.min, spec.vcpus.default, spec.vcpus.max, "cpus")
+    memory = _size(ctx.memory_mib, spec.memory_mib.min, spec.memory_mib.default, spec.memory_mib.max, "MiB")
+    # WNoDeS: a job started on a node that is itself a dynvm host gets its VM there.
+    host = ctx.node if ctx.node and rt.store.get_host(ctx.node) is not None else None
+    inst, _ = submit(rt, image, vo, owner=ctx.owner, idempotency_key=ctx.key,
+                     vcpus=vcpus, memory_mib=memory, host=host)
+    try:
+        done = wait(rt, inst.id, max(0.0, deadline - time.monotonic()))
+        if done.state is not InstanceState.READY:
+            raise TransientError(f"vm {inst.id} for job {ctx.job_id} {done.state.value}: {done.reason}"[:300])
+        return _record(rt, ctx, done, vo)
+    except DynvmError:
+        release(rt, inst.id)  # single-use: the next attempt gets a fresh VM, none is left behind
+        raise
+
+
+def _record(rt: Runtime, ctx: JobContext, inst: Instance, vo: str) -> dict[str, Any]:
+    prefix = rt.store.keys.prefix
+    password = secrets.token_hex(16)
+    user = job_acl_user(prefix, ctx.key)
+    fields: dict[Any, Any] = {"instance": inst.id, "host": inst.host or "", "vo": vo, "image": inst.image,
+              "uid": str(ctx.uid), "attempt": str(ctx.attempt),
+              "shared_dir": str(rt.config.storage.shared_dir)}
+    rt.store.r.hset(jobvm_key(prefix, ctx.key), mapping=fields)
+    rules = job_user_rules(prefix, ctx.key, inst.id, ctx.attempt, password)
+    rt.store.r.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
+    _grant_exec(rt, ctx, inst)
+    rt.store.add_event("job_vm", instance=inst.id, message=f"{ctx.owner} attempt {ctx.attempt} vo={vo}")
+    return {**fields, "job_user": user, "job_password": password}
+
+
+def _grant_exec(rt: Runtime, ctx: JobContext, inst: Instance) -> None:
+    """Let the job's own uid reach its own VM's exec channel (and no other): the payload wrapper runs
+    with the job's privileges.  Only where the socket is visible from here (WNoDeS: the job's node)."""
+    from provisioner.execchan.client import exec_socket
+
+    if inst.host is None or os.geteuid() != 0:
+        return
+    path = exec_socket(rt.config.storage.shared_dir, inst.id, inst.host)
+    try:
+        os.chown(path, ctx.uid, ctx.gid)
+        os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass  # an image without a serial channel, or the VM's host is another machine
+
+
+def epilog(rt: Runtime, ctx: JobContext) -> dict[str, Any]:
+    from provisioner.control.client import release
+
+    prefix = rt.store.keys.prefix
+    raw = rt.store.r.hget(jobvm_key(prefix, ctx.key), "instance")
+    iid = (raw.decode() if isinstance(raw, bytes) else raw) or None
+    if iid is None:  # the prolog may have died between submit and record
+        inst = rt.store.instance_for_key(ctx.key)
+        iid = inst.id if inst is not None else None
+    if iid is not None and rt.store.get_instance(iid) is not None:
+        release(rt, iid)
+    rt.store.r.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "DELUSER", job_acl_user(prefix, ctx.key)
+    )
+    rt.store.r.delete(jobvm_key(prefix, ctx.key))
+    if iid is not None:
+        rt.store.add_event("job_end", instance=iid, message=f"{ctx.owner} attempt {ctx.attempt}")
+    return {"instance": iid or "", "released": iid is not None}
+
+
+def handle(rt: Runtime, raw: bytes, now: float) -> tuple[str | None, dict[str, Any]]:
+    """(reply id, answer) for one raw request; ``now`` is Redis's clock.  Never raises."""
+    request_id: str | None = None
+    try:
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise ValidationError(f"hook request longer than {MAX_REQUEST_BYTES} bytes")
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValidationError("hook request: expected an object")
+        rid = body.get("reply")
+        if isinstance(rid, str) and len(rid) == 32 and set(rid) <= REQUEST_ID_CHARS:
+            request_id = rid
+        else:
+            raise ValidationError("hook request: malformed reply id")
+        expires = body.get("expires")
+        if not isinstance(expires, int | float) or isinstance(expires, bool):
+            raise ValidationError("hook request: no expiry")
+        if expires <= now:
+            return None, {}  # nobody waits for it any more: a late daemon must not act on it
+        ctx = JobContext.from_dict(body.get("ctx"))
+        deadline = time.monotonic() + min(expires - now, MAX_WAIT_S) - 0.5
+        if body.get("op") == "prolog":
+            return request_id, prolog(rt, ctx, deadline)
+        if body.get("op") == "epilog":
+            return request_id, epilog(rt, ctx)
+        raise ValidationError(f"hook request: unknown operation {str(body.get('op'))[:32]!r}")
+    except DynvmError as err:
+        # No capacity is transient too: the job is requeued and tries again later.
+        return request_id, {"error": err.code, "transient": isinstance(err, TransientError),
+                            "message": str(err)}
+    except ValueError as err:  # bad JSON
+        return request_id, {"error": "invalid", "transient": False, "message": f"hook request: {err}"[:200]}
+    except Exception as err:  # a bug: answer anyway, as a transient error (the job is requeued, not lost)
+        log.exception("hook request failed")
+        return request_id, {"error": "internal", "transient": True, "message": f"internal error: {err}"[:200]}
+
+
+def _answer(rt: Runtime, raw: bytes, now: float) -> None:
+    request_id, answer = handle(rt, raw, now)
+    if request_id is None or not answer:
+        return
+    key = reply_key(rt.store.keys.prefix, request_id)
+    pipe = rt.store.r.pipeline(transaction=False)
+    pipe.rpush(key, json.dumps(answer))
+    pipe.expire(key, REPLY_TTL_S)
+    pipe.execute()
+
+
+def serve(rt: Runtime, stop: threading.Event, workers: int = 256,
+          on_error: Callable[[BaseException], None] | None = None) -> None:
+    """Serve requests until ``stop`` is set.  Prologs wait for boots, so they run in a thread pool; the
+    loop itself only pops.  Any exception is logged (and counted by ``on_error``) and the loop goes on."""
+    key = hooks_key(rt.store.keys.prefix)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hook") as pool:
+        while not stop.is_set():
+            try:
+                got = rt.store.r.brpop([key], timeout=1)
+                if got is None:
+                    continue
+                secs, _us = rt.store.r.time()
+                body = got[1]
+                pool.submit(_answer, rt, body if isinstance(body, bytes) else body.encode(), float(secs))
+            except Exception as exc:
+                log.exception("hook loop: %s", exc)
+                if on_error is not None:
+                    on_error(exc)
+                stop.wait(0.5 if not isinstance(exc, UnavailableError) else 1.0)
+
+
+def start_thread(rt: Runtime) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    t = threading.Thread(target=serve, args=(rt, stop), name="dynvm-hooks", daemon=True)
+    t.start()
+    return t, stop

@@ -1,0 +1,148 @@
+"""The hook contract end to end on the test-driver farm: a light hook (its own RESP client, a real Redis ACL
+user) asks the control workers for its job's VM; the VO comes from the uid only; per-job credentials reach
+nothing but their own job."""
+
+from __future__ import annotations
+
+import json
+import pwd
+import secrets
+
+import pytest
+
+from batch_hooks.context import JobContext, job_key
+from batch_hooks.proto import call, hooks_key, jobvm_key, reply_key
+from batch_hooks.resp import LightRedis, RedisReplyError
+from provisioner.control.client import ENDED, wait
+from provisioner.errors import DeadlineExceeded, IdentityError, UnknownVOError, ValidationError
+from provisioner.model import InstanceState
+from tests.batch_hooks.conftest import user_url
+from tests.conftest import wait_until
+from tests.control.conftest import Farm
+
+pytestmark = [pytest.mark.redis, pytest.mark.libvirt]
+
+
+def ctx_for(user: str, job_id: str | None = None, attempt: int = 0, **kw: object) -> JobContext:
+    pw = pwd.getpwnam(user)
+    return JobContext(batch="slurm", cluster="t", job_id=job_id or str(secrets.randbelow(10**9)),
+                      attempt=attempt, user=user, uid=pw.pw_uid, gid=pw.pw_gid, **kw)  # type: ignore[arg-type]
+
+
+def test_three_vos_each_get_their_own_image_and_release_it(farm: Farm, hook_url: str) -> None:
+    vms = {}
+    with LightRedis(hook_url) as r:
+        for vo in ("cms", "atlas", "lhcb"):
+            ctx = ctx_for(f"{vo}001")
+            vm = call(r, "dynvm", "prolog", ctx, 60)
+            inst = farm.rt.store.require_instance(vm["instance"])
+            assert (vm["vo"], inst.vo, inst.state) == (vo, vo, InstanceState.READY)
+            assert inst.image.startswith(f"{vo}-wn:") and inst.owner == f"slurm:t:{ctx.job_id}"
+            vms[vo] = (ctx, inst.id)
+        for ctx, iid in vms.values():
+            assert call(r, "dynvm", "epilog", ctx, 30)["released"] is True
+            assert wait(farm.rt, iid, 30, until=ENDED).state is InstanceState.GONE
+            assert not farm.rt.store.r.exists(jobvm_key("dynvm", ctx.key))
+
+
+def test_same_attempt_is_idempotent_and_a_requeued_attempt_gets_a_fresh_vm(farm: Farm, hook_url: str) -> None:
+    with LightRedis(hook_url) as r:
+        first = call(r, "dynvm", "prolog", ctx_for("cms001", "77"), 60)
+        again = call(r, "dynvm", "prolog", ctx_for("cms001", "77"), 60)
+        assert again["instance"] == first["instance"]
+        call(r, "dynvm", "epilog", ctx_for("cms001", "77"), 30)
+        second = call(r, "dynvm", "prolog", ctx_for("cms001", "77", attempt=1), 60)
+        assert second["instance"] != first["instance"]
+        call(r, "dynvm", "epilog", ctx_for("cms001", "77", attempt=1), 30)
+
+
+def test_unknown_vo_and_unknown_user_are_permanent_errors(farm: Farm, hook_url: str) -> None:
+    with LightRedis(hook_url) as r:
+        with pytest.raises(UnknownVOError, match="alice"):
+            call(r, "dynvm", "prolog", ctx_for("alice001"), 30)
+        ghost = JobContext(batch="slurm", cluster="t", job_id="5", attempt=0, user="nobody1", uid=4_000_000,
+                           gid=1)
+        with pytest.raises(IdentityError, match="4000000"):
+            call(r, "dynvm", "prolog", ghost, 30)
+        pw = pwd.getpwnam("atlas001")  # a uid that is atlas's pool account, claimed under cms's name
+        liar = JobContext(batch="slurm", cluster="t", job_id="6", attempt=0, user="cms001", uid=pw.pw_uid,
+                          gid=pw.pw_gid)
+        with pytest.raises(ValidationError, match="not 'cms001'"):
+            call(r, "dynvm", "prolog", liar, 30)
+
+
+def test_over_the_images_hard_limit_is_permanent(farm: Farm, hook_url: str) -> None:
+    with LightRedis(hook_url) as r, pytest.raises(ValidationError, match="at most"):
+        call(r, "dynvm", "prolog", ctx_for("lhcb001", cpus=4000), 30)
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[]", b'{"reply": "x"}',
+    json.dumps({"v": 1, "op": "prolog", "reply": "ab" * 16, "expires": 1e12,
+                "ctx": {"batch": "slurm", "cluster": "t", "job_id": "1;rm -rf /", "attempt": 0,
+                        "user": "cms001", "uid": 1, "gid": 1}}).encode(),
+    json.dumps({"v": 1, "op": "prolog", "reply": "ab" * 16, "expires": 1e12,
+                "ctx": {"batch": "slurm", "cluster": "t", "job_id": "1", "attempt": 0, "user": "cms001",
+                        "uid": 1, "gid": 1, "vo": "atlas"}}).encode(),
+    json.dumps({"v": 1, "op": "shell", "reply": "ab" * 16, "expires": 1e12, "ctx": {}}).encode(),
+])
+def test_hostile_requests_get_an_error_reply_or_are_dropped_never_a_crash(farm: Farm, body: bytes) -> None:
+    r = farm.rt.store.r
+    r.delete(reply_key("dynvm", "ab" * 16))
+    r.lpush(hooks_key("dynvm"), body)
+    if b'"reply": "abab' in body:
+        got = r.blpop([reply_key("dynvm", "ab" * 16)], timeout=10)
+        assert got is not None
+        answer = json.loads(got[1])
+        assert answer["error"] == "invalid" and answer["transient"] is False
+    # The workers still serve: a good request right after is answered.
+    wait_until(lambda: r.llen(hooks_key("dynvm")) == 0, 10, what="hooks list drained")
+
+
+def test_an_expired_request_is_not_acted_on(farm: Farm, hook_url: str) -> None:
+    r = farm.rt.store.r
+    ctx = ctx_for("cms001")
+    secs, _ = r.time()
+    body = {"v": 1, "op": "prolog", "ctx": ctx.to_dict(), "reply": "cd" * 16, "expires": secs - 1}
+    r.lpush(hooks_key("dynvm"), json.dumps(body))
+    wait_until(lambda: r.llen(hooks_key("dynvm")) == 0, 10, what="request popped")
+    assert r.blpop([reply_key("dynvm", "cd" * 16)], timeout=1) is None
+    assert farm.rt.store.instance_for_key(ctx.key) is None
+
+
+def test_hook_deadline_is_a_timeout_not_a_hang(farm: Farm, hook_url: str) -> None:
+    with LightRedis(hook_url) as r, pytest.raises(DeadlineExceeded):
+        # A prefix nobody serves: the call gives up at its deadline.
+        r_url_prefix = "nobody"
+        with pytest.raises(RedisReplyError, match="NOPERM"):
+            call(r, r_url_prefix, "prolog", ctx_for("cms001"), 1)
+        call(r, "dynvm", "prolog", ctx_for("cms001"), 0.001)
+
+
+def test_per_job_acl_user_reaches_only_its_own_job(farm: Farm, hook_url: str) -> None:
+    with LightRedis(hook_url) as r:
+        mine = call(r, "dynvm", "prolog", ctx_for("cms001", "901"), 60)
+        theirs = call(r, "dynvm", "prolog", ctx_for("atlas001", "902"), 60)
+    url = user_url(hook_url, mine["job_user"], mine["job_password"])
+    with LightRedis(url) as job:
+        assert job.hgetall(jobvm_key("dynvm", job_key("t", "901", 0)))["instance"] == mine["instance"]
+        assert job.set(f"dynvm:run:{mine['instance']}:0", "x", nx=True)
+        forbidden: list[tuple[str | int, ...]] = [
+            ("HGETALL", jobvm_key("dynvm", job_key("t", "902", 0))),          # another job's record
+            ("SET", f"dynvm:run:{theirs['instance']}:0", "x", "NX"),        # another VM's run token
+            ("HGETALL", f"dynvm:inst:{theirs['instance']}"),                 # instance records
+            ("LPUSH", "dynvm:hooks", "{}"),                                   # provision / release
+            ("DEL", jobvm_key("dynvm", job_key("t", "901", 0))),             # even its own record
+            ("KEYS", "*"), ("ACL", "LIST"), ("FLUSHALL",),
+        ]
+        for cmd in forbidden:
+            with pytest.raises(RedisReplyError, match="NOPERM"):
+                job.execute(*cmd)
+    with LightRedis(hook_url) as hook:  # the trusted hook user itself cannot read or write state either
+        for cmd in [("HGETALL", f"dynvm:inst:{mine['instance']}"), ("DEL", "dynvm:insts")]:
+            with pytest.raises(RedisReplyError, match="NOPERM"):
+                hook.execute(*cmd)
+        call(hook, "dynvm", "epilog", ctx_for("cms001", "901"), 30)
+        call(hook, "dynvm", "epilog", ctx_for("atlas001", "902"), 30)
+    with pytest.raises(RedisReplyError, match="WRONGPASS"):  # epilog removed the job's user
+        LightRedis(url)
