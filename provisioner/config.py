@@ -121,6 +121,26 @@ class TimeoutsConfig(Strict):
     reconcile_interval_s: float = Field(default=10.0, gt=0, le=3600)
 
 
+class OutboxConfig(Strict):
+    """The control workers' sweeper (provisioner.control.sweeper): requests and placements whose message
+    was lost are sent again, moved or failed with a reason; nothing stays requested or placed forever."""
+
+    sweep_interval_s: float = Field(default=2.0, gt=0, le=600)
+    resend_after_s: float = Field(default=5.0, gt=0, le=3600)  # requested, not picked up: send again
+    pickup_deadline_s: float = Field(default=60.0, gt=0, le=86400)  # no control worker took it: fail
+    boot_after_s: float = Field(default=30.0, gt=0, le=86400)  # placed, agent alive, not booting: BOOT again
+    replace_after_s: float = Field(default=15.0, gt=0, le=86400)  # placed on a host with no lease: re-place
+    max_placements: int = Field(default=3, ge=1, le=100)  # re-placements before it fails
+
+
+class RetentionConfig(Strict):
+    """Ended instances (gone, failed, lost) leave the hot indexes at once and expire after ``ended_s``;
+    a compact history of each end (capped at ``history_max`` entries) is kept for accounting."""
+
+    ended_s: float = Field(default=86400.0, ge=0, le=366 * 86400)
+    history_max: int = Field(default=100_000, ge=1, le=10_000_000)
+
+
 class Config(Strict):
     schema_version: Literal[1] = 1
     # redis://[user:pw@]host:port/db or sentinel://[user:pw@]h1:p1,h2:p2,.../service[/db] (see redisurl.py)
@@ -141,6 +161,8 @@ class Config(Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     network: NetworkConfig = NetworkConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    retention: RetentionConfig = RetentionConfig()
     source: str = Field(default="<embedded default>", exclude=True)
 
     @field_validator("redis_url")
