@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from ha.detection import Observation, Timing, Verdict, judge
 from ha.fencing import restart_allowed_after
+from ha.keeper import Declared, Start, decide
 from ha.plan import FailoverPlan, plan_failover
 from ha.recovery import Recovery, RecoveryStore, Step
 from provisioner.model import HostState, InstanceState
@@ -81,12 +82,19 @@ class World(Protocol):
 
     def pause(self, reason: str) -> None: ...
 
+    def declared(self) -> Declared:
+        """Declared services, each one's current instance record, restart times and restart limits."""
+
+    def start_service(self, start: Start, fence: int) -> None:
+        """Start a declared service (pinned to ``start.host`` or anywhere) and remember it as its VM."""
+
 
 @dataclass
 class RoundReport:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     opened: list[str] = field(default_factory=list)
     advanced: list[tuple[str, Step]] = field(default_factory=list)
+    started_services: list[str] = field(default_factory=list)
 
 
 class Engine:
@@ -98,6 +106,7 @@ class Engine:
         self.policy = policy
         self.settings = settings
         self.counts: dict[str, int] = {}
+        self._reported: set[str] = set()
 
     def round(self, fence: int) -> RoundReport:
         """One monitor round as the leader holding ``fence``."""
@@ -122,7 +131,26 @@ class Engine:
                 views[name] = dataclasses.replace(views[name], state=HostState.DEAD)
         for rec in self.recs.open_records():
             self._drive(rec, views.get(rec.host), now, fence, report)
+        self._keep(views, now, fence, report)
         return report
+
+    def _keep(self, views: Mapping[str, HostView], now: float, fence: int, report: RoundReport) -> None:
+        """Declared services are never silently absent (keeper.decide)."""
+        declared, current, restarts, limits = self.world.declared()
+        if not declared:
+            return
+        recovering = frozenset(r.host for r in self.recs.open_records())
+        states = {name: v.state for name, v in views.items()}
+        insts = [i for i in current.values() if i is not None]
+        starts, problems = decide(declared, insts, states, restarts, limits, now, recovering)
+        for text in problems:
+            if text not in self._reported:
+                self._reported.add(text)
+                self.world.event("service_duplicate", None, text)
+        for st in starts:
+            self.world.start_service(st, fence)
+            report.started_services.append(st.service)
+            self.world.event("service_start", st.host, f"{st.service}: {st.why}")
 
     def _declare_dead(self, h: HostView, now: float, fence: int, report: RoundReport) -> bool:
         silence = now - h.last_seen

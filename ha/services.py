@@ -34,8 +34,12 @@ if addr ~= '' then
 end
 local old = redis.call('HGET', KEYS[1], 'address')
 if old and old ~= '' and old ~= addr then redis.call('HDEL', KEYS[3], old) end
+-- a re-declaration replaces the declaration, not the keeper's bookkeeping (its VM, restart times)
+local keep = redis.call('HMGET', KEYS[1], 'instance', 'restarts')
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if keep[1] then redis.call('HSET', KEYS[1], 'instance', keep[1]) end
+if keep[2] then redis.call('HSET', KEYS[1], 'restarts', keep[2]) end
 redis.call('SADD', KEYS[2], name)
 if addr ~= '' then redis.call('HSET', KEYS[3], addr, name) end
 return 'ok'
@@ -149,6 +153,24 @@ class ServiceStore:
     def all(self) -> list[Service]:
         names = sorted(cast(set[str], self.r.smembers(self.all_key)))
         return [s for s in (self.get(n) for n in names) if s is not None]
+
+    def current_instance(self, name: str) -> str | None:
+        """The instance the keeper last started for the service (its VM, wherever failover moved it)."""
+        value = self.r.hget(self.key(name), "instance")
+        return str(value) if value else None
+
+    def restarts(self, name: str) -> list[float]:
+        raw = self.r.hget(self.key(name), "restarts")
+        return [float(t) for t in str(raw).split(",") if t] if raw else []
+
+    def set_current(self, name: str, instance_id: str, restarted: bool) -> None:
+        """Remember the service's VM; a restart in place also counts towards its restart limit (the last
+        20 restart times are kept, enough for any window the limit uses)."""
+        fields: dict[str, str] = {"instance": check_id(instance_id, "instance id")}
+        if restarted:
+            sec, usec = self.r.time()
+            fields["restarts"] = ",".join([*map(str, self.restarts(name)[-19:]), f"{sec + usec / 1e6:.3f}"])
+        self.r.hset(self.key(name), mapping=cast(Any, fields))
 
     def remove(self, name: str) -> bool:
         return bool(self._remove(keys=[self.key(name), self.all_key, self.addr_key], args=[name]))

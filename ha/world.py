@@ -8,11 +8,13 @@ from collections.abc import Mapping
 
 from ha.detection import Timing
 from ha.engine import FenceResult, HostView
+from ha.keeper import Declared, Limits, Start
 from ha.plan import FailoverPlan
+from ha.services import ServiceStore
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.messaging import BOOT, PRIORITY_HA, host_queue
-from provisioner.model import HostState, InstanceState
-from provisioner.runtime import Runtime
+from provisioner.model import HostState, Instance, InstanceState
+from provisioner.runtime import Runtime, current_catalogue
 from provisioner.scheduler import Snapshot
 from provisioner.state.claims import ClaimRequest
 
@@ -25,6 +27,7 @@ class RedisWorld:
         self.rt = rt
         self.store = rt.store
         self.paused_key = f"{rt.store.keys.prefix}:ha:paused"
+        self.services = ServiceStore(rt.store.r, rt.store.keys.prefix)
 
     def now(self) -> float:
         sec, usec = self.store.r.time()
@@ -154,6 +157,34 @@ class RedisWorld:
             self.store.add_event(kind, message, host=host)
         except DynvmError as err:  # an event must never stop a failover
             log.warning("event %s for %s not recorded: %s", kind, host, err)
+
+    def declared(self) -> Declared:
+        services = self.services.all()
+        current: dict[str, Instance | None] = {}
+        restarts: dict[str, list[float]] = {}
+        limits: dict[str, Limits] = {}
+        cat = current_catalogue(self.rt)
+        for svc in services:
+            iid = self.services.current_instance(svc.name)
+            current[svc.name] = self.store.get_instance(iid) if iid else None
+            restarts[svc.name] = self.services.restarts(svc.name)
+            try:
+                ha = cat.resolve(svc.image).ha
+            except DynvmError:
+                ha = None
+            limits[svc.name] = Limits(ha.max_restarts, ha.restart_window_s) if ha else Limits()
+        return services, current, restarts, limits
+
+    def start_service(self, start: Start, fence: int) -> None:
+        from provisioner.control.client import service_mac, submit
+
+        svc = self.services.require(start.service)
+        image = current_catalogue(self.rt).resolve(svc.image)
+        inst, _ = submit(
+            self.rt, image, None, service=svc.name, ip=svc.address, mac=service_mac(svc.name),
+            tier=svc.priority, host=start.host,
+        )
+        self.services.set_current(svc.name, inst.id, restarted=start.host is not None)
 
     def paused(self) -> str | None:
         value = self.store.r.get(self.paused_key)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from ha.detection import Timing
 from ha.engine import FenceResult, HostView
+from ha.keeper import Declared, Start
 from ha.plan import FailoverPlan
 from provisioner.model import Host, HostState, Instance, InstanceState
 from provisioner.scheduler import Snapshot
@@ -115,3 +116,9 @@ class FakeWorld:
 
     def pause(self, reason: str) -> None:
         self._paused = reason
+
+    def declared(self) -> Declared:
+        return [], {}, {}, {}
+
+    def start_service(self, start: Start, fence: int) -> None:  # pragma: no cover - nothing declared here
+        raise AssertionError("the fake world declares no services")

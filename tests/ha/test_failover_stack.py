@@ -65,3 +65,42 @@ def test_a_dead_hosts_services_come_back_on_survivors_and_its_workers_are_lost(
         kinds = [e.kind for e in rt.store.read_events(count=500) if e.kind in timeline and e.host == "hv1"]
         assert kinds == timeline
         assert mon.errors == 0, mon.last_error
+
+
+def test_declared_services_are_started_and_restarted_in_place(redis_url: str, tmp_path: Path) -> None:
+    from ha.services import Service, ServiceStore
+    from provisioner.control.client import release
+    from provisioner.model import Tier
+
+    cfg = stack_config(tmp_path, redis_url, ["hv1", "hv2"], cpus=8)
+    with mini_stack(tmp_path / "stack", cfg, workers=1) as stack:
+        rt = stack.rt
+        services = ServiceStore(rt.store.r, rt.store.keys.prefix)
+        services.declare(Service("wms-01", "wms", Tier.NORMAL, "10.9.0.30"))
+        mon = Monitor(rt, MonitorSettings(round_s=0.05, lease_ttl_s=1.0), "m1")
+        stop = threading.Event()
+        t = threading.Thread(target=mon.run, args=(stop,), daemon=True)
+        t.start()
+        try:
+
+            def ready_vm() -> str | None:
+                iid = services.current_instance("wms-01")
+                inst = rt.store.get_instance(iid) if iid else None
+                return inst.id if inst is not None and inst.state is InstanceState.READY else None
+
+            first = wait_until(ready_vm, timeout=60, interval=0.1, what="the keeper to start wms-01")
+            vm = rt.store.require_instance(first)
+            assert vm.service == "wms-01" and vm.ip == "10.9.0.30"
+            release(rt, first)  # the VM goes away behind HA's back
+            wait(rt, first, 60, until=frozenset({InstanceState.GONE}))
+            second = wait_until(
+                lambda: (x := ready_vm()) is not None and x != first and x, timeout=60, interval=0.1,
+                what="the keeper to restart wms-01",
+            )
+            again = rt.store.require_instance(second)
+            assert again.host == vm.host and again.ip == vm.ip and again.mac == vm.mac  # restarted in place
+            assert len(services.restarts("wms-01")) == 1
+        finally:
+            stop.set()
+            t.join(timeout=10)
+        assert mon.errors == 0, mon.last_error
