@@ -145,6 +145,8 @@ class HostsMixin(EventsMixin, StoreBase):
                     shown = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
                     raise ConflictError(f"host {name!r} holds {len(held)} VM(s): {shown}")
                 pipe.multi()
+            # Claims go through the claim script, which keeps the VO quota and anti-affinity books with them.
+            self._scripts["release_claim"](keys=[], args=[self.keys.prefix, name, ""], client=pipe)
             pipe.delete(self.keys.host(name), self.keys.claims(name), self.keys.lease(name))
             pipe.srem(self.keys.hosts, name)
             try:

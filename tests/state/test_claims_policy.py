@@ -141,3 +141,10 @@ def test_racing_claims_never_break_quota_or_anti_affinity(store: StateStore) -> 
         assert len(got) <= max_n and (max_v is None or sum(got.values()) <= max_v)
     # 480 claims for at most 8 places: the race really ran at the quota limit.
     assert len(members["atlas"]) == 3
+
+
+def test_removing_a_host_gives_back_its_quota_and_group_slots(store: StateStore) -> None:  # noqa: F811
+    assert code(store, q("hv01", "a", 2, vo="cms", group="ce", max_instances=1)) == "ok"
+    store.remove_host("hv01")
+    assert store.vo_usage("cms") == (0, 0) and store.group_members("hv01") == {}
+    assert code(store, q("hv02", "b", 2, vo="cms", group="ce", max_instances=1)) == "ok"
