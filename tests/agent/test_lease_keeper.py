@@ -80,13 +80,14 @@ def test_renewal_survives_a_read_only_redis(store: StateStore) -> None:
     k = _keeper(store)
     try:
         wait_until(lambda: k.stats.renewals >= 2, 5, what="renewals")
-        store.r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # a master that never answers
+        # Demoted: a replica of a master that never answers refuses every write.
+        store.r.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # type: ignore[no-untyped-call]
         try:
             wait_until(lambda: k.stats.failures >= 3, 10, what="failed renewals to be counted")
             assert k.alive
             assert "read" in k.stats.last_error.lower(), k.stats.last_error
         finally:
-            store.r.execute_command("REPLICAOF", "NO", "ONE")
+            store.r.execute_command("REPLICAOF", "NO", "ONE")  # type: ignore[no-untyped-call]
         # Renewal resumes; the outage outlasted the TTL, so the agent learns its lease was lost (a gap).
         wait_until(k.lost.is_set, 10, what="the keeper to learn of the gap")
         # The counts reach the host record with the renewals that follow.
