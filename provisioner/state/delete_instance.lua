@@ -5,6 +5,7 @@ local f = redis.call('HMGET', KEYS[1], 'state', 'role', 'host', 'idempotency_key
 if not f[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', prefix .. ':insts', id)
+redis.call('ZREM', prefix .. ':ended', id)  -- a retired record (provisioner/state/retention.py)
 redis.call('SREM', prefix .. ':idx:state:' .. f[1], id)
 if f[2] then redis.call('SREM', prefix .. ':idx:role:' .. f[2], id) end
 if f[3] then

@@ -96,6 +96,16 @@ class InstancesMixin(StoreBase):
         raw = as_str_dict(self.r.hgetall(self.keys.inst(instance_id)))
         return instance_from_fields(raw) if raw else None
 
+    @guarded
+    def get_instances(self, ids: list[str]) -> dict[str, Instance | None]:
+        """Several records read in one round trip (not one snapshot: each is as of its own read); None
+        for an id that has no record."""
+        pipe = self.r.pipeline(transaction=False)
+        for iid in ids:
+            pipe.hgetall(self.keys.inst(iid))
+        raws = cast(list[dict[str, str]], pipe.execute())
+        return {iid: (instance_from_fields(raw) if raw else None) for iid, raw in zip(ids, raws, strict=True)}
+
     def require_instance(self, instance_id: str) -> Instance:
         inst = self.get_instance(instance_id)
         if inst is None:
@@ -113,8 +123,16 @@ class InstancesMixin(StoreBase):
         host: str | None = None,
         state: InstanceState | None = None,
         role: Role | None = None,
+        ended: bool = False,
     ) -> list[Instance]:
-        """Instances matching every given criterion, oldest first."""
+        """Instances matching every given criterion, oldest first.
+
+        Hot by default, O(live): the records in the hot indexes that have not ended (plus lost service
+        VMs, which wait for HA).  ``ended=True`` or an ended ``state`` also reads the ended records still
+        within retention (cold, O(ended): provisioner.state.retention).
+        """
+        from provisioner.state.retention import retirable
+
         sets = []
         if host is not None:
             sets.append(self.keys.by_host(host))
@@ -123,7 +141,20 @@ class InstancesMixin(StoreBase):
         if role is not None:
             sets.append(self.keys.by_role(role.value))
         ids = cast(set[str], self.r.sinter(sets) if sets else self.r.smembers(self.keys.instances))
-        return self._load(sorted(ids))
+        cold = ended or (
+            state is not None and state in (InstanceState.GONE, InstanceState.FAILED, InstanceState.LOST)
+        )
+        if cold:
+            ids |= set(cast(list[str], self.r.zrange(f"{self.keys.prefix}:ended", 0, -1)))
+        out = [
+            i
+            for i in self._load(sorted(ids))
+            if (cold or not retirable(i))
+            and (host is None or i.host == host)
+            and (state is None or i.state is state)
+            and (role is None or i.role is role)
+        ]
+        return out
 
     def _load(self, ids: list[str]) -> list[Instance]:
         pipe = self.r.pipeline(transaction=False)

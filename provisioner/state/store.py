@@ -1,7 +1,8 @@
 """StateStore: the Redis state store of dynvm (hosts, instances, claims, leases, events).
 
 Key layout (prefix ``dynvm``): ``host:NAME`` hash + ``hosts`` set; ``inst:ID`` hash + ``insts`` set +
-``idx:host:NAME`` / ``idx:state:STATE`` / ``idx:role:ROLE`` sets; ``claims:NAME`` hash; ``idem:KEY`` ->
+``idx:host:NAME`` / ``idx:state:STATE`` / ``idx:role:ROLE`` sets (hot: live records; ended ones move to
+``ended`` + ``history``, provisioner.state.retention); ``claims:NAME`` hash; ``idem:KEY`` ->
 instance id; ``lease:host:NAME`` (PX TTL, value = agent token); ``events`` stream; ``notify:ID`` wake-ups.
 Every id is validated (keys.ID_RE) before it becomes part of a key.  Redis unreachable raises
 UnavailableError naming the URL, at first use or from ping().
@@ -19,6 +20,8 @@ from provisioner.state.claims import ClaimsMixin
 from provisioner.state.codec import host_from_fields, instance_from_fields
 from provisioner.state.hosts import HostsMixin
 from provisioner.state.instances import InstancesMixin
+from provisioner.state.outbox import OutboxMixin
+from provisioner.state.retention import RetentionMixin
 
 _LIVE_STATES = [s.value for s in InstanceState if s is not InstanceState.GONE]
 
@@ -28,7 +31,7 @@ def _with_lease(host: Host, alive: object) -> Host:
     return host
 
 
-class StateStore(HostsMixin, InstancesMixin, ClaimsMixin):
+class StateStore(HostsMixin, InstancesMixin, ClaimsMixin, RetentionMixin, OutboxMixin):
     """One object per process; thread-safe (redis-py's connection pool)."""
 
     @guarded
