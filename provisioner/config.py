@@ -75,6 +75,8 @@ class VOConfig(Strict):
     accounts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = Field(default_factory=list)
     max_vcpus: int | None = Field(default=None, ge=0)
     max_instances: int | None = Field(default=None, ge=0)
+    # A job of a VO at its limits waits (requeued until the VO is under them) or fails (provisioner.limits).
+    over_limit: Literal["wait", "fail"] = "wait"
 
 
 class IdentityConfig(Strict):
@@ -141,6 +143,27 @@ class RetentionConfig(Strict):
     history_max: int = Field(default=100_000, ge=1, le=10_000_000)
 
 
+class PoolsConfig(Strict):
+    """Warm pools and the demand watcher (batch_hooks.pools/demand).  Per-VO min/max/idle timeout live in
+    Redis (``dynvm pool set``); these are the values of a VO nobody has set yet."""
+
+    min: int = Field(default=0, ge=0, le=10_000)
+    max: int = Field(default=0, ge=0, le=10_000)
+    idle_timeout_s: float = Field(default=600.0, ge=0, le=7 * 86400)
+    watch_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    batch: Literal["none", "slurm", "htcondor"] = "none"  # where pending jobs are counted
+    cluster: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    reclaim_grace_s: float = Field(default=300.0, ge=0, le=86400)
+
+
+class BreakerConfig(Strict):
+    """Circuit breaker per image (provisioner.breaker)."""
+
+    failures: int = Field(default=3, ge=1, le=1000)
+    backoff_s: float = Field(default=300.0, gt=0, le=86400)
+    max_backoff_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+
+
 class Config(Strict):
     schema_version: Literal[1] = 1
     # redis://[user:pw@]host:port/db or sentinel://[user:pw@]h1:p1,h2:p2,.../service[/db] (see redisurl.py)
@@ -163,6 +186,8 @@ class Config(Strict):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     outbox: OutboxConfig = OutboxConfig()
     retention: RetentionConfig = RetentionConfig()
+    pools: PoolsConfig = PoolsConfig()
+    breaker: BreakerConfig = BreakerConfig()
     source: str = Field(default="<embedded default>", exclude=True)
 
     @field_validator("redis_url")
