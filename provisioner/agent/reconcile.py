@@ -161,9 +161,13 @@ def record_key(rec: Instance | None) -> tuple[str, str | None, int] | None:
 
 
 def is_current(host: str, first: Instance | None, record: Instance | None) -> bool:
-    """Whether the two reads agree: the same state, host and epoch, or "not on this host" both times."""
+    """Whether the two reads agree: the same state, host and epoch, or "not on this host" both times.
+
+    The first read is the host's hot index, which leaves ended records out (retention): an ended record
+    on this host seen only by the second read did not arrive in between (a record arrives by a placement
+    or a migration landing, never in an ended state), so it counts as current."""
     if first is None:
-        return record is None or record.host != host
+        return record is None or record.host != host or _PHASE.get(record.state) is Phase.ENDED
     return record_key(first) == record_key(record)
 
 
@@ -256,7 +260,7 @@ def read_world(rt: Runtime) -> list[Observation]:
     ids = {i.id for i in first} | {
         d.metadata["instance_id"] for d in domains if d.metadata.get("instance_id")
     }
-    records = {iid: rt.store.get_instance(iid) for iid in sorted(ids)}
+    records = rt.store.get_instances(sorted(ids))
     return observe(rt.host, first, domains, records)
 
 
@@ -360,8 +364,8 @@ def release_stale_claims(rt: Runtime) -> list[str]:
     """Claims on this host that no record explains, given back by compare-and-set on the record read."""
     assert rt.host is not None
     out = []
-    for iid in list(rt.store.claims_on(rt.host)):
-        rec = rt.store.get_instance(iid)
+    claimed = rt.store.get_instances(sorted(rt.store.claims_on(rt.host)))
+    for iid, rec in claimed.items():
         if decide_claim(rt.host, rec, time.time()) is ClaimAction.KEEP:
             continue
         try:

@@ -226,6 +226,19 @@ def test_a_vm_placed_anew_on_this_host_between_reads_is_replanned() -> None:
     assert decide(ME, Observation("s1", old, new, None), NOW, GRACE, False).action is Action.REPLAN
 
 
+def test_an_ended_record_left_out_of_the_hot_index_read_is_current() -> None:
+    """The host's index read returns live records only; the domain of a record that ended here is still
+    an orphan (read once, after libvirt), not a record that changed between the reads."""
+    ended = rec("old1", S.GONE, host=ME)
+    d = decide(ME, Observation("old1", None, ended, dom("old1")), NOW, GRACE, False)
+    assert d.key == (Phase.ENDED, Seen.ALIVE, True, True) and d.action is Action.DESTROY_ORPHAN
+    # whereas a live record on this host that the first read did not see has just arrived
+    arrived = rec("new1", S.PLACED, host=ME, updated=NOW - 1)
+    assert (
+        decide(ME, Observation("new1", None, arrived, dom("new1")), NOW, GRACE, False).action is Action.REPLAN
+    )
+
+
 def test_a_stale_copy_of_a_vm_that_runs_elsewhere_goes() -> None:
     settled = rec("mig1", S.READY, host=OTHER)
     d = diff(ME, [dom("mig1")], [], NOW, GRACE, False, elsewhere={"mig1": settled})
