@@ -17,9 +17,15 @@ from typing import Any
 import yaml
 
 from provisioner.config import Config, checkout_images_dir
-from provisioner.errors import ConflictError, DeadlineExceeded, PermanentError, UnavailableError
+from provisioner.errors import (
+    ConflictError,
+    DeadlineExceeded,
+    DynvmError,
+    PermanentError,
+    UnavailableError,
+)
 from provisioner.farm.layout import FarmLayout, FarmState, pid_alive
-from provisioner.state.base import redact
+from provisioner.redisurl import redact
 
 HOST_CPUS = 16
 HOST_MEMORY_MIB = 32768
@@ -293,13 +299,17 @@ def farm_down(layout: FarmLayout, timeout_s: float = 60.0) -> bool:
 def _redis_answers(url: str) -> bool:
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    from provisioner.state.store import StateStore
+
     try:
-        return bool(client.ping())
-    except redis.exceptions.RedisError:
+        store = StateStore.from_url(url)
+        try:
+            store.ping()
+        finally:
+            store.close()
+    except (DynvmError, redis.exceptions.RedisError):
         return False
-    finally:
-        client.close()
+    return True
 
 
 def farm_status(layout: FarmLayout) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import grp
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,20 @@ def nice_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[16])
 
 
+def threads_left(pid: int) -> list[str]:
+    """Threads of ``pid`` that have not exited yet (a zombie main thread does not count; its siblings do)."""
+    task = Path(f"/proc/{pid}/task")
+    left = []
+    for t in task.iterdir() if task.exists() else []:
+        try:
+            state = (t / "stat").read_text().rsplit(") ", 1)[1][0]
+        except (OSError, IndexError):
+            continue
+        if state not in "ZX":
+            left.append(f"{t.name}:{state}")
+    return left
+
+
 def test_hosts_are_distinct_and_up_is_idempotent(qemu_farm: QemuFarm) -> None:
     assert qemu_farm.up() == {"up_s": 0.0}  # already up: nothing restarted
     uuids = set()
@@ -34,6 +50,9 @@ def test_hosts_are_distinct_and_up_is_idempotent(qemu_farm: QemuFarm) -> None:
         finally:
             conn.close()
     assert len(uuids) == 3
+    for h in qemu_farm.hosts:  # each host's /sys is the farm namespace's (what `ip netns exec` gave)
+        holder = int(qemu_farm.paths(h).pidfile("holder").read_text())
+        assert Path(f"/proc/{holder}/root/sys/class/net/{qemu_farm.bridge}").exists()
     st = os.stat("/dev/kvm")
     assert st.st_gid == grp.getgrnam("kvm").gr_gid and stat.S_IMODE(st.st_mode) == 0o660
 
@@ -56,6 +75,7 @@ def test_down_leaves_nothing_behind(tmp_path: Path, qemu_images: Path) -> None:
     holder = int(farm.paths("hv1").pidfile("holder").read_text())
     g.conns["hv1"].close()
     farm.down()
+    assert threads_left(pid) == []  # the guest is gone when down() returns, not a second later
     assert farm.leftovers() == []
     assert not pid_alive(pid) and not pid_alive(holder)
     assert not Path("/run/netns/dynvm-downtest").exists()
@@ -85,3 +105,38 @@ def test_guest_tick_counter_visible(guests: Guests) -> None:
     guests.wait_marker(g, "DYNVM_TICK 2 ")
     log = guests.farm.serial_log_path("hv2", g.name).read_text()
     assert "DYNVM_READY atlas-wn vo=atlas" in log and "DYNVM_TICK 1 " in log
+
+
+CHROOT_SH = """set -e
+R=$1; shift
+mount --make-rprivate /
+for d in usr etc root work proc sys dev run tmp; do mkdir -p "$R/$d"; mount --rbind "/$d" "$R/$d"; done
+for l in bin lib lib64 sbin; do [ -e "$R/$l" ] || ln -s "usr/$l" "$R/$l"; done
+exec chroot "$R" "$@"
+"""
+MAKE_NETNS = """
+import subprocess, sys
+from pathlib import Path
+from provisioner.farm.qemu import QemuFarm
+farm = QemuFarm(Path(sys.argv[1]), 1, netns="dynvm-chroottest")
+try:
+    farm._make_netns()
+    ns = "--net=/run/netns/dynvm-chroottest"
+    subprocess.run(["nsenter", ns, "ip", "link", "show", "dvbr0"], check=True)
+finally:
+    subprocess.run(["ip", "netns", "del", "dynvm-chroottest"], check=False)
+"""
+
+
+def test_farm_network_is_made_inside_a_plain_chroot(tmp_path: Path) -> None:
+    """`/` is not a mount point in a plain chroot: `ip -n NS` fails there, nsenter does not."""
+    root = tmp_path / "root"
+    root.mkdir()
+    sh = tmp_path / "chroot.sh"
+    sh.write_text(CHROOT_SH)
+    p = subprocess.run(
+        ["unshare", "-m", "sh", str(sh), str(root), sys.executable, "-c", MAKE_NETNS, str(tmp_path / "f")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not Path("/run/netns/dynvm-chroottest").exists()
