@@ -26,8 +26,8 @@ from provisioner.state.retention import RetentionMixin
 _LIVE_STATES = [s.value for s in InstanceState if s is not InstanceState.GONE]
 
 
-def _with_lease(host: Host, alive: object) -> Host:
-    host.lease_alive = bool(alive)
+def _with_lease(host: Host, holder: object) -> Host:
+    host.lease_alive = holder is not None
     return host
 
 
@@ -53,13 +53,13 @@ class StateStore(HostsMixin, InstancesMixin, ClaimsMixin, RetentionMixin, Outbox
         names_l, ids_l = sorted(names), sorted(ids)
         for n in names_l:
             pipe.hgetall(self.keys.host(n))
-        for n in names_l:  # lease liveness: placement skips hosts whose agent is not renewing
-            pipe.exists(self.keys.lease(n))
+        if names_l:  # lease liveness (one MGET): placement skips hosts whose agent is not renewing
+            pipe.mget([self.keys.lease(n) for n in names_l])
         for iid in ids_l:
             pipe.hgetall(self.keys.inst(iid))
         raw = pipe.execute()
         nh = len(names_l)
-        leases = raw[nh : 2 * nh]
+        leases = raw[nh] if nh else []
         hosts = tuple(_with_lease(host_from_fields(h), a) for h, a in zip(raw[:nh], leases, strict=True) if h)
-        insts = tuple(instance_from_fields(i) for i in raw[2 * nh :] if i)
+        insts = tuple(instance_from_fields(i) for i in raw[nh + (1 if nh else 0) :] if i)
         return Snapshot(hosts=hosts, instances=insts, taken_at=time.time())
