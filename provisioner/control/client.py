@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any
 
 from provisioner.catalogue.model import ImageKind, ResolvedImage
-from provisioner.errors import ConflictError, DeadlineExceeded, NotFoundError, ValidationError
+from provisioner.errors import (
+    ConflictError,
+    DeadlineExceeded,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+)
 from provisioner.model import Instance, InstanceState, Role, Tier
 from provisioner.runtime import Runtime
 
 SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
 ENDED = frozenset({InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
+log = logging.getLogger(__name__)
 RELEASE_ATTEMPTS = 5  # re-reads when the record changes under a release (placed meanwhile)
 
 
@@ -106,11 +114,47 @@ def submit(
     )
     inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
     if created:
-        rt.store.add_event("requested", instance=inst.id, message=f"{image.ref} for {vo or service or '-'}")
-        from provisioner.messaging import PROVISION
-
-        rt.app.send_task(PROVISION, args=[inst.id], queue="provision")
+        # The record is the outbox: once it is written the request is not lost.  If Redis or the broker
+        # fails from here on, the control workers' sweeper (control/sweeper.py) sends it again, so the
+        # caller gets its instance, not an error for a request that will be served.
+        try:
+            rt.store.add_event("requested", f"{image.ref} for {vo or service or '-'}", instance=inst.id)
+            send_provision(rt, inst.id)
+        except UnavailableError as err:
+            log.warning("provision %s recorded, message not sent (the sweeper re-sends it): %s", inst.id, err)
     return inst, created
+
+
+def send_message(rt: Runtime, task: str, args: list[Any], queue: str, priority: int | None = None) -> None:
+    """Send one Celery message; a broker that cannot take it is UnavailableError (one line naming the
+    redacted URL), never kombu's OperationalError or a redis-py error."""
+    import kombu.exceptions
+    import redis.exceptions
+
+    from provisioner.redisurl import redact
+
+    try:
+        if priority is None:
+            rt.app.send_task(task, args=args, queue=queue)
+        else:
+            rt.app.send_task(task, args=args, queue=queue, priority=priority)
+    except (kombu.exceptions.KombuError, redis.exceptions.RedisError, OSError) as err:
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UnavailableError(
+            f"redis/broker at {redact(rt.config.redis_url)} unavailable: {detail}"
+        ) from None
+
+
+def send_provision(rt: Runtime, instance_id: str) -> None:
+    from provisioner.messaging import PROVISION, PROVISION_QUEUE
+
+    send_message(rt, PROVISION, [instance_id], PROVISION_QUEUE)
+
+
+def send_boot(rt: Runtime, instance_id: str, host: str, ha: bool = False) -> None:
+    from provisioner.messaging import BOOT, PRIORITY_DEFAULT, PRIORITY_HA, host_queue
+
+    send_message(rt, BOOT, [instance_id], host_queue(host), PRIORITY_HA if ha else PRIORITY_DEFAULT)
 
 
 def wait(
@@ -125,10 +169,34 @@ def wait(
             raise NotFoundError(f"instance {instance_id} not found")
         if inst.state in until:
             return inst
+        if inst.state is InstanceState.REQUESTED:
+            inst = _fail_if_nobody_picks_up(rt, inst)
+            if inst.state in until:
+                return inst
         left = deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded(f"instance {instance_id} still {inst.state.value} after {timeout_s:.0f} s")
         rt.store.wait_notified(instance_id, min(left, 1.0))
+
+
+def _fail_if_nobody_picks_up(rt: Runtime, inst: Instance) -> Instance:
+    """A request no control worker took within the pickup deadline while none is alive fails with that
+    reason (compare-and-set: a worker placing it meanwhile wins).  With workers alive, their sweeper
+    re-sends it instead."""
+    from provisioner.control.sweeper import liveness_s
+
+    cfg = rt.config.outbox
+    if rt.store.redis_time() - inst.created <= cfg.pickup_deadline_s:
+        return inst
+    if rt.store.picked_at([inst.id]).get(inst.id) is not None or rt.store.workers_alive(liveness_s(cfg)):
+        return inst
+    reason = f"no control worker picked it up within {cfg.pickup_deadline_s:.0f} s"
+    try:
+        failed = rt.store.transition_from(inst, InstanceState.FAILED, reason=reason)
+    except ConflictError:
+        return rt.store.require_instance(inst.id)
+    rt.store.add_event("failed", reason, instance=inst.id)
+    return failed
 
 
 def release(rt: Runtime, instance_id: str) -> Instance:
@@ -141,7 +209,7 @@ def release(rt: Runtime, instance_id: str) -> Instance:
         if inst.state is InstanceState.GONE:
             return inst
         if inst.host is not None:
-            rt.app.send_task(RELEASE, args=[inst.id], queue=host_queue(inst.host))
+            send_message(rt, RELEASE, [inst.id], host_queue(inst.host))
             return inst
         try:
             # Only if it is still unplaced: a worker placing it meanwhile wins, and we ask its host instead.

@@ -13,4 +13,6 @@ def register(app: Any) -> None:
     def provision(self: Any, instance_id: str) -> None:
         from provisioner.control.place import place_instance
 
-        place_instance(runtime_of(self), instance_id, final_attempt=self.request.retries >= self.max_retries)
+        rt = runtime_of(self)
+        rt.store.mark_picked(instance_id)  # the sweeper re-sends only what no worker is on
+        place_instance(rt, instance_id, final_attempt=self.request.retries >= self.max_retries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from provisioner.config import Config
 from provisioner.control import tasks
@@ -18,4 +19,9 @@ def run_worker(config: Config, concurrency: int = 8) -> None:
     from batch_hooks.server import start_thread
 
     start_thread(rt)  # the batch hooks' requests (<prefix>:hooks): light hooks, trusted work done here
-    serve(rt, PROVISION_QUEUE, f"worker-{os.getpid()}", concurrency)
+    name = f"worker-{os.getpid()}"
+    from provisioner.control.sweeper import start_sweeper
+
+    # The outbox sweeper: re-drives requests and placements whose message was lost (survives any error).
+    start_sweeper(rt, re.sub(r"[^A-Za-z0-9_.-]", "-", f"{name}.{os.uname().nodename}")[:128])
+    serve(rt, PROVISION_QUEUE, name, concurrency)
