@@ -25,7 +25,7 @@ import redis
 from provisioner.control.client import choose_image, submit
 from provisioner.control.inventory import host_inventory
 from provisioner.errors import ConfigError, TransientError, ValidationError
-from provisioner.model import InstanceState
+from provisioner.model import Capacity, Host, InstanceState
 from provisioner.redisurl import broker_settings, parse_sentinel, redact
 from provisioner.state import StateStore
 from tests.conftest import free_port, wait_until
@@ -160,6 +160,21 @@ def test_unreachable_sentinels_are_a_clear_error() -> None:
     with pytest.raises(TransientError) as err:
         store.ping()
     assert "topsecret" not in str(err.value) and "127.0.0.1" in str(err.value)
+
+
+def test_the_store_and_the_broker_follow_the_sentinels(sentinels: SentinelSet) -> None:
+    from provisioner.config import Config
+    from provisioner.messaging import make_app
+
+    store = StateStore.from_url(sentinels.url)
+    store.r.set("dynvm:probe", "1")
+    assert redis.Redis(port=sentinels.ports["master"]).get("dynvm:probe") == b"1"
+    opts = make_app(Config(redis_url=sentinels.url)).conf.broker_transport_options
+    assert opts["master_name"] == SERVICE and opts["visibility_timeout"] > 0
+    # A write that reaches a replica (a master demoted by a failover) is a retryable error, not a crash.
+    replica = StateStore.from_url(f"redis://127.0.0.1:{sentinels.ports['replica']}/0")
+    with pytest.raises(TransientError, match="read-only"):
+        replica.register_host(Host("hv1", "test:///default", capacity=Capacity(1, 1)))
 
 
 @pytest.mark.slow
