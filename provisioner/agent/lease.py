@@ -106,6 +106,7 @@ class LeaseKeeper:
         self.lost = threading.Event()  # set when the lease was lost; cleared by whoever handles it
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._refused = False  # the last renewal was refused (another token holds the lease)
 
     def renew_once(self) -> Renewal | None:
         """One renewal; the outcome, or None if it raised (counted, logged, never propagated)."""
@@ -118,8 +119,11 @@ class LeaseKeeper:
             return None
         if outcome is Renewal.REFUSED:
             self.stats.refusals += 1
-            self._lost(f"lease held by another agent (token {holder}); renewal refused")
+            if not self._refused:  # report once per takeover, not every third of a TTL
+                self._refused = True
+                self._lost(f"lease held by another agent (token {holder}); renewal refused")
             return outcome
+        self._refused = False
         self.stats.renewals += 1
         self.stats.last_ok = time.monotonic()
         if outcome is Renewal.RETAKEN:
