@@ -13,6 +13,7 @@ import time
 
 from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
 from provisioner.agent.ready import wait_ready
+from provisioner.breaker import record_boot
 from provisioner.errors import ConflictError, DynvmError, InvalidTransition, PermanentError
 from provisioner.model import Instance, InstanceState, Role
 from provisioner.runtime import Runtime, resolve_image
@@ -93,6 +94,7 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     except ConflictError:
         # Released (or re-placed) while booting: the record's new owner deals with the domain.
         return
+    record_boot(rt, inst, ok=True)  # closes the image's circuit breaker if it was open (issue 9)
     ms = (time.monotonic() - started) * 1000
     rt.store.add_event(
         "ready",
@@ -114,20 +116,22 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
     except ConflictError as err:
         log.info("instance %s: not failing it, %s", inst.id, err)
         return
+    record_boot(rt, inst, ok=False, reason=reason)  # the image's circuit breaker (issue 9)
     _teardown(rt, inst)
     rt.store.add_event("failed", instance=inst.id, host=rt.host, message=reason[:500])
     rt.store.notify(inst.id)
 
 
 def _teardown(rt: Runtime, inst: Instance, keep_service_data: bool = True) -> None:
-    """Domain and claim go.  A worker's disks go too; a service's data disk stays unless the service
-    itself is being released (a failed boot must never cost an SE its files)."""
+    """The domain goes (its claim goes with the record's move to failed/gone, by compare-and-set: a
+    plain release here could free a claim taken since for a new placement).  A worker's disks go too; a
+    service's data disk stays unless the service itself is being released (a failed boot must never cost
+    an SE its files)."""
     assert rt.hypervisor is not None and rt.host is not None
     rt.hypervisor.destroy(inst.domain_name)
     rt.hypervisor.undefine(inst.domain_name)
     if inst.role is Role.WORKER or not keep_service_data:
         remove_instance_files(rt, inst)
-    rt.store.release_claim(rt.host, inst.id)
 
 
 def _stopping(rt: Runtime, instance_id: str) -> Instance | None:

@@ -73,10 +73,11 @@ def migrate_instance(rt: Runtime, instance_id: str, dest: str, expected_epoch: i
 
 
 def _finish(rt: Runtime, moving: Instance, dest: str, t0: float) -> None:
-    """Record the move (host changes: a new epoch) and give the source's capacity back."""
+    """Record the move (host changes: a new epoch) and give the source's capacity back, atomically."""
     assert rt.host is not None
     try:
-        rt.store.transition_from(moving, InstanceState.READY, host=dest)
+        # Landed: the record moves to dest (a new epoch) and the source's claim goes, in one step.
+        rt.store.transition_from(moving, InstanceState.READY, host=dest, release_on=rt.host)
     except ConflictError as err:
         # Released (or failed over) while it moved: the record no longer wants it anywhere we know of.
         # The VM now runs on ``dest``; that host's reconciler destroys it as an orphan after re-reading.
@@ -85,7 +86,6 @@ def _finish(rt: Runtime, moving: Instance, dest: str, t0: float) -> None:
             rt.store.release_claim(dest, moving.id)  # unless a new placement on dest holds it now
         rt.store.add_event("migration_orphaned", instance=moving.id, host=dest, message=str(err)[:300])
         return
-    rt.store.release_claim(rt.host, moving.id)
     ms = (time.monotonic() - t0) * 1000
     rt.store.add_event("migrated", instance=moving.id, host=dest, message=f"from {rt.host} in {ms:.0f} ms")
     rt.store.notify(moving.id)

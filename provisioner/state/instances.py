@@ -174,6 +174,7 @@ class InstancesMixin(StoreBase):
         expected_host: str | AnyHost | None = ANY_HOST,
         expected_epoch: int | None = None,
         bump_epoch: bool = False,
+        release_on: str | None = None,
         **fields: Any,
     ) -> Instance:
         """Move an instance to ``new_state`` atomically, setting ``fields`` (None deletes a field).
@@ -186,15 +187,23 @@ class InstancesMixin(StoreBase):
         Checked against provisioner.model.TRANSITIONS inside Redis: raises InvalidTransition if the table
         forbids it, NotFoundError if unknown.  The placement epoch goes up by one when the host changes or
         ``bump_epoch`` is set (a placement).  Entering a state outside CLAIMING_STATES releases the
-        instance's capacity claim in the same step.
+        instance's capacity claim in the same step; ``release_on`` gives back its claim on that host in the
+        same step too (a migration landing frees its source).
         """
         fields.setdefault("updated", time.time())
-        return self._update(
-            instance_id, new_state, _Expect(expected, expected_host, expected_epoch), fields, bump_epoch
-        )
+        if release_on is not None:
+            check_id(release_on, "host name")
+        exp = _Expect(expected, expected_host, expected_epoch)
+        return self._update(instance_id, new_state, exp, fields, bump_epoch, release_on=release_on or "")
 
     def transition_from(
-        self, read: Instance, new_state: InstanceState, *, bump_epoch: bool = False, **fields: Any
+        self,
+        read: Instance,
+        new_state: InstanceState,
+        *,
+        bump_epoch: bool = False,
+        release_on: str | None = None,
+        **fields: Any,
     ) -> Instance:
         """``transition`` expecting exactly the state, host and epoch of ``read`` (the record the caller
         decided on); returns the record as written, to pass to the caller's next transition."""
@@ -205,6 +214,7 @@ class InstancesMixin(StoreBase):
             expected_host=read.host,
             expected_epoch=read.epoch,
             bump_epoch=bump_epoch,
+            release_on=release_on,
             **fields,
         )
 

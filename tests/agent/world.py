@@ -73,10 +73,7 @@ def migrate_in_redis(store: StateStore, read: Instance, dest: str) -> Instance:
 
 
 def land(store: StateStore, moving: Instance, dest: str) -> Instance:
-    landed = store.transition_from(moving, S.READY, host=dest)
-    assert moving.host is not None
-    store.release_claim(moving.host, moving.id)
-    return landed
+    return store.transition_from(moving, S.READY, host=dest, release_on=moving.host)
 
 
 def events(store: StateStore, iid: str) -> list[str]:

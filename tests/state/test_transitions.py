@@ -128,6 +128,24 @@ def test_a_stale_read_is_refused_and_names_what_differed(redis_url: str, stale: 
     assert "i1" in store.claims_on("hv01")
 
 
+def test_a_migration_lands_and_frees_its_source_in_one_step(redis_url: str) -> None:
+    store = StateStore(redis_url)
+    read = _placed(store, host="hv01")
+    store.register_host(Host("hv02", "test:///default", capacity=Capacity(8, 8192)))
+    store.renew_lease("hv02", "agent-token", 60)
+    ready = store.transition_from(store.transition_from(read, InstanceState.BOOTING), InstanceState.READY)
+    moving = store.transition_from(ready, InstanceState.MIGRATING)
+    assert store.claim("hv02", "i1", 1, 256)
+    with pytest.raises(ConflictError):  # a landing decided on a stale read frees nothing
+        store.transition_from(ready, InstanceState.READY, host="hv02", release_on="hv01")
+    assert "i1" in store.claims_on("hv01")
+    landed = store.transition_from(moving, InstanceState.READY, host="hv02", release_on="hv01")
+    assert (landed.host, landed.epoch) == ("hv02", moving.epoch + 1)
+    assert "i1" not in store.claims_on("hv01") and "i1" in store.claims_on("hv02")
+    assert store.get_host("hv01").used_vcpus == 0  # type: ignore[union-attr]
+    assert store.get_host("hv02").used_vcpus == 1  # type: ignore[union-attr]
+
+
 def test_expected_host_none_means_not_placed(redis_url: str) -> None:
     store = StateStore(redis_url)
     store.create_instance(Instance("i1", Role.WORKER, "img:1", 1, 256, host="hv01"))
