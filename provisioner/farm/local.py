@@ -235,10 +235,9 @@ def _wait_up(
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise UnavailableError(
-                    f"farm supervisor exited: {_supervisor_exit_reason(layout, proc, log_offset)} "
-                    f"(see {layout.logs / 'supervisor.log'})"
-                )
+                why = _supervisor_exit_reason(layout, proc, log_offset)
+                see = "" if "(see " in why else f" (see {layout.logs / 'supervisor.log'})"
+                raise UnavailableError(f"farm supervisor exited: {why}{see}")
             st = layout.read_state()
             try:
                 # Agents are spawned only after start-up (and --keep-state's host retirement) is done.
