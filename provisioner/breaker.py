@@ -233,7 +233,8 @@ def check_admission(rt: Runtime, image: str) -> None:
     """Raise CircuitOpenError (with an event) if ``image``'s breaker refuses a new boot now."""
     bs = store_of(rt)
     try:
-        if Breaker.from_fields(rt.store.r.hgetall(bs.key(image))).state is BState.CLOSED:  # type: ignore[arg-type]
+        raw = cast(dict[str, str], rt.store.r.hgetall(bs.key(image)))
+        if Breaker.from_fields(raw).state is BState.CLOSED:
             return  # the common case: one read, no transaction
         out = bs.apply(image, Ev.ADMIT)
     except ValidationError:
@@ -250,8 +251,14 @@ def record_boot(rt: Runtime, inst: Instance, ok: bool, reason: str = "") -> None
     """Count one boot attempt's outcome (once per instance and placement epoch).  Never raises: the
     breaker must not fail the boot path it watches."""
     try:
-        out = store_of(rt).apply(inst.image, Ev.SUCCESS if ok else Ev.FAILURE, reason or inst.reason,
-                                 attempt=f"{inst.id}.{inst.epoch}")
+        bs = store_of(rt)
+        if ok:
+            # Success is idempotent (closing twice is closing); a closed breaker with no failures stays so.
+            b = Breaker.from_fields(cast(dict[str, str], rt.store.r.hgetall(bs.key(inst.image))))
+            if b.state is BState.CLOSED and b.failures == 0:
+                return
+        out = bs.apply(inst.image, Ev.SUCCESS if ok else Ev.FAILURE, reason or inst.reason,
+                       attempt=None if ok else f"{inst.id}.{inst.epoch}")
         if out is not None:
             _event(rt.store, inst.image, out, rt.host, inst.id)
     except (DynvmError, redis.RedisError) as err:

@@ -7,6 +7,7 @@ import secrets
 import time
 from typing import Any
 
+from provisioner.breaker import check_admission
 from provisioner.catalogue.model import ImageKind, ResolvedImage
 from provisioner.errors import (
     ConflictError,
@@ -93,6 +94,8 @@ def submit(
             mac = service_mac(service or ip)
     if tier is None:
         tier = Tier.WORKER if role is Role.WORKER else Tier(image.ha.priority.value if image.ha else "normal")
+    if role is Role.WORKER and not (idempotency_key and rt.store.instance_for_key(idempotency_key)):
+        check_admission(rt, image.ref)  # issue 9: the image's circuit breaker refuses (CircuitOpenError)
     now = time.time()
     inst = Instance(
         id=new_instance_id(),
