@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.batch_hooks.slurm_cluster import ensure_pool_accounts
+from tests.batch_hooks.slurm_cluster import REPO, SlurmCluster, ensure_pool_accounts, install_hooks
 from tests.control.conftest import Farm, test_farm
 
 __all__ = ["test_farm"]
@@ -56,3 +57,35 @@ def farm(test_farm: Farm) -> Farm:
     return test_farm
 
 
+
+
+@pytest.fixture(scope="session")
+def slurm(hook_url: str, test_farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    """A private Slurm cluster whose controller hooks are deploy/slurm's, talking to the test farm."""
+    import shutil
+    import sys
+
+    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+        pytest.fail("slurm-wlm and munge are not installed (deploy/install.sh installs them)")
+    import tempfile
+
+    # Not under pytest's tmp (0700 parents): the pool accounts must reach their job scripts and outputs.
+    base = Path(tempfile.mkdtemp(prefix="dynvm-slurm-"))
+    base.chmod(0o755)
+    cluster = SlurmCluster(base, {})
+    common = {"SLURM_CONF": str(cluster.conf)}
+    ctld = {**common, "DYNVM_PYTHON": sys.executable, "DYNVM_HOOK_REDIS": hook_url, "DYNVM_PREFIX": "dynvm",
+            "DYNVM_PROLOG_TIMEOUT": "8"}
+    # The job's user cannot enter the test venv (its python lives under /root): the TaskProlog, stdlib-only
+    # by design, runs on the system python3 with the checkout on its path, as a site without a shared venv.
+    task = {**common, "DYNVM_PYTHON": "/usr/bin/python3", "PYTHONPATH": str(REPO)}
+    hooks = install_hooks(base / "hooks", ctld, task)
+    cluster.write_files(*hooks)
+    (base / "jobs").chmod(0o1777)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        if not os.environ.get("DYNVM_KEEP_SLURM"):
+            shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""Real Slurm (slurmctld + three slurmd, munge) with deploy/slurm's hooks as shipped, against the test farm:
+each VO's jobs get their own VO's VM and release it; job text cannot choose the VO; permanent failures hold
+the job with a reason; transient failures requeue it without draining a node."""
+
+from __future__ import annotations
+
+import pytest
+
+from batch_hooks.context import job_key
+from batch_hooks.proto import jobvm_key
+from provisioner.model import InstanceState
+from tests.batch_hooks.slurm_cluster import SlurmCluster, wait_for
+from tests.control.conftest import Farm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.redis, pytest.mark.libvirt]
+SCRIPT = "#!/bin/sh\necho vm=$DYNVM_VM host=$DYNVM_VM_HOST\nexit 3\n"
+
+
+def finished(slurm: SlurmCluster, job: str) -> dict[str, str]:
+    return wait_for(lambda: (j := slurm.job(job)).get("JobState") in ("COMPLETED", "FAILED") and j, 60,
+                    f"job {job} to finish")  # type: ignore[no-any-return]
+
+
+def vm_of_output(slurm: SlurmCluster, job: str) -> str:
+    text = (slurm.base / "jobs" / f"{job}.out").read_text()
+    assert text.startswith("vm=") and "host=" in text, text
+    return text.split()[0].removeprefix("vm=")
+
+
+def test_each_vo_gets_its_own_vm_and_releases_it(slurm: SlurmCluster, farm: Farm) -> None:
+    jobs = {vo: slurm.sbatch(f"{vo}001", SCRIPT) for vo in ("cms", "atlas", "lhcb")}
+    for vo, job in jobs.items():
+        info = finished(slurm, job)
+        assert info["ExitCode"] == "3:0"  # the script's own exit code
+        iid = vm_of_output(slurm, job)
+        inst = farm.rt.store.require_instance(iid)
+        assert inst.vo == vo and inst.image.startswith(f"{vo}-wn:")
+        assert inst.owner == f"slurm:dynvmt:{job}"
+        # EpilogSlurmctld released it (single-use VM) and dropped the job's record.
+        wait_for(lambda iid=iid: farm.rt.store.require_instance(iid).state is InstanceState.GONE, 30, "gone")
+        assert not farm.rt.store.r.exists(jobvm_key("dynvm", job_key("dynvmt", job, 0)))
+
+
+def test_job_text_naming_another_vo_changes_nothing(slurm: SlurmCluster, farm: Farm) -> None:
+    job = slurm.sbatch("cms001", SCRIPT, "--comment=vo=atlas", "--constraint=atlas", "--account=atlas",
+                       "--job-name=atlas")
+    finished(slurm, job)
+    assert farm.rt.store.require_instance(vm_of_output(slurm, job)).vo == "cms"
+
+
+def test_unknown_vo_is_held_with_a_readable_reason_not_requeued_forever(slurm: SlurmCluster) -> None:
+    job = slurm.sbatch("alice001", SCRIPT)
+    held = ("JobHeldAdmin", "PENDING")  # reason, state
+    info = wait_for(lambda: ((j := slurm.job(job)).get("Reason"), j.get("JobState")) == held and j, 60, "")
+    show = slurm.run("scontrol", "show", "job", job).stdout
+    assert "AdminComment=dynvm: no VO for user 'alice001'" in show
+    assert info["Restarts"] == "1"
+    assert all(state == "idle" for state in slurm.node_states().values())  # no node drained
+    slurm.run("scancel", job)
+
+
+def test_transient_failure_requeues_and_completes_later_without_draining(slurm: SlurmCluster,
+                                                                       farm: Farm) -> None:
+    farm.hold_file.touch()  # boots stall: the prolog's deadline (8 s) passes -> transient
+    try:
+        job = slurm.sbatch("lhcb001", SCRIPT)
+        wait_for(lambda: int(slurm.job(job).get("Restarts", "0")) >= 1, 60, "a requeue")
+    finally:
+        farm.hold_file.unlink()
+    wait_for(lambda: slurm.job(job).get("JobState") == "PENDING", 30, "pending")
+    # Slurm makes a requeued job eligible 120 s later; move that to now instead of waiting it out.
+    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    info = finished(slurm, job)
+    assert int(info["Restarts"]) >= 1 and info["ExitCode"] == "3:0"
+    inst = farm.rt.store.require_instance(vm_of_output(slurm, job))
+    assert inst.vo == "lhcb" and inst.idempotency_key != job_key("dynvmt", job, 0)  # a fresh VM
+    assert "drain" not in " ".join(slurm.node_states().values())
+
+
+def test_another_user_cannot_read_a_jobs_vm_credential(slurm: SlurmCluster) -> None:
+    job = slurm.sbatch("cms001", "#!/bin/sh\nsleep 5\n")
+    wait_for(lambda: slurm.job(job).get("JobState") == "RUNNING", 60, "running")
+    mine = slurm.run("scontrol", "show", "job", job, user="cms001").stdout
+    assert "cred=" in mine
+    other = slurm.run("scontrol", "show", "job", job, user="atlas001", check=False)
+    assert "cred=" not in other.stdout + other.stderr
+    finished(slurm, job)
+
+
