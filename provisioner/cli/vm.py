@@ -36,7 +36,13 @@ def register(sub: Any) -> None:
     ls.add_argument("--host")
     ls.add_argument("--state", choices=[s.value for s in InstanceState])
     ls.add_argument("--role", choices=[r.value for r in Role])
-    ls.add_argument("--all", action="store_true", help="include gone VMs")
+    ls.add_argument(
+        "--all",
+        "--history",
+        dest="all",
+        action="store_true",
+        help="include ended VMs (gone, failed, lost) still within the retention",
+    )
     ls.set_defaults(func=vm_list)
     show = vs.add_parser("show", help="one VM")
     show.add_argument("id")
@@ -104,11 +110,9 @@ def vm_list(ctx: CliContext, args: argparse.Namespace) -> int:
     rt = runtime(ctx)
     state = InstanceState(args.state) if args.state else None
     role = Role(args.role) if args.role else None
-    rows = [
-        instance_row(i.to_dict())
-        for i in rt.store.list_instances(host=args.host, state=state, role=role)
-        if args.all or state is InstanceState.GONE or i.state is not InstanceState.GONE
-    ]
+    # Live VMs by default (O(live)); ended ones come from the cold records on request.
+    insts = rt.store.list_instances(host=args.host, state=state, role=role, ended=args.all)
+    rows = [instance_row(i.to_dict()) for i in insts]
     rows.sort(key=lambda r: r["created"] or 0)
     ctx.out.table(rows, COLUMNS, title="vms")
     return EXIT_OK

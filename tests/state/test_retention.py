@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import redis
 
@@ -90,3 +95,42 @@ def test_history_is_capped(store: StateStore) -> None:
     store.retire_ended(history_max=100, batch=64)
     assert store.list_instances() == []
     assert 100 <= len(store.read_history(count=1000)) < 300  # MAXLEN ~: approximately capped
+
+
+def test_vm_list_shows_live_by_default_and_ended_on_request(
+    store: StateStore, redis_url: str, tmp_path: Path
+) -> None:
+    _make(store, "live1", None)
+    _make(store, "g1", S.GONE)
+    _make(store, "f1", S.FAILED)
+    store.retire_ended(history_max=100)
+    cfg = tmp_path / "dynvm.yaml"
+    from provisioner.config import checkout_images_dir
+
+    cfg.write_text(f"redis_url: {redis_url}\ndomain_type: test\ncatalogue_dir: {checkout_images_dir()}\n")
+
+    def ids(*extra: str) -> list[str]:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "provisioner.cli.main",
+                "--config",
+                str(cfg),
+                "-o",
+                "json",
+                "vm",
+                "list",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        return [row["id"] for row in json.loads(out.stdout)]
+
+    assert ids() == ["live1"]
+    assert sorted(ids("--all")) == ["f1", "g1", "live1"]
+    assert ids("--history", "--state", "failed") == ["f1"]
