@@ -15,7 +15,7 @@ down is never handed to a job.
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -23,6 +23,9 @@ from batch_hooks.pools import IdleVM, PoolSettings
 from provisioner.errors import ConflictError, ValidationError
 from provisioner.model import Instance, InstanceState, Tier
 from provisioner.state.keys import check_id
+
+if TYPE_CHECKING:
+    from provisioner.runtime import Runtime
 
 _TAKE = """
 -- KEYS[1] poolvms:<vo>, KEYS[2] idem:<job key>
@@ -147,3 +150,20 @@ def pool_view_parts(members: list[Instance]) -> tuple[tuple[IdleVM, ...], int]:
         elif inst.state in (InstanceState.REQUESTED, InstanceState.PLACED, InstanceState.BOOTING):
             booting += 1
     return tuple(idle), booting
+
+
+def take_warm_for_job(rt: Runtime, vo: str, image: str, owner: str, job_key: str, vcpus: int,
+                      memory_mib: int) -> Instance | None:
+    """The prolog's warm-pool hit: a ready idle pool VM of the job's VO and image, now the job's; None when
+    the pool has none (the job gets a cold VM).  A redelivered prolog gets the VM it already has."""
+    p = rt.config.pools
+    ps = PoolState(rt.store.r, rt.store.keys.prefix, PoolSettings(p.min, p.max, p.idle_timeout_s))
+    got = ps.take_warm(vo, image, owner, job_key, vcpus, memory_mib)
+    if got is None:
+        return None
+    inst = rt.store.get_instance(got[0])
+    if inst is None or inst.state is not InstanceState.READY:
+        return None  # an earlier delivery's cold VM, still booting: the normal (idempotent) path waits for it
+    if got[1]:
+        rt.store.add_event("pool_hit", f"{owner} took a warm VM", instance=inst.id, vo=vo)
+    return inst

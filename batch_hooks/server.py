@@ -64,8 +64,10 @@ def _size(value: int | None, lo: int, default: int, hi: int, what: str) -> int:
 
 
 def prolog(rt: Runtime, ctx: JobContext, deadline: float) -> dict[str, Any]:
+    from batch_hooks.poolstate import take_warm_for_job
     from provisioner.control.client import release, submit, wait
     from provisioner.identity import image_for_vo
+    from provisioner.limits import enforce_for_job
 
     vo = vo_of(rt, ctx)
     image = image_for_vo(vo, rt.catalogue, rt.config)
@@ -74,6 +76,13 @@ def prolog(rt: Runtime, ctx: JobContext, deadline: float) -> dict[str, Any]:
     memory = _size(ctx.memory_mib, spec.memory_mib.min, spec.memory_mib.default, spec.memory_mib.max, "MiB")
     # WNoDeS: a job started on a node that is itself a dynvm host gets its VM there.
     host = ctx.node if ctx.node and rt.store.get_host(ctx.node) is not None else None
+    # -- issue 9 (warm pools, per-VO limits): a ready warm VM of the job's VO if there is one, else the
+    # VO's limits decide (wait: transient, the job is requeued; fail: permanent, held with the reason).
+    warm = None if host else take_warm_for_job(rt, vo, image.ref, ctx.owner, ctx.key, vcpus, memory)
+    if warm is not None:
+        return _record(rt, ctx, warm, vo)
+    enforce_for_job(rt, vo, ctx.key, vcpus)
+    # -- end issue 9
     inst, _ = submit(rt, image, vo, owner=ctx.owner, idempotency_key=ctx.key,
                      vcpus=vcpus, memory_mib=memory, host=host)
     try:

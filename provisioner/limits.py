@@ -109,3 +109,9 @@ def enforce(rt: Runtime, vo: str, vcpus: int) -> None:
     if v.policy is OverLimit.FAIL:
         raise VOLimitExceeded(f"{v.reason}: over its limit (policy fail)")
     raise VOLimitWait(f"{v.reason}: waiting until it is under its limit (policy wait)")
+
+
+def enforce_for_job(rt: Runtime, vo: str, job_key: str, vcpus: int) -> None:
+    """``enforce`` for a job that has no VM yet (a redelivered prolog's own VM is not held against it)."""
+    if rt.store.instance_for_key(job_key) is None:
+        enforce(rt, vo, vcpus)
