@@ -30,7 +30,9 @@ __all__ = ["GROUPS", "CliContext", "build_parser", "main"]
 
 # Others append their groups here (a short name means provisioner.cli.<name>; a dotted name is used
 # as is); a module that does not exist (yet) is skipped.
-GROUPS: list[str] = ["image", "vo", "host", "vm", "events", "farm", "demo", "execcmd", "daemons", "ha.cli"]
+GROUPS: list[str] = [
+    "image", "vo", "host", "vm", "events", "farm", "demo", "execcmd", "daemons", "ha.cli", "hook",
+]
 
 EPILOG = """\
 exit codes:

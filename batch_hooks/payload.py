@@ -1,0 +1,94 @@
+"""The payload wrapper: a job's unmodified batch script runs inside its own VM (light path).
+
+Runs with the job's privileges, as the job's batch script (deploy/slurm/job_submit.lua replaces the script
+by ``payload --hex`` with the original, hex-encoded, on stdin).  Its one credential is the job's own
+(DYNVM_JOB_CRED, exported by the TaskProlog): a Redis ACL user that can read only this job's VM record and
+take only that VM's run token.  So it accepts only its own job's VM; the VM's exec channel is opened
+directly (owned by the job's uid since the prolog, see batch_hooks.server._grant_exec) and no queue carries
+the payload, which may run for days.  The run token makes a second start of the same attempt fail.
+
+Exit status: the script's own; dynvm's errors print one line prefixed ``dynvm payload:`` and exit with
+dynvm's codes (2 usage/invalid, 4 already started, 5 unavailable).
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+import sys
+from collections.abc import Mapping
+from typing import TextIO
+from urllib.parse import quote, urlsplit
+
+from provisioner.errors import DynvmError, ValidationError
+
+CRED_RE = re.compile(r"^([A-Za-z0-9_.:-]{1,200}):([0-9a-f]{32})$")
+MAX_INPUT = 256 * 1024
+
+
+def _job_redis(env: Mapping[str, str]) -> tuple[str, str, str]:
+    """(url with the job's credential, prefix, job key) from the job's environment."""
+    from batch_hooks.hookcfg import prefix
+
+    m = CRED_RE.fullmatch(env.get("DYNVM_JOB_CRED", ""))
+    if m is None:
+        raise ValidationError("DYNVM_JOB_CRED is missing or malformed (no VM was provisioned for this job?)")
+    base = urlsplit(env.get("DYNVM_JOB_REDIS", ""))
+    if base.scheme != "redis" or not base.hostname or base.username or base.password:
+        raise ValidationError("DYNVM_JOB_REDIS must be redis://HOST:PORT/DB without credentials")
+    pfx = prefix(env)
+    user, password = m.group(1), m.group(2)
+    if not user.startswith(f"{pfx}-job:"):
+        raise ValidationError("DYNVM_JOB_CRED does not name a job of this dynvm")
+    netloc = f"{quote(user, safe='')}:{password}@{base.hostname}:{base.port or 6379}"
+    return f"redis://{netloc}{base.path}", pfx, user[len(pfx) + 1 :]
+
+
+def _read_script(source: TextIO, hex_encoded: bool) -> str:
+    text = source.read(MAX_INPUT + 1)
+    if len(text) > MAX_INPUT:
+        raise ValidationError(f"the job script is longer than {MAX_INPUT} bytes")
+    if not hex_encoded:
+        return text
+    try:
+        return binascii.unhexlify("".join(text.split())).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise ValidationError("the wrapped job script is not valid hex") from None
+
+
+def run(env: Mapping[str, str], script: str, out: TextIO, err: TextIO) -> int:
+    from batch_hooks.proto import jobvm_key
+    from batch_hooks.resp import LightRedis
+    from provisioner.execchan.client import exec_socket, run_in_guest
+    from provisioner.execchan.once import take_run_token
+
+    url, pfx, key = _job_redis(env)
+    with LightRedis(url) as r:
+        vm = r.hgetall(jobvm_key(pfx, key))
+        if not vm.get("instance"):
+            raise ValidationError(f"no VM is recorded for this job ({key})")
+        take_run_token(r, pfx, vm["instance"], vm.get("attempt", "0"))
+    res = run_in_guest(exec_socket(vm["shared_dir"], vm["instance"], vm["host"]), script=script, timeout=None)
+    out.write(res.stdout)
+    err.write(res.stderr)
+    return res.exit_code
+
+
+def main(argv: list[str], env: Mapping[str, str], out: TextIO, err: TextIO) -> int:
+    hex_encoded = "--hex" in argv
+    rest = [a for a in argv if a != "--hex"]
+    try:
+        if rest[:1] == ["--script"] and len(rest) == 2 and rest[1] != "-":
+            with open(rest[1], encoding="utf-8") as f:
+                script = _read_script(f, hex_encoded)
+        elif rest in ([], ["--script", "-"]):
+            script = _read_script(sys.stdin, hex_encoded)
+        else:
+            raise ValidationError("usage: payload [--hex] [--script FILE|-]")
+        return run(env, script, out, err)
+    except DynvmError as exc:
+        err.write(f"dynvm payload: {exc}\n")
+        return exc.exit_code
+    except OSError as exc:
+        err.write(f"dynvm payload: {exc.strerror or exc}\n")
+        return 5

@@ -1,0 +1,75 @@
+"""``dynvm hook ...``: the batch-system hooks and their trusted server.
+
+  dynvm hook serve                         serve hook requests (what every control worker also does)
+  dynvm hook slurm prolog-slurmctld|epilog-slurmctld|task-prolog
+  dynvm hook generic prolog|epilog --job-id J --user U [--cpus N ...]   LSF, PBS/Torque, Grid Engine
+  dynvm hook payload [--script FILE]       run a job's script inside its own VM (the job's privileges)
+
+Hook processes start for every job: deploy/ ships scripts that run ``python -m batch_hooks ...`` (no
+pydantic, Celery or catalogue import); these commands are the same code behind the full CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from provisioner.cli.context import CliContext
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("hook", help="batch-system hooks (Slurm, HTCondor, generic) and their server")
+    hs = p.add_subparsers(dest="hook_cmd", metavar="COMMAND")
+    s = hs.add_parser("serve", help="serve hook requests from Redis (control workers do this too)")
+    s.add_argument("--threads", type=int, default=256, help="parallel prologs (default 256)")
+    s.set_defaults(func=serve)
+    sl = hs.add_parser("slurm", help="Slurm hooks (see deploy/slurm)")
+    sl.add_argument("op", choices=["prolog-slurmctld", "epilog-slurmctld", "task-prolog"])
+    sl.set_defaults(func=slurm)
+    g = hs.add_parser("generic", help="prolog/epilog for LSF, PBS/Torque, Grid Engine (root hooks)")
+    g.add_argument("op", choices=["prolog", "epilog"])
+    g.add_argument("--system", choices=["lsf", "pbs", "sge"], default=None,
+                   help="read the job from this system's environment variables")
+    for name in ("job-id", "user", "cluster", "queue", "node"):
+        g.add_argument(f"--{name}", default=None)
+    for name in ("attempt", "cpus", "memory-mib", "walltime-s"):
+        g.add_argument(f"--{name}", type=int, default=None)
+    g.set_defaults(func=generic)
+    pay = hs.add_parser("payload", help="run the job's script inside its own VM, straight through the VM's "
+                        "exec channel (uses DYNVM_JOB_CRED; exits with the script's exit code)")
+    pay.add_argument("--script", default="-", help="script file (default: stdin)")
+    pay.set_defaults(func=payload)
+
+
+def serve(ctx: CliContext, args: argparse.Namespace) -> int:
+    import threading
+
+    from batch_hooks.server import serve as serve_hooks
+    from provisioner.cli.common import runtime
+
+    stop = threading.Event()
+    try:
+        serve_hooks(runtime(ctx), stop, workers=max(1, min(args.threads, 1024)))
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+def slurm(ctx: CliContext, args: argparse.Namespace) -> int:
+    from batch_hooks import slurm as slurm_hooks
+
+    return slurm_hooks.main([args.op])
+
+
+def generic(ctx: CliContext, args: argparse.Namespace) -> int:
+    import batch_hooks.generic as generic_hooks
+
+    return generic_hooks.run(args.op, vars(args), os.environ, args.system)
+
+
+def payload(ctx: CliContext, args: argparse.Namespace) -> int:
+    from batch_hooks import payload as payload_hook
+
+    return payload_hook.main(["--script", args.script], os.environ, sys.stdout, sys.stderr)
