@@ -59,29 +59,27 @@ def farm(test_farm: Farm) -> Farm:
 
 
 
-@pytest.fixture(scope="session")
-def slurm(hook_url: str, test_farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A private Slurm cluster whose controller hooks are deploy/slurm's, talking to the test farm."""
+def start_slurm(hook_url: str, job_redis: str, wrap_payload: bool) -> Iterator[SlurmCluster]:
+    """A private Slurm cluster whose hooks are deploy/slurm's as shipped, talking to one farm's Redis."""
     import shutil
     import sys
+    import tempfile
 
     if shutil.which("slurmctld") is None or shutil.which("munged") is None:
         pytest.fail("slurm-wlm and munge are not installed (deploy/install.sh installs them)")
-    import tempfile
-
     # Not under pytest's tmp (0700 parents): the pool accounts must reach their job scripts and outputs.
     base = Path(tempfile.mkdtemp(prefix="dynvm-slurm-"))
     base.chmod(0o755)
     cluster = SlurmCluster(base, {})
     common = {"SLURM_CONF": str(cluster.conf)}
     ctld = {**common, "DYNVM_PYTHON": sys.executable, "DYNVM_HOOK_REDIS": hook_url, "DYNVM_PREFIX": "dynvm",
-            "DYNVM_PROLOG_TIMEOUT": "8"}
-    # The job's user cannot enter the test venv (its python lives under /root): the TaskProlog, stdlib-only
-    # by design, runs on the system python3 with the checkout on its path, as a site without a shared venv.
-    task = {**common, "DYNVM_PYTHON": "/usr/bin/python3", "PYTHONPATH": str(REPO)}
+            "DYNVM_PROLOG_TIMEOUT": "8" if not wrap_payload else "240"}
+    # The job's user cannot enter the test venv (its python lives under /root): the job-side hooks,
+    # stdlib-only by design, run on the system python3 with the checkout on its path.
+    task = {**common, "DYNVM_PYTHON": "/usr/bin/python3", "PYTHONPATH": str(REPO),
+            "DYNVM_JOB_REDIS": job_redis}
     hooks = install_hooks(base / "hooks", ctld, task)
-    cluster.write_files(*hooks)
-    (base / "jobs").chmod(0o1777)
+    cluster.write_files(*hooks, wrap_payload=wrap_payload)
     try:
         cluster.start()
         yield cluster
@@ -89,3 +87,15 @@ def slurm(hook_url: str, test_farm: Farm, tmp_path_factory: pytest.TempPathFacto
         cluster.stop()
         if not os.environ.get("DYNVM_KEEP_SLURM"):
             shutil.rmtree(base, ignore_errors=True)
+
+
+def redis_host_port(r: object) -> tuple[str, int]:
+    kw = r.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    return str(kw["host"]), int(kw["port"])
+
+
+@pytest.fixture(scope="session")
+def slurm(hook_url: str, test_farm: Farm) -> Iterator[SlurmCluster]:
+    """Slurm on the test-driver farm (provisioning only; the batch script runs on the node)."""
+    host, port = redis_host_port(test_farm.rt.store.r)
+    yield from start_slurm(hook_url, f"redis://{host}:{port}/0", wrap_payload=False)

@@ -86,7 +86,10 @@ class SlurmCluster:
         out = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return parse_show_job(out)
 
-    def write_files(self, prolog_ctld: Path, epilog_ctld: Path, task_prolog: Path) -> None:
+    def write_files(self, prolog_ctld: Path, epilog_ctld: Path, task_prolog: Path, *rest: Path,
+                    wrap_payload: bool) -> None:
+        """slurm.conf with deploy/slurm's lines; ``wrap_payload`` adds its job_submit.lua (the batch script
+        then runs inside the VM, which needs guests with an exec channel: the QEMU farm)."""
         etc = self.base / "etc"
         for d in ("etc", "state", "log", "spool", "jobs", "run"):
             (self.base / d).mkdir(parents=True, exist_ok=True)
@@ -94,6 +97,8 @@ class SlurmCluster:
             (self.base / "spool" / n).mkdir(parents=True, exist_ok=True)
         (self.base / "jobs").chmod(0o1777)  # the pool accounts write their outputs here
         host = socket.gethostname().split(".")[0]
+        shipped = (REPO / "deploy" / "slurm" / "slurm.conf.dynvm").read_text()
+        shipped = shipped.replace("/usr/local/libexec/dynvm", str(prolog_ctld.parent))
         ctld_port = free_port()
         lines = [
             f"ClusterName={self.name}", f"SlurmctldHost={host}", f"SlurmctldPort={ctld_port}",
@@ -107,9 +112,12 @@ class SlurmCluster:
             "MpiDefault=none", "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none", "SlurmdTimeout=30", "MessageTimeout=20",
             "SchedulerParameters=sched_interval=1", "MinJobAge=600", "SlurmdParameters=config_overrides",
-            *(REPO / "deploy" / "slurm" / "slurm.conf.dynvm").read_text().replace(
-                "/usr/local/libexec/dynvm", str(prolog_ctld.parent)).splitlines(),
+            *(ln for ln in shipped.splitlines() if wrap_payload or not ln.startswith("JobSubmitPlugins")),
         ]
+        if wrap_payload:
+            lua = (REPO / "deploy" / "slurm" / "job_submit.lua").read_text()
+            lua = lua.replace("/usr/local/libexec/dynvm", str(prolog_ctld.parent))
+            (etc / "job_submit.lua").write_text(lua)
         for i, n in enumerate(NODES):
             lines.append(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port() + i} "
                          "CPUs=4 RealMemory=4000 Feature=cms,atlas,lhcb State=UNKNOWN")
@@ -180,11 +188,11 @@ def wait_for(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
         time.sleep(0.1)
 
 
-def install_hooks(dest: Path, env: dict[str, str], task_env: dict[str, str]) -> tuple[Path, Path, Path]:
+def install_hooks(dest: Path, env: dict[str, str], task_env: dict[str, str]) -> list[Path]:
     """Copy the shipped hook scripts and write their site files (dynvm-hooks.env, dynvm-task.env)."""
     dest.mkdir(parents=True, exist_ok=True)
     out = []
-    for name in ("prolog-slurmctld", "epilog-slurmctld", "task-prolog"):
+    for name in ("prolog-slurmctld", "epilog-slurmctld", "task-prolog", "payload"):
         target = dest / name
         shutil.copy(REPO / "deploy" / "slurm" / name, target)
         target.chmod(0o755)
@@ -195,4 +203,4 @@ def install_hooks(dest: Path, env: dict[str, str], task_env: dict[str, str]) -> 
     (dest / "dynvm-task.env").write_text("".join(f"{k}={v}\n" for k, v in task_env.items()))
     (dest / "dynvm-task.env").chmod(0o644)
     dest.chmod(0o755)
-    return out[0], out[1], out[2]
+    return out
