@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable
 
 from provisioner.agent.lease import LeaseKeeper, acquire
 from provisioner.config import Config
@@ -110,10 +111,16 @@ class ReconcileLoop:
         self._thread.start()
 
 
-def start_background(rt: Runtime) -> tuple[LeaseKeeper, ReconcileLoop]:
-    """Lease renewal first (renewed once now), then reconciliation, each in its own thread."""
+def start_background(
+    rt: Runtime, on_lease_lost: Callable[[str], None] | None = None
+) -> tuple[LeaseKeeper, ReconcileLoop]:
+    """Lease renewal first (renewed once now), then reconciliation, each in its own thread.
+
+    ``on_lease_lost(why)`` is called (from the lease thread) when the agent learns its lease was lost or
+    taken over: where self-fencing hooks on."""
     assert rt.host is not None
-    keeper = LeaseKeeper(rt.store, rt.host, rt.lease_token, lease_ttl_s(rt.config, rt.host))
+    ttl = lease_ttl_s(rt.config, rt.host)
+    keeper = LeaseKeeper(rt.store, rt.host, rt.lease_token, ttl, on_lost=on_lease_lost)
     keeper.start()
     loop = ReconcileLoop(rt)
     loop.start()
