@@ -15,13 +15,20 @@ def main(argv: list[str]) -> int:
             from batch_hooks import slurm
 
             return slurm.main(argv[1:])
+        if argv[:1] == ["generic"] and len(argv) >= 2:
+            import os
+
+            from batch_hooks import generic
+
+            return generic.run(argv[1], generic.parse_flags(argv[2:]), os.environ, None)
         if argv[:1] == ["payload"]:
             import os
 
             from batch_hooks import payload
 
             return payload.main(argv[1:], os.environ, sys.stdout, sys.stderr)
-        sys.stderr.write("usage: python -m batch_hooks slurm OP | payload [--hex]\n")
+        sys.stderr.write("usage: python -m batch_hooks slurm OP | generic prolog|epilog --FLAG VALUE... | "
+                         "payload [--hex]\n")
         return 2
     except Exception as exc:  # a bug must still not print a traceback into a batch system's log
         sys.stderr.write(f"dynvm hook: internal error: {type(exc).__name__}: {str(exc)[:200]}\n")

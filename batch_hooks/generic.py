@@ -65,12 +65,35 @@ def context(opts: Mapping[str, Any], env: Mapping[str, str], system: str | None)
     )
 
 
+STR_FLAGS = ("job-id", "user", "cluster", "queue", "node", "system")
+INT_FLAGS = ("attempt", "cpus", "memory-mib", "walltime-s")
+
+
+def parse_flags(argv: list[str]) -> dict[str, Any]:
+    """``--name value`` pairs of ``dynvm hook generic`` without argparse (the light entry point)."""
+    if len(argv) % 2:
+        raise ValidationError("generic hook: flags come as --name value pairs")
+    opts: dict[str, Any] = {}
+    for name, value in zip(argv[0::2], argv[1::2], strict=True):
+        flag = name.removeprefix("--")
+        if flag in STR_FLAGS:
+            opts[flag.replace("-", "_")] = value
+        elif flag in INT_FLAGS and value.isdigit() and len(value) < 10:
+            opts[flag.replace("-", "_")] = int(value)
+        else:
+            raise ValidationError(f"generic hook: bad flag {name[:32]!r} {value[:32]!r}")
+    return opts
+
+
 def run(op: str, opts: Mapping[str, Any], env: Mapping[str, str], system: str | None) -> int:
     from batch_hooks.hookcfg import connect, prefix, prolog_timeout
     from batch_hooks.proto import call
 
+    system = system or opts.get("system")
     transient, permanent = CODES.get(system, CODES[None])
     try:
+        if op not in ("prolog", "epilog"):
+            raise ValidationError(f"generic hook: unknown operation {op[:32]!r}")
         ctx = context(opts, env, system)
         with connect(env) as r:
             vm = call(r, prefix(env), op, ctx, prolog_timeout(env) if op == "prolog" else 60.0)

@@ -1,0 +1,143 @@
+"""Batch hook latency on the test-driver farm (issue #8).
+
+    python benchmarks/bench_hooks.py [--sequential 30] [--burst 200]
+
+Starts its own farm (3 hosts on libvirt's test driver with room for the burst, a private Redis; its control
+worker serves the hooks) and a trusted-hook Redis ACL user, then measures:
+  * import time of the hook path (python -X importtime, cumulative of the hook's own imports) beside the
+    full CLI's, and an empty interpreter's start;
+  * cold prolog latency *including interpreter start*: ``python -m batch_hooks generic prolog ...`` as a
+    batch system runs it, one at a time, each provisioning a new VM (no warm pool), p50/p90;
+  * the old way for comparison: ``dynvm vm provision --vo cms --wait`` (full CLI + Celery client), p50;
+  * a burst: N prologs started at once (one process each), how many succeed, wall time.
+Goals: cold prolog p50 < 200 ms; all N succeed.  Needs root (pool accounts cms001.. are created).
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import pwd
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from provisioner.configload import load_config
+from provisioner.farm.layout import FarmLayout
+from provisioner.farm.local import farm_down, farm_up
+from provisioner.state.store import StateStore
+
+PY = sys.executable
+POOL = {"cms": "cms001", "atlas": "atlas001", "lhcb": "lhcb001"}
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def ensure_accounts() -> None:
+    for group, user in POOL.items():
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            subprocess.run(["groupadd", group], check=True)
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            subprocess.run(["useradd", "-M", "-N", "-g", group, "-s", "/bin/sh", "-d", "/tmp", user],
+                           check=True)
+
+
+def import_ms(code: str) -> float:
+    """Cumulative import time (ms) of everything ``code`` imports beyond an empty interpreter's start."""
+    out = subprocess.run([PY, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                         check=True).stderr
+    base = subprocess.run([PY, "-X", "importtime", "-c", "pass"], capture_output=True, text=True).stderr
+
+    def top(text: str) -> dict[str, int]:
+        rows = (re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", ln) for ln in text.splitlines())
+        return {m.group(2): int(m.group(1)) for m in rows if m and not m.group(2).startswith(" ")}
+
+    extra = {k: v for k, v in top(out).items() if k not in top(base)}
+    return sum(extra.values()) / 1000
+
+
+def run_ms(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    t = time.perf_counter()
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    return (time.perf_counter() - t) * 1000, res
+
+
+def prolog_argv(job: str, user: str, op: str = "prolog") -> list[str]:
+    return [PY, "-m", "batch_hooks", "generic", op, "--system", "pbs", "--cluster", "bench", "--job-id", job,
+            "--user", user]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sequential", type=int, default=30)
+    ap.add_argument("--burst", type=int, default=200)
+    args = ap.parse_args()
+    ensure_accounts()
+    base = Path(tempfile.mkdtemp(prefix="dynvm-bench-hooks-"))
+    layout = FarmLayout(base)
+    farm_up(layout, 3, "test", host_cpus=args.burst, host_memory_mib=args.burst * 1024)
+    try:
+        config = load_config(layout.config_file)
+        store = StateStore.from_url(config.redis_url)
+        password = secrets.token_hex(16)
+        store.r.execute_command("ACL", "SETUSER", "bench-hook", "reset", "on", f">{password}",  # type: ignore[no-untyped-call]
+                                "~dynvm:hooks", "~dynvm:hookreply:*", "-@all", "+lpush", "+blpop", "+time")
+        kw = store.r.connection_pool.connection_kwargs
+        env = {**os.environ, "DYNVM_HOOK_REDIS": f"redis://bench-hook:{password}@{kw['host']}:{kw['port']}/0",
+               "DYNVM_PROLOG_TIMEOUT": "120", "DYNVM_CONFIG": str(layout.config_file)}
+        hook_imp = import_ms("import batch_hooks.generic, batch_hooks.proto, batch_hooks.resp, "
+                             "batch_hooks.hookcfg")
+        cli_imp = import_ms("from provisioner.cli.main import build_parser; build_parser()")
+        empty = [run_ms([PY, "-c", "pass"], env)[0] for _ in range(10)]
+        print(f"imports: hook path {hook_imp:.1f} ms; full dynvm CLI {cli_imp:.1f} ms; "
+              f"empty interpreter start p50 {statistics.median(empty):.1f} ms")
+        run_ms(prolog_argv("warmup", "cms001"), env)
+        run_ms(prolog_argv("warmup", "cms001", "epilog"), env)
+        lat: list[float] = []
+        for i in range(args.sequential):
+            user = list(POOL.values())[i % 3]
+            ms, res = run_ms(prolog_argv(f"s{i}", user), env)
+            assert res.returncode == 0, res.stderr
+            lat.append(ms)
+            run_ms(prolog_argv(f"s{i}", user, "epilog"), env)
+        print(f"cold prolog incl. interpreter start (n={len(lat)}): p50 {pct(lat, 50):.0f} ms, "
+              f"p90 {pct(lat, 90):.0f} ms, max {max(lat):.0f} ms")
+        old = []
+        for _ in range(min(10, args.sequential)):
+            cli = [PY, "-m", "provisioner.cli.main", "-o", "json", "vm", "provision", "--vo", "cms", "--wait"]
+            ms, res = run_ms(cli, env)
+            assert res.returncode == 0, res.stderr
+            old.append(ms)
+        print(f"for comparison, dynvm vm provision --vo cms --wait (n={len(old)}): p50 {pct(old, 50):.0f} ms")
+        t = time.perf_counter()
+        procs = [subprocess.Popen(prolog_argv(f"b{i}", list(POOL.values())[i % 3]), env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i in range(args.burst)]
+        codes = [p.wait(timeout=600) for p in procs]
+        wall = time.perf_counter() - t
+        ok = sum(1 for c in codes if c == 0)
+        errors = {p.stderr.read().strip()[:120] for p, c in zip(procs, codes, strict=True)
+                  if c != 0 and p.stderr}
+        print(f"burst: {args.burst} prologs at once: {ok} succeeded in {wall:.1f} s wall"
+              + (f"; errors: {sorted(errors)[:3]}" if errors else ""))
+    finally:
+        farm_down(layout)
+
+
+if __name__ == "__main__":
+    main()
