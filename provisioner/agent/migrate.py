@@ -37,6 +37,7 @@ def migrate_instance(rt: Runtime, instance_id: str, dest: str, expected_epoch: i
         return
     dest_cfg = rt.config.host(dest)
     if dest_cfg is None:
+        rt.store.add_event("migration_failed", f"{dest!r} is not configured", instance=inst.id, host=rt.host)
         raise NotFoundError(f"migrate {inst.id}: destination host {dest!r} is not configured")
     # The record says migrating before the destination is claimed, so a claim on ``dest`` is never seen
     # by dest's reconciler next to a record that does not explain it.  The epoch goes up when it lands.
@@ -47,6 +48,7 @@ def migrate_instance(rt: Runtime, instance_id: str, dest: str, expected_epoch: i
     if not claim(rt, dest, moving):
         with contextlib.suppress(ConflictError):
             rt.store.transition_from(moving, InstanceState.READY)
+        rt.store.add_event("migration_failed", f"{dest} has no room", instance=inst.id, host=rt.host)
         raise NoCapacityError(f"migrate {inst.id}: {dest} has no room (or is not up)")
     rt.store.add_event("migrating", instance=inst.id, host=rt.host, message=f"live to {dest}")
     t0 = time.monotonic()

@@ -138,27 +138,45 @@ def vm_release(ctx: CliContext, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def vm_migrate(ctx: CliContext, args: argparse.Namespace) -> int:
-    import time
+# Events after which a migration will not land: --wait returns at once with them.
+MIGRATION_ENDS = ("migration_failed", "migration_refused", "migration_orphaned")
 
+
+def vm_migrate(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.control.maintenance import migrate
 
     rt = runtime(ctx)
+    since = rt.store.last_event_id()  # before the request: its failure cannot be missed
     dest = migrate(rt, args.id, args.to)
     inst = rt.store.require_instance(args.id)
     if args.wait:
-        deadline = time.monotonic() + args.timeout
-        while not (inst.host == dest and inst.state is InstanceState.READY):
-            if time.monotonic() > deadline:
-                from provisioner.errors import DeadlineExceeded
-
-                raise DeadlineExceeded(f"vm {args.id} not on {dest} after {args.timeout:.0f} s")
-            rt.store.wait_notified(args.id, 1.0)
-            inst = rt.store.require_instance(args.id)
+        inst = _wait_migrated(rt, args.id, dest, since, args.timeout)
     row = instance_row(inst.to_dict())
     row["destination"] = dest
     ctx.out.obj(row, title=f"vm {inst.id}")
     return EXIT_OK
+
+
+def _wait_migrated(rt: Any, iid: str, dest: str, since: str, timeout_s: float) -> Any:
+    """Until the VM is ready on ``dest``; a failure event of its migration ends the wait at once (exit 4)."""
+    import time
+
+    from provisioner.errors import ConflictError, DeadlineExceeded
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for ev in rt.store.read_events(count=1000, since_id=since):
+            since = ev.id
+            if ev.instance == iid and ev.kind in MIGRATION_ENDS:
+                raise ConflictError(f"vm {iid}: migration to {dest} did not happen ({ev.kind}): {ev.message}")
+        inst = rt.store.require_instance(iid)
+        if inst.host == dest and inst.state is InstanceState.READY:
+            return inst
+        if inst.state not in (InstanceState.READY, InstanceState.MIGRATING):
+            raise ConflictError(f"vm {iid} is {inst.state.value} (on {inst.host or '-'}), not on {dest}")
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"vm {iid} not on {dest} after {timeout_s:.0f} s")
+        rt.store.wait_notified(iid, min(0.5, max(deadline - time.monotonic(), 0.01)))
 
 
 def vm_recover(ctx: CliContext, args: argparse.Namespace) -> int:
