@@ -43,4 +43,5 @@ def test_reliability_settings() -> None:
     assert "dynvm.provision" in app.tasks and "dynvm.boot" not in app.tasks
     agent_app = make_app(Config(redis_url="redis://127.0.0.1:1/0"))
     agent_tasks.register(agent_app)
-    assert {"dynvm.boot", "dynvm.release", "dynvm.migrate", "dynvm.exec"} <= set(agent_app.tasks)
+    assert {"dynvm.boot", "dynvm.release", "dynvm.migrate", "dynvm.inventory"} <= set(agent_app.tasks)
+    assert "dynvm.exec" not in agent_app.tasks  # payloads never travel as tasks (streamed to the VM)
