@@ -50,7 +50,7 @@ class RedisWorld:
 
     def set_host_state(self, host: str, new: HostState, expected: HostState, reason: str, fence: int) -> bool:
         try:
-            self.store.set_host_state(host, new, expected=expected, reason=reason)
+            self.store.set_host_state(host, new, expected=expected, reason=reason, fence=fence)
         except (ConflictError, NotFoundError):  # InvalidTransition is a ConflictError
             return False
         return True

@@ -100,22 +100,35 @@ class HostsMixin(EventsMixin, StoreBase):
 
     @guarded
     def set_host_state(
-        self, name: str, state: HostState, *, expected: HostState, reason: str = "", operator: bool = False
+        self,
+        name: str,
+        state: HostState,
+        *,
+        expected: HostState,
+        reason: str = "",
+        operator: bool = False,
+        fence: int | None = None,
     ) -> HostState:
         """Compare-and-set a host's state: only from ``expected`` (what the writer read), only along
         HOST_TRANSITIONS (plus OPERATOR_HOST_TRANSITIONS with ``operator``).  Returns the previous state.
+        With ``fence`` (the leader monitor's fencing token) the write is applied only while that token
+        leads, in the same atomic step.
 
-        Raises NotFoundError (unknown host), ConflictError (the state is no longer ``expected``) or
-        InvalidTransition (the table forbids the move: dead/fenced are left only by an operator).
+        Raises NotFoundError (unknown host), ConflictError (the state is no longer ``expected``, or the
+        fence no longer leads) or InvalidTransition (the table forbids the move: dead/fenced are left only
+        by an operator).
         """
-        got = self._run(
-            "set_host_state",
-            [self.keys.host(name)],
-            [state.value, expected.value, reason[:500], _ALLOWED[operator]],
-        )
+        keys = [self.keys.host(name)]
+        args: list[Any] = [state.value, expected.value, reason[:500], _ALLOWED[operator]]
+        if fence is not None:
+            keys.append(f"{self.keys.prefix}:ha:leader")
+            args.append(str(fence))
+        got = self._run("set_host_state", keys, args)
         if got is None:
             raise NotFoundError(f"host {name!r} is not registered")
         status, previous = str(got[0]), str(got[1])
+        if status == "fenced":
+            raise ConflictError(f"host {name}: fence {fence} no longer leads; {state.value} not applied")
         if status == "stale":
             raise ConflictError(
                 f"host {name} is {previous}, not {expected.value} as read: {state.value} not applied"

@@ -1,7 +1,14 @@
 -- Compare-and-set a host's state against the state the writer read, within the transition table.
 -- KEYS[1] host hash; ARGV: prefix, new, expected, reason, allowed ("from>to,..." built from
 -- provisioner.model.HOST_TRANSITIONS, plus the operator moves for an operator).
--- Returns false if the host is unknown, else {'ok'|'stale'|'forbidden', previous state}.
+--       optional ARGV[6]: a fencing token; with it KEYS[2] is the leader monitor's lease ("member|fence") and
+--       the write happens only while that token leads (a deposed monitor's late write is refused).
+-- Returns false if the host is unknown, else {'ok'|'stale'|'forbidden'|'fenced', previous state}.
+if ARGV[6] then
+  local cur = redis.call('GET', KEYS[2])
+  local sep = cur and string.find(cur, '|', 1, true)
+  if not sep or string.sub(cur, sep + 1) ~= ARGV[6] then return {'fenced', ''} end
+end
 local prev = redis.call('HGET', KEYS[1], 'state')
 if not prev then return false end
 if prev ~= ARGV[3] then return {'stale', prev} end

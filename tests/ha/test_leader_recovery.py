@@ -102,3 +102,21 @@ def test_every_step_transition_matches_the_table(redis_url: str, cur: Step) -> N
                 recs.advance("hv1", f, cur, new)
             rec = recs.get("hv1")
             assert rec is not None and rec.step is cur
+
+
+def test_host_state_writes_carry_the_fence(redis_url: str) -> None:
+    from provisioner.model import Capacity, Host, HostState
+    from provisioner.state.store import StateStore
+
+    store = StateStore(redis_url, prefix="t")
+    store.register_host(Host("hv1", "test:///default", HostState.UP, Capacity(4, 4096)))
+    r = client(redis_url)
+    a = LeaderLease(r, "t", "mon-a", ttl_s=0.2)
+    fa = a.acquire_or_renew().fence
+    b = LeaderLease(r, "t", "mon-b", ttl_s=5)
+    fb = wait_until(lambda: b.acquire_or_renew().fence or None, timeout=3, what="takeover")
+    with pytest.raises(ConflictError, match="no longer leads"):
+        store.set_host_state("hv1", HostState.DEAD, expected=HostState.UP, fence=fa)
+    assert store.require_host("hv1").state is HostState.UP
+    store.set_host_state("hv1", HostState.DEAD, expected=HostState.UP, fence=fb)
+    assert store.require_host("hv1").state is HostState.DEAD
