@@ -50,8 +50,10 @@ def register(subparsers: Any) -> None:
     hs.add_parser("resume", help="allow automatic failover again").set_defaults(func=cmd_ha_resume)
 
     mon = subparsers.add_parser("monitor", help="run a monitor (one leads; the others stand by)")
-    mon.add_argument("--round", type=float, default=0.1, metavar="S", help="seconds between rounds")
-    mon.add_argument("--lease", type=float, default=1.0, metavar="S", help="leader lease (takeover time)")
+    mon.add_argument("--round", type=float, default=None, metavar="S",
+                     help="seconds between rounds (default: the configuration's ha.round_s)")
+    mon.add_argument("--lease", type=float, default=None, metavar="S",
+                     help="leader lease, the takeover time (default: ha.leader_lease_s)")
     mon.set_defaults(func=cmd_monitor)
 
 
@@ -202,15 +204,26 @@ def cmd_monitor(ctx: CliContext, args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from ha.engine import Settings
     from ha.monitor import Monitor, MonitorSettings
     from provisioner.cli.common import runtime
 
     for name in ("round", "lease"):
         v = getattr(args, name)
-        if not (math.isfinite(v) and 0.01 <= v <= 3600):
+        if v is not None and not (math.isfinite(v) and 0.01 <= v <= 3600):
             raise ValidationError(f"monitor --{name}: {v} is not between 0.01 and 3600 seconds")
+    rt = runtime(ctx)
+    ha = rt.config.ha
+    engine = Settings(
+        storm_share=ha.storm_share, safety_margin_s=ha.safety_margin_s, watchdog_s=ha.watchdog_s
+    )
+    settings = MonitorSettings(
+        round_s=args.round if args.round is not None else ha.round_s,
+        lease_ttl_s=args.lease if args.lease is not None else ha.leader_lease_s,
+        engine=engine,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    Monitor(runtime(ctx), MonitorSettings(round_s=args.round, lease_ttl_s=args.lease)).run(stop)
+    Monitor(rt, settings).run(stop)
     return EXIT_OK

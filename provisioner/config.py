@@ -164,6 +164,16 @@ class BreakerConfig(Strict):
     max_backoff_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
 
 
+class HAConfig(Strict):
+    """The monitors (``dynvm monitor``) and the failover engine (ha/); agents read ``watchdog_s`` too."""
+
+    round_s: float = Field(default=0.1, ge=0.01, le=60)  # how often the leader looks (detection resolution)
+    leader_lease_s: float = Field(default=1.0, ge=0.05, le=3600)  # a standby takes over within this
+    storm_share: float = Field(default=0.5, gt=0, le=1)  # more dead at once: hold for an operator
+    safety_margin_s: float = Field(default=0.5, ge=0, le=3600)  # past the self-fence deadline
+    watchdog_s: float = Field(default=2.0, gt=0, le=3600)  # the per-host watchdog's timeout
+
+
 class Config(Strict):
     schema_version: Literal[1] = 1
     # redis://[user:pw@]host:port/db or sentinel://[user:pw@]h1:p1,h2:p2,.../service[/db] (see redisurl.py)
@@ -188,6 +198,7 @@ class Config(Strict):
     retention: RetentionConfig = RetentionConfig()
     pools: PoolsConfig = PoolsConfig()
     breaker: BreakerConfig = BreakerConfig()
+    ha: HAConfig = HAConfig()
     source: str = Field(default="<embedded default>", exclude=True)
 
     @field_validator("redis_url")
