@@ -42,6 +42,12 @@ def _clip(value: object) -> str:
     return text if len(text) <= MAX_FIELD else text[: MAX_FIELD - 3] + "..."
 
 
+def since(record: object) -> float | None:
+    """Seconds since a record (an instance) was created: how long the operation took from the request."""
+    created = getattr(record, "created", None)
+    return max(0.0, time.time() - created) if isinstance(created, int | float) and created > 0 else None
+
+
 def level_of(kind: str) -> int:
     if kind in ERROR_KINDS or kind.endswith("_failed"):
         return logging.ERROR
@@ -128,5 +134,9 @@ def setup(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
+    # Celery sets the root logger's level to its own (WARNING) when the worker starts: our loggers keep
+    # theirs, so operation lines still reach the handler above.
+    for ours in (LOGGER, "provisioner", "ha", "batch_hooks"):
+        logging.getLogger(ours).setLevel(level)
     for noisy in ("celery", "kombu", "amqp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

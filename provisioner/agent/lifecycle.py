@@ -11,6 +11,7 @@ import logging
 import os
 import time
 
+from provisioner import oplog
 from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
 from provisioner.agent.ready import wait_ready
 from provisioner.breaker import record_boot
@@ -87,6 +88,14 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     t_virt = time.monotonic()
     rt.hypervisor.define_and_start(inst.domain_name, xml)
     libvirt_ms = (time.monotonic() - t_virt) * 1000
+    oplog.event(
+        "boot",
+        f"{inst.image} started",
+        instance=inst.id,
+        host=rt.host,
+        vo=inst.vo,
+        duration_s=libvirt_ms / 1000,
+    )
     _fault_hold(rt, inst)
     wait_ready(rt, inst, image)
     try:
@@ -101,6 +110,8 @@ def _boot(rt: Runtime, inst: Instance) -> None:
         instance=inst.id,
         host=rt.host,
         message=f"{inst.image} ready in {ms:.0f} ms",
+        vo=inst.vo,
+        duration_s=ms / 1000,
         libvirt_ms=f"{libvirt_ms:.3f}",
     )
     rt.store.notify(inst.id)
@@ -118,7 +129,9 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
         return
     record_boot(rt, inst, ok=False, reason=reason)  # the image's circuit breaker (issue 9)
     _teardown(rt, inst)
-    rt.store.add_event("failed", instance=inst.id, host=rt.host, message=reason[:500])
+    rt.store.add_event(
+        "failed", reason[:500], instance=inst.id, host=rt.host, vo=inst.vo, duration_s=oplog.since(inst)
+    )
     rt.store.notify(inst.id)
 
 
@@ -164,5 +177,12 @@ def release_instance(rt: Runtime, instance_id: str) -> None:
         rt.store.transition_from(inst, InstanceState.GONE, reason="released")
     except ConflictError:
         return  # a redelivered release finished first
-    rt.store.add_event("released", instance=inst.id, host=rt.host, message=f"{inst.image} released")
+    rt.store.add_event(
+        "released",
+        f"{inst.image} released",
+        instance=inst.id,
+        host=rt.host,
+        vo=inst.vo,
+        duration_s=oplog.since(inst),
+    )
     rt.store.notify(inst.id)

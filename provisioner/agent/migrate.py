@@ -89,5 +89,12 @@ def _finish(rt: Runtime, moving: Instance, dest: str, t0: float) -> None:
         rt.store.add_event("migration_orphaned", instance=moving.id, host=dest, message=str(err)[:300])
         return
     ms = (time.monotonic() - t0) * 1000
-    rt.store.add_event("migrated", instance=moving.id, host=dest, message=f"from {rt.host} in {ms:.0f} ms")
+    rt.store.add_event(
+        "migrated",
+        f"from {rt.host} in {ms:.0f} ms",
+        instance=moving.id,
+        host=dest,
+        vo=moving.vo,
+        duration_s=ms / 1000,
+    )
     rt.store.notify(moving.id)

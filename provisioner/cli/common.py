@@ -37,7 +37,7 @@ def ping(store: StateStore, config: Config) -> None:
     import redis.exceptions
 
     from provisioner.errors import ConfigError, UnavailableError
-    from provisioner.state.base import redact
+    from provisioner.redisurl import redact
 
     url = redact(config.redis_url)
     try:

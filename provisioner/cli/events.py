@@ -51,7 +51,7 @@ def _line(e: dict[str, Any]) -> str:
 
 
 def status(ctx: CliContext, args: argparse.Namespace) -> int:
-    from provisioner.state.base import redact
+    from provisioner.redisurl import redact
 
     rt = runtime(ctx)
     hosts = rt.store.list_hosts()

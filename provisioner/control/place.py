@@ -12,6 +12,7 @@ import logging
 from provisioner.errors import ConflictError, NoCapacityError
 from provisioner.messaging import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
 from provisioner.model import Instance, InstanceState, Tier
+from provisioner.oplog import since
 from provisioner.runtime import Runtime, try_claim
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
         if winner is None or winner.host != host:
             rt.store.release_claim(host, inst.id)
         return winner.host if winner is not None else None
-    rt.store.add_event("placed", instance=inst.id, host=host, message=f"{inst.image} on {host}")
+    rt.store.add_event(
+        "placed", f"{inst.image} on {host}", instance=inst.id, host=host, vo=inst.vo, duration_s=since(inst)
+    )
     priority = PRIORITY_HA if inst.tier in (Tier.CRITICAL, Tier.HIGH) else PRIORITY_DEFAULT
     from provisioner.messaging import BOOT
 
@@ -115,7 +118,7 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
         rt.store.transition_from(inst, InstanceState.FAILED, reason=reason[:500])
     except ConflictError:
         return  # placed or released meanwhile: nothing to fail
-    rt.store.add_event("failed", instance=inst.id, message=reason)
+    rt.store.add_event("failed", reason, instance=inst.id, vo=inst.vo, duration_s=since(inst))
     rt.store.notify(inst.id)
 
 
