@@ -21,6 +21,12 @@ def main(argv: list[str]) -> int:
             from batch_hooks import generic
 
             return generic.run(argv[1], generic.parse_flags(argv[2:]), os.environ, None)
+        if argv[:1] == ["htcondor"]:
+            import os
+
+            from batch_hooks import htcondor
+
+            return htcondor.main(argv[1:], os.environ)
         if argv[:1] == ["payload"]:
             import os
 

@@ -31,7 +31,10 @@ from provisioner.errors import (
     ValidationError,
 )
 
-OPS = frozenset({"prolog", "epilog"})
+TRUSTED_OPS = frozenset({"prolog", "epilog"})  # root hooks: <prefix>:hooks
+# HTCondor starter hooks (the job's user): <prefix>:hooks:condor
+CONDOR_OPS = frozenset({"condor_prepare", "condor_exit"})
+OPS = TRUSTED_OPS | CONDOR_OPS
 REPLY_TTL_S = 120
 MAX_REQUEST_BYTES = 16 * 1024
 _PERMANENT_CLASSES = (ValidationError, NotFoundError, UnknownVOError, IdentityError, ConflictError)
@@ -40,6 +43,11 @@ PERMANENT: dict[str, type[PermanentError]] = {c.code: c for c in _PERMANENT_CLAS
 
 def hooks_key(prefix: str) -> str:
     return f"{prefix}:hooks"
+
+
+def condor_hooks_key(prefix: str) -> str:
+    """Requests of untrusted callers: the daemon checks every claim in them against the schedd."""
+    return f"{prefix}:hooks:condor"
 
 
 def reply_key(prefix: str, request_id: str) -> str:
@@ -65,7 +73,7 @@ def call(
     assert isinstance(now, list) and isinstance(now[0], bytes)
     body = {"v": 1, "op": op, "ctx": ctx.to_dict(), "reply": request_id,
             "expires": int(now[0]) + timeout_s, **extra}
-    r.lpush(hooks_key(prefix), json.dumps(body))
+    r.lpush(condor_hooks_key(prefix) if op in CONDOR_OPS else hooks_key(prefix), json.dumps(body))
     deadline = time.monotonic() + timeout_s
     while (left := deadline - time.monotonic()) > 0:
         got = r.blpop(reply_key(prefix, request_id), min(left, 5.0))

@@ -21,10 +21,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batch_hooks.context import JobContext
-from batch_hooks.proto import MAX_REQUEST_BYTES, REPLY_TTL_S, hooks_key, job_acl_user, jobvm_key, reply_key
+from batch_hooks.proto import (
+    CONDOR_OPS,
+    MAX_REQUEST_BYTES,
+    REPLY_TTL_S,
+    condor_hooks_key,
+    hooks_key,
+    job_acl_user,
+    jobvm_key,
+    reply_key,
+)
 from provisioner.errors import (
     DynvmError,
     TransientError,
@@ -33,6 +42,9 @@ from provisioner.errors import (
 )
 from provisioner.model import Instance, InstanceState
 from provisioner.runtime import Runtime
+
+if TYPE_CHECKING:
+    from batch_hooks.condor_verify import ScheddLookup
 
 log = logging.getLogger("dynvm.hooks")
 MAX_WAIT_S = 3600.0
@@ -45,11 +57,12 @@ def job_user_rules(prefix: str, job_key: str, instance_id: str, attempt: int, pa
             f"~{prefix}:run:{instance_id}:{attempt}", "-@all", "+hgetall", "+set", "+ping", "+auth"]
 
 
-def vo_of(rt: Runtime, ctx: JobContext) -> str:
-    """The job's VO from trusted identity only: the uid's pool account and its group on this machine."""
+def vo_of(rt: Runtime, ctx: JobContext, proxy_vo: str | None = None) -> str:
+    """The job's VO from trusted identity only: the uid's pool account and its group on this machine (or
+    the proxy VO the schedd recorded, where the site configures that source)."""
     from provisioner.identity import JobIdentity, resolve_vo
 
-    identity = JobIdentity.from_uid(ctx.uid)
+    identity = JobIdentity.from_uid(ctx.uid, condor_proxy_vo=proxy_vo)
     if identity.user != ctx.user:
         raise ValidationError(f"uid {ctx.uid} is {identity.user!r} here, not {ctx.user!r}")
     return resolve_vo(identity, rt.config)
@@ -63,13 +76,13 @@ def _size(value: int | None, lo: int, default: int, hi: int, what: str) -> int:
     return max(lo, value)
 
 
-def prolog(rt: Runtime, ctx: JobContext, deadline: float) -> dict[str, Any]:
+def prolog(rt: Runtime, ctx: JobContext, deadline: float, proxy_vo: str | None = None) -> dict[str, Any]:
     from batch_hooks.poolstate import take_warm_for_job
     from provisioner.control.client import release, submit, wait
     from provisioner.identity import image_for_vo
     from provisioner.limits import enforce_for_job
 
-    vo = vo_of(rt, ctx)
+    vo = vo_of(rt, ctx, proxy_vo)
     image = image_for_vo(vo, rt.catalogue, rt.config)
     spec = image.spec
     vcpus = _size(ctx.cpus, spec.vcpus.min, spec.vcpus.default, spec.vcpus.max, "cpus")
@@ -145,8 +158,12 @@ def epilog(rt: Runtime, ctx: JobContext) -> dict[str, Any]:
     return {"instance": iid or "", "released": iid is not None}
 
 
-def handle(rt: Runtime, raw: bytes, now: float) -> tuple[str | None, dict[str, Any]]:
-    """(reply id, answer) for one raw request; ``now`` is Redis's clock.  Never raises."""
+def handle(
+    rt: Runtime, raw: bytes, now: float, untrusted: bool = False, lookup: ScheddLookup | None = None
+) -> tuple[str | None, dict[str, Any]]:
+    """(reply id, answer) for one raw request; ``now`` is Redis's clock.  Never raises.  ``untrusted``:
+    it came from the HTCondor starter hooks' list, where only condor operations, checked against the
+    schedd through ``lookup``, are served."""
     request_id: str | None = None
     try:
         if len(raw) > MAX_REQUEST_BYTES:
@@ -166,6 +183,13 @@ def handle(rt: Runtime, raw: bytes, now: float) -> tuple[str | None, dict[str, A
             return None, {}  # nobody waits for it any more: a late daemon must not act on it
         ctx = JobContext.from_dict(body.get("ctx"))
         deadline = time.monotonic() + min(expires - now, MAX_WAIT_S) - 0.5
+        if untrusted or body.get("op") in CONDOR_OPS:
+            from batch_hooks.condor_verify import Htcondor2Schedd, serve_condor
+
+            if not untrusted or body.get("op") not in CONDOR_OPS:
+                op = str(body.get("op"))[:32]
+                raise ValidationError(f"hook request: {op!r} is not served on this list")
+            return request_id, serve_condor(rt, body, ctx, deadline, lookup or Htcondor2Schedd())
         if body.get("op") == "prolog":
             return request_id, prolog(rt, ctx, deadline)
         if body.get("op") == "epilog":
@@ -182,8 +206,8 @@ def handle(rt: Runtime, raw: bytes, now: float) -> tuple[str | None, dict[str, A
         return request_id, {"error": "internal", "transient": True, "message": f"internal error: {err}"[:200]}
 
 
-def _answer(rt: Runtime, raw: bytes, now: float) -> None:
-    request_id, answer = handle(rt, raw, now)
+def _answer(rt: Runtime, raw: bytes, now: float, untrusted: bool, lookup: ScheddLookup) -> None:
+    request_id, answer = handle(rt, raw, now, untrusted, lookup)
     if request_id is None or not answer:
         return
     key = reply_key(rt.store.keys.prefix, request_id)
@@ -197,16 +221,19 @@ def serve(rt: Runtime, stop: threading.Event, workers: int = 256,
           on_error: Callable[[BaseException], None] | None = None) -> None:
     """Serve requests until ``stop`` is set.  Prologs wait for boots, so they run in a thread pool; the
     loop itself only pops.  Any exception is logged (and counted by ``on_error``) and the loop goes on."""
-    key = hooks_key(rt.store.keys.prefix)
+    from batch_hooks.condor_verify import Htcondor2Schedd
+
+    key, condor_key = hooks_key(rt.store.keys.prefix), condor_hooks_key(rt.store.keys.prefix)
+    lookup = Htcondor2Schedd()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hook") as pool:
         while not stop.is_set():
             try:
-                got = rt.store.r.brpop([key], timeout=1)
+                got = rt.store.r.brpop([key, condor_key], timeout=1)
                 if got is None:
                     continue
                 secs, _us = rt.store.r.time()
-                body = got[1]
-                pool.submit(_answer, rt, body if isinstance(body, bytes) else body.encode(), float(secs))
+                body = got[1] if isinstance(got[1], bytes) else got[1].encode()
+                pool.submit(_answer, rt, body, float(secs), got[0] == condor_key, lookup)
             except Exception as exc:
                 log.exception("hook loop: %s", exc)
                 if on_error is not None:
