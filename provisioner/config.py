@@ -52,6 +52,10 @@ class HostConfig(Strict):
     fence_command: list[str] | None = None
     # Where this host receives live migrations (libvirt's --migrateuri), e.g. tcp://10.1.2.3:49152.
     migration_uri: str | None = Field(default=None, pattern=r"^tcp://[A-Za-z0-9.:\[\]-]+(:[0-9]{1,5})?$")
+    # Where this host's agent receives its peers' UDP heartbeats (self-fencing quorum), e.g. 10.1.0.11:7946.
+    peer_address: str | None = Field(default=None, pattern=r"^[0-9.]{7,15}:[0-9]{1,5}$")
+    # Storage leases (layer 2): this host's virtlockd pid file; a dead virtlockd fences the host's HA VMs.
+    virtlockd_pidfile: Path | None = None
 
     @model_validator(mode="after")
     def _uri_scheme(self) -> HostConfig:
@@ -172,6 +176,15 @@ class HAConfig(Strict):
     storm_share: float = Field(default=0.5, gt=0, le=1)  # more dead at once: hold for an operator
     safety_margin_s: float = Field(default=0.5, ge=0, le=3600)  # past the self-fence deadline
     watchdog_s: float = Field(default=2.0, gt=0, le=3600)  # the per-host watchdog's timeout
+    # Agents (provisioner.agent.fencing): the watchdog process they start, self-fencing and peer heartbeats.
+    watchdog: bool = True  # the agent starts `dynvm watchdog --host NAME` when none runs for its host
+    fence_margin_s: float = Field(default=0.5, ge=0, le=3600)  # self-fence this long before the lease ends
+    peer_interval_s: float = Field(default=0.2, gt=0, le=60)  # UDP heartbeat to every peer this often
+    peer_timeout_s: float = Field(default=1.0, gt=0, le=3600)  # a peer not heard for this long is lost
+    peer_secret_file: Path | None = None  # shared secret: heartbeats carry an HMAC-SHA256
+    # Per-host local state (agent record for a restart's lease handover, watchdog pet/lock files).
+    # Default: <storage.shared_dir>/run/agents (files are named by host).
+    run_dir: Path | None = None
 
 
 class Config(Strict):
