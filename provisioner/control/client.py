@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from provisioner.breaker import check_admission
@@ -21,7 +22,6 @@ from provisioner.runtime import Runtime
 
 SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
 ENDED = frozenset({InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
-log = logging.getLogger(__name__)
 RELEASE_ATTEMPTS = 5  # re-reads when the record changes under a release (placed meanwhile)
 
 
@@ -95,7 +95,8 @@ def submit(
     if tier is None:
         tier = Tier.WORKER if role is Role.WORKER else Tier(image.ha.priority.value if image.ha else "normal")
     if role is Role.WORKER and not (idempotency_key and rt.store.instance_for_key(idempotency_key)):
-        check_admission(rt, image.ref)  # issue 9: the image's circuit breaker refuses (CircuitOpenError)
+        with _redis_unavailable(rt):  # it reads Redis directly: a Redis outage is one line, not a traceback
+            check_admission(rt, image.ref)  # issue 9: the image's circuit breaker refuses (CircuitOpenError)
     now = time.time()
     inst = Instance(
         id=new_instance_id(),
@@ -116,36 +117,50 @@ def submit(
         updated=now,
     )
     inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
+    # The record is the outbox: it is written first, and a request whose message did not go out (broker
+    # down here, or lost later) is sent again by the control workers' sweeper (control/sweeper.py).  A
+    # send that fails here is still the caller's error (UnavailableError, one line): a caller retrying with
+    # its key gets this record back; and Redis may lose an acknowledged write in a crash or failover, so
+    # "recorded" is not promised before the send went through.
     if created:
-        # The record is the outbox: once it is written the request is not lost.  If Redis or the broker
-        # fails from here on, the control workers' sweeper (control/sweeper.py) sends it again, so the
-        # caller gets its instance, not an error for a request that will be served.
-        try:
-            rt.store.add_event("requested", f"{image.ref} for {vo or service or '-'}", instance=inst.id)
-            send_provision(rt, inst.id)
-        except UnavailableError as err:
-            log.warning("provision %s recorded, message not sent (the sweeper re-sends it): %s", inst.id, err)
+        rt.store.add_event("requested", f"{image.ref} for {vo or service or '-'}", instance=inst.id)
+        send_provision(rt, inst.id)
+    elif inst.state is InstanceState.REQUESTED and rt.store.picked_at([inst.id]).get(inst.id) is None:
+        send_provision(rt, inst.id)  # a retry of a request whose message may never have left: send again
     return inst, created
 
 
-def send_message(rt: Runtime, task: str, args: list[Any], queue: str, priority: int | None = None) -> None:
-    """Send one Celery message; a broker that cannot take it is UnavailableError (one line naming the
-    redacted URL), never kombu's OperationalError or a redis-py error."""
+@contextlib.contextmanager
+def _redis_unavailable(rt: Runtime) -> Iterator[None]:
+    """Redis or broker errors raised by code that talks to Redis directly become UnavailableError."""
     import kombu.exceptions
     import redis.exceptions
 
     from provisioner.redisurl import redact
 
     try:
-        if priority is None:
-            rt.app.send_task(task, args=args, queue=queue)
-        else:
-            rt.app.send_task(task, args=args, queue=queue, priority=priority)
-    except (kombu.exceptions.KombuError, redis.exceptions.RedisError, OSError) as err:
+        yield
+    except (
+        kombu.exceptions.KombuError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.ReadOnlyError,
+        OSError,
+    ) as err:
         detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
         raise UnavailableError(
             f"redis/broker at {redact(rt.config.redis_url)} unavailable: {detail}"
         ) from None
+
+
+def send_message(rt: Runtime, task: str, args: list[Any], queue: str, priority: int | None = None) -> None:
+    """Send one Celery message; a broker that cannot take it is UnavailableError (one line naming the
+    redacted URL), never kombu's OperationalError or a redis-py error."""
+    with _redis_unavailable(rt):
+        if priority is None:
+            rt.app.send_task(task, args=args, queue=queue)
+        else:
+            rt.app.send_task(task, args=args, queue=queue, priority=priority)
 
 
 def send_provision(rt: Runtime, instance_id: str) -> None:

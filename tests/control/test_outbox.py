@@ -126,10 +126,14 @@ def test_redis_killed_during_30_provisions_strands_nothing(tmp_path: Path, aof_r
             t.join(60)
         assert len(got) + len(errors) == 30
         for n, err in errors.items():
-            assert isinstance(err, UnavailableError), f"client {n}: {type(err).__name__}: {err}"
+            import traceback
+
+            tb = "".join(traceback.format_exception(err))
+            assert isinstance(err, UnavailableError), f"client {n}: {type(err).__name__}: {err}\n{tb}"
             assert "\n" not in str(err), str(err)
             assert "unavailable" in str(err) or "unreachable" in str(err), str(err)
         assert got, "no client got an instance: the kill came too early"
+        print(f"outbox reproducer: {len(got)} clients got an instance, {len(errors)} a one-line error")
 
         def settled() -> bool:
             try:
