@@ -1,4 +1,4 @@
-"""``dynvm farm up|down|status``: the embedded default on one machine.
+"""``dynvm farm up|down|status|kill|revive``: the embedded default on one machine.
 
 ``farm up`` on a farm that is already up returns it (and says so) when it is the farm asked for; another
 driver, host count or ``--redis-url`` is a conflict (exit 4): the running farm is not changed under its
@@ -75,6 +75,19 @@ def register(sub: Any) -> None:
     st = fs.add_parser("status", help="show the farm's processes")
     _dir_option(st)
     st.set_defaults(func=farm_status)
+    kill = fs.add_parser(
+        "kill", help="a host dies: SIGKILL its agent, libvirtd, virtlockd and guests, and keep them down"
+    )
+    kill.add_argument("host", metavar="HOST")
+    _dir_option(kill)
+    kill.set_defaults(func=farm_kill)
+    rev = fs.add_parser(
+        "revive", help="start a killed host again (then bring it back with `dynvm host rejoin HOST`)"
+    )
+    rev.add_argument("host", metavar="HOST")
+    _dir_option(rev)
+    rev.add_argument("--timeout", type=_timeout_arg, default=60.0, help="seconds to wait for its agent (60)")
+    rev.set_defaults(func=farm_revive)
 
 
 def farm_up(ctx: CliContext, args: argparse.Namespace) -> int:
@@ -108,4 +121,28 @@ def farm_status(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.farm.local import farm_status as status
 
     ctx.out.obj(status(default_layout(args.dir)), title="farm")
+    return EXIT_OK
+
+
+def farm_kill(ctx: CliContext, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from provisioner.farm.hostkill import farm_kill as kill
+    from provisioner.farm.local import default_layout
+    from provisioner.state.keys import check_id
+
+    out = kill(default_layout(args.dir), check_id(args.host, "host name"))
+    out["killed_at"] = datetime.fromtimestamp(out["killed_at"], UTC)
+    ctx.out.obj(out, title=f"host {args.host} killed (kept down until `dynvm farm revive {args.host}`)")
+    return EXIT_OK
+
+
+def farm_revive(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.farm.hostkill import farm_revive as revive
+    from provisioner.farm.local import default_layout
+    from provisioner.state.keys import check_id
+
+    out = revive(default_layout(args.dir), check_id(args.host, "host name"), timeout_s=args.timeout)
+    then = f"an operator brings it back: `dynvm host rejoin {args.host}`"
+    ctx.out.obj(out, title=f"host {args.host} revived ({then})")
     return EXIT_OK

@@ -40,6 +40,7 @@ class FarmState:
     retired: dict[str, str] = field(default_factory=dict)
     last_error: str = ""
     last_error_at: float = 0.0
+    monitors: int = 2  # `dynvm monitor` processes (one leads, the others stand by)
 
     def record(self, name: str, pid: int) -> None:
         """Remember who ``pid`` is (call while it is our unreaped child, so it cannot be reused)."""
@@ -89,6 +90,15 @@ class FarmLayout:
     @property
     def hosts_dir(self) -> Path:
         return self.base / "hosts"
+
+    @property
+    def down_dir(self) -> Path:
+        """One file per host killed by ``dynvm farm kill``: the supervisor keeps that host's processes
+        down while it exists (its truth; ``farm revive`` removes it)."""
+        return self.base / "down"
+
+    def host_down(self, host: str) -> bool:
+        return (self.down_dir / host).exists()
 
     def read_state(self) -> FarmState | None:
         try:

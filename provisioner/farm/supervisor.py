@@ -1,5 +1,6 @@
-"""The farm supervisor: starts Redis, (the QEMU hosts,) the agents, a control worker and a monitor;
-restarts any that die (Redis too: it has its AOF); on SIGTERM stops everything and leaves no process behind.
+"""The farm supervisor: starts Redis, (the QEMU hosts,) the agents, a control worker and two monitors;
+restarts any that die (Redis too: it has its AOF), except the processes of a host killed by ``dynvm farm
+kill`` (kept down until ``farm revive``); on SIGTERM stops everything and leaves no process behind.
 
 Run as ``python -m provisioner.farm.supervisor FARM_DIR`` (``dynvm farm up`` does that, detached).
 
@@ -65,9 +66,19 @@ class Supervisor:
     def commands(self) -> dict[str, list[str]]:
         base = [sys.executable, "-m", "provisioner.cli.main", "--config", str(self.layout.config_file)]
         cmds = {"worker": [*base, "worker"]}
+        for i in range(1, self.state.monitors + 1):
+            cmds[f"monitor-{i}"] = [*base, "monitor"]
         for h in self.state.hosts:
             cmds[f"agent-{h}"] = [*base, "agent", "--host", h]
         return cmds
+
+    def host_of(self, name: str) -> str | None:
+        """The farm host a child belongs to (``agent-hv1`` -> hv1): it dies and revives with its host."""
+        return next((h for h in self.state.hosts if name.endswith(f"-{h}")), None)
+
+    def kept_down(self, name: str) -> bool:
+        host = self.host_of(name)
+        return host is not None and self.layout.host_down(host)
 
     def spawn(self, name: str, argv: list[str]) -> None:
         self.layout.logs.mkdir(parents=True, exist_ok=True)
@@ -224,11 +235,16 @@ class Supervisor:
             if self.stopping:
                 return
             p = self.procs.get(name)
+            down = self.kept_down(name)
             if p is not None and p.poll() is not None:
-                self._failed(name, f"{name} exited with {p.returncode}; restarting")
+                if down:  # `dynvm farm kill`: a host death, not a crash; no restart until revived
+                    log.warning("farm: %s exited with %s; host killed, kept down", name, p.returncode)
+                else:
+                    self._failed(name, f"{name} exited with {p.returncode}; restarting")
                 del self.procs[name]
                 self.state.children.pop(name, None)
-            if name not in self.procs and self._due(name):
+                self.save()
+            if name not in self.procs and not down and self._due(name):
                 self.started_at[name] = time.monotonic()
                 try:
                     self.spawn(name, argv)

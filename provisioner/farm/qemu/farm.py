@@ -187,9 +187,9 @@ class QemuFarm:
         for daemon in ("holder", "virtlockd", "virtlogd", "libvirtd"):
             p.pidfile(daemon).unlink(missing_ok=True)
 
-    def _start_holders(self) -> dict[str, int]:
+    def _start_holders(self, hosts: list[str] | None = None) -> dict[str, int]:
         procs: dict[str, subprocess.Popen[bytes]] = {}
-        for h in self.hosts:
+        for h in hosts or self.hosts:
             p = self.paths(h)
             with (p.root / "holder.log").open("wb") as logf:
                 procs[h] = subprocess.Popen(
@@ -214,10 +214,11 @@ class QemuFarm:
 
     def _start_daemons(self, holders: dict[str, int]) -> dict[str, dict[str, int]]:
         """virtlockd and virtlogd first (libvirtd needs virtlockd for leases), then libvirtd at nice 10."""
-        out: dict[str, dict[str, int]] = {h: {} for h in self.hosts}
+        hosts = list(holders)
+        out: dict[str, dict[str, int]] = {h: {} for h in hosts}
         for stage in (("virtlockd", "virtlogd"), ("libvirtd",)):
             procs = []
-            for h in self.hosts:
+            for h in hosts:
                 for d in stage:
                     pf = self.paths(h).pidfile(d)
                     argv = [d, "-d", "-f", f"/etc/libvirt/{d}.conf", "-p", str(pf)]
@@ -236,23 +237,67 @@ class QemuFarm:
                 if pid is None:
                     raise UnavailableError(f"qemu farm host {h}: unreadable {pf}")
                 out[h][d] = pid
-        for h in self.hosts:
+        for h in hosts:
             wait_for(self.paths(h).socket, f"qemu farm host {h}: libvirtd socket", START_TIMEOUT_S,
                      alive=out[h]["libvirtd"])
-        self._check_libvirtd()
+        self._check_libvirtd(hosts)
         return out
 
-    def _check_libvirtd(self) -> None:
+    def _check_libvirtd(self, hosts: list[str]) -> None:
         """libvirtd listens before its drivers are initialised (and exits if that fails): one real call
         per host, in parallel, proves each host usable."""
         procs = {h: subprocess.Popen(["virsh", "-c", self.host_uri(h), "uri"], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for h in self.hosts}
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for h in hosts}
         for h, proc in procs.items():
             _, err = proc.communicate(timeout=START_TIMEOUT_S)
             if proc.returncode != 0:
                 log = self.paths(h).log / "libvirtd.log"
                 raise UnavailableError(f"qemu farm host {h}: libvirtd is not usable "
                                        f"({err.decode().strip().splitlines()[-1:]}); see {log}")
+
+    # ---- one host dies and comes back (dynvm farm kill / revive) ----------------------------------
+    def kill_host(self, host: str) -> int:
+        """SIGKILL everything of ``host`` at once: every process in its mount namespace (namespace holder,
+        virtlockd, virtlogd, libvirtd and every guest QEMU), as a power cut would; returns how many.
+        Nothing restarts them (they are not supervised) until :meth:`revive_host`."""
+        self.paths(host)  # validates the name
+        rec = (self._read_state() or {}).get("hosts", {}).get(host)
+        if rec is None or not rec.get("mnt_inode"):
+            raise UnavailableError(f"qemu farm: host {host} is not up (no record in {self.state_file})")
+        inode = int(rec["mnt_inode"])
+        # Only while one of its recorded processes still lives in it: a dead namespace's inode number
+        # may have been given to somebody else's.
+        pids = [rec.get(d) for d in ("holder", "virtlockd", "virtlogd", "libvirtd")]
+        if not any(pid_alive(p) and ns_inode(f"/proc/{p}/ns/mnt") == inode for p in pids):
+            return 0
+        return kill_ns("mnt", inode)
+
+    def host_up(self, host: str) -> bool:
+        rec = (self._read_state() or {}).get("hosts", {}).get(host)
+        return rec is not None and all(pid_alive(rec.get(d)) for d in ("holder", "virtlockd", "libvirtd"))
+
+    def revive_host(self, host: str) -> dict[str, Any]:
+        """Start ``host``'s namespace and daemons again (fresh virtlockd: the old leases died with it);
+        its guests do not come back by themselves.  Idempotent: a host that is up is left as it is."""
+        st = self._read_state()
+        if st is None or st.get("netns_inode") != ns_inode(f"/run/netns/{self.netns}"):
+            raise UnavailableError(f"qemu farm {self.base} is not up")
+        if self.host_up(host):
+            return dict(st["hosts"][host])
+        old = st["hosts"].get(host, {})
+        if old.get("mnt_inode"):
+            kill_ns("mnt", int(old["mnt_inode"]))  # whatever is left of a half-dead host
+        self._prepare_host(host, self.hosts.index(host) + 1)
+        holders = self._start_holders([host])
+        daemons = self._start_daemons(holders)
+        rec = {"holder": holders[host], "mnt_inode": ns_inode(f"/proc/{holders[host]}/ns/mnt"),
+               **daemons[host], "uri": self.host_uri(host)}
+        st = self._read_state() or st
+        st["hosts"][host] = rec
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st, indent=2) + "\n")
+        os.replace(tmp, self.state_file)
+        return rec
 
     # ---- down ------------------------------------------------------------------------------------
     def down(self) -> None:

@@ -153,3 +153,23 @@ def wait_for(cond_path: Path, what: str, timeout_s: float, alive: int | None = N
         if time.monotonic() > deadline:
             raise DeadlineExceeded(f"{what}: {cond_path} did not appear within {timeout_s}s")
         time.sleep(0.01)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of ``pid`` (children first), read from /proc's parent pids."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
