@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     pa.add_argument("--reason", default="operator", help="shown in ha status")
     pa.set_defaults(func=cmd_ha_pause)
     hs.add_parser("resume", help="allow automatic failover again").set_defaults(func=cmd_ha_resume)
+    tl = hs.add_parser("timeline", help="a host's latest failover step by step, with times")
+    tl.add_argument("host", metavar="HOST")
+    tl.set_defaults(func=cmd_ha_timeline)
 
     mon = subparsers.add_parser("monitor", help="run a monitor (one leads; the others stand by)")
     mon.add_argument("--round", type=float, default=None, metavar="S",
@@ -196,6 +199,21 @@ def cmd_ha_resume(ctx: CliContext, args: argparse.Namespace) -> int:
     was = RedisWorld(rt).resume()
     rt.store.add_event("ha_resumed", "resumed by operator" if was else "resume: was not paused")
     ctx.out.message("HA resumed" if was else "HA was not paused")
+    return EXIT_OK
+
+
+def cmd_ha_timeline(ctx: CliContext, args: argparse.Namespace) -> int:
+    from ha.timeline import build
+    from provisioner.cli.common import runtime
+    from provisioner.state.keys import check_id
+
+    host = check_id(args.host, "host name")
+    rt = runtime(ctx)
+    rows, base = build(rt.store.read_events(count=10_000), host)
+    if not rows:
+        raise NotFoundError(f"no failover of host {host} in the event stream")
+    ctx.out.table([r.to_dict(base) for r in rows], ["ts", "after_s", "step", "instance", "host", "message"],
+                  title=f"failover of {host} (after_s: seconds since its last lease renewal)")
     return EXIT_OK
 
 

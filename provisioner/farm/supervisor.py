@@ -237,13 +237,13 @@ class Supervisor:
             p = self.procs.get(name)
             down = self.kept_down(name)
             if p is not None and p.poll() is not None:
-                if down:  # `dynvm farm kill`: a host death, not a crash; no restart until revived
-                    log.warning("farm: %s exited with %s; host killed, kept down", name, p.returncode)
-                else:
+                if not down:
                     self._failed(name, f"{name} exited with {p.returncode}; restarting")
                 del self.procs[name]
                 self.state.children.pop(name, None)
-                self.save()
+                if down:  # `dynvm farm kill`: a host death, not a crash; no restart until revived
+                    log.warning("farm: %s exited with %s; host killed, kept down", name, p.returncode)
+                    self.save()
             if name not in self.procs and not down and self._due(name):
                 self.started_at[name] = time.monotonic()
                 try:
