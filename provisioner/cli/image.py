@@ -47,6 +47,7 @@ def register(subparsers: Any) -> None:
     val.add_argument("path", metavar="PATH", nargs="?", type=Path, help="catalogue dir or one file")
     val.add_argument("--artefact-root", type=Path, metavar="DIR", help="default: storage.artefact_dir")
     val.set_defaults(func=cmd_validate)
+    _register_breaker(sub)
 
 
 def cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
@@ -147,3 +148,57 @@ def cmd_validate(ctx: CliContext, args: argparse.Namespace) -> int:
             f"{errors} error(s), {warnings} warning(s)"
         )
     return EXIT_USAGE if errors else EXIT_OK
+
+
+# -- circuit breakers per image version (provisioner.breaker; issue 9) -------------------------------------
+
+
+def _register_breaker(sub: Any) -> None:
+    br = sub.add_parser("breaker", help="circuit breakers: images whose boots keep failing",
+                        description="An image's breaker opens after N consecutive failed boots.")
+    bsub = br.add_subparsers(dest="breaker_command", metavar="COMMAND")
+    bl = bsub.add_parser("list", help="every image whose breaker has a record")
+    bl.set_defaults(func=cmd_breaker_list)
+    brs = bsub.add_parser("reset", help="close an image's breaker (after fixing the image)")
+    brs.add_argument("image", metavar="IMAGE", help="NAME:VERSION, or NAME / NAME:CHANNEL of the catalogue")
+    brs.set_defaults(func=cmd_breaker_reset)
+
+
+def _breaker_row(image: str, b: Any, now: float) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    retry = datetime.fromtimestamp(b.retry_at, UTC).isoformat() if b.state.value == "open" else None
+    return {"image": image, "state": b.state.value, "failures": b.failures, "backoff_s": b.backoff_s,
+            "retry_at": retry, "retry_in_s": max(0, round(b.retry_at - now)) if retry else None,
+            "opened": b.opened, "reason": b.last_reason}
+
+
+def cmd_breaker_list(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.breaker import store_of
+    from provisioner.cli.common import runtime
+
+    bs = store_of(runtime(ctx))
+    now = bs.now()
+    rows = [_breaker_row(image, b, now) for image, b in bs.list().items()]
+    ctx.out.table(rows, ["image", "state", "failures", "retry_in_s", "opened", "reason"], title="breakers")
+    return EXIT_OK
+
+
+def cmd_breaker_reset(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.breaker import reset, store_of
+    from provisioner.cli.common import runtime
+    from provisioner.errors import DynvmError, NotFoundError
+
+    rt = runtime(ctx)
+    bs = store_of(rt)
+    known = bs.list()
+    image = args.image
+    if image not in known:
+        try:
+            image = ctx.catalogue.resolve(args.image, allow_retired=True).ref
+        except DynvmError:
+            raise NotFoundError(f"image {args.image[:80]!r}: no breaker and not in the catalogue") from None
+    b = reset(rt, image)
+    ctx.out.obj(_breaker_row(image, b, bs.now()), title=f"breaker {image}")
+    return EXIT_OK
+

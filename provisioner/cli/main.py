@@ -31,7 +31,7 @@ __all__ = ["GROUPS", "CliContext", "build_parser", "main"]
 # Others append their groups here (a short name means provisioner.cli.<name>; a dotted name is used
 # as is); a module that does not exist (yet) is skipped.
 GROUPS: list[str] = [
-    "image", "vo", "host", "vm", "events", "farm", "demo", "execcmd", "daemons", "ha.cli", "hook",
+    "image", "vo", "host", "vm", "events", "farm", "demo", "execcmd", "daemons", "ha.cli", "hook", "pool",
 ]
 
 EPILOG = """\
@@ -47,6 +47,12 @@ exit codes:
 
 configuration: --config PATH, else $DYNVM_CONFIG, else /etc/dynvm/dynvm.yaml, else a running farm's
 config, else the embedded default (libvirt test driver, the checkout's images/).
+
+files: a YAML file dynvm reads (configuration, catalogue, `image add`) must be a regular file of at most
+1 MiB and 100,000 YAML nodes; FIFOs, devices and directories are refused without being opened for reading.
+
+logs: `dynvm agent` and `dynvm worker` write one line per operation to stderr (operation, instance, host,
+VO, duration; failures with their cause), as text or, with --log-format json, one JSON object per line.
 """
 
 
