@@ -1,4 +1,4 @@
-"""``dynvm host list|show|drain|undrain|rejoin|remove``."""
+"""``dynvm host list|show|drain|undrain|rejoin|fence|maintenance|remove``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def register(sub: Any) -> None:
     rejoin = hs.add_parser("rejoin", help="bring a dead/fenced host back (after checking it by hand)")
     rejoin.add_argument("name")
     rejoin.set_defaults(func=host_rejoin)
+    fence = hs.add_parser(
+        "fence", help="run the host's configured fence command (power off) and mark it fenced"
+    )
+    fence.add_argument("name")
+    fence.add_argument(
+        "--manual", action="store_true", help="no fence command configured: you powered it off yourself"
+    )
+    fence.set_defaults(func=host_fence)
+    maint = hs.add_parser(
+        "maintenance", help="HA disarmed: its death is not acted on, nothing is placed on it (VMs stay)"
+    )
+    maint.add_argument("name")
+    maint.set_defaults(func=host_maintenance)
     remove = hs.add_parser(
         "remove", help="retire a host: forget it (refused while it holds VMs or its agent runs)"
     )
@@ -138,6 +151,49 @@ def host_rejoin(ctx: CliContext, args: argparse.Namespace) -> int:
     rt.store.set_host_state(h.name, HostState.UP, expected=h.state, reason="operator rejoin", operator=True)
     rt.store.add_event("host_rejoined", host=h.name, message=f"was {h.state.value}; accepting placements")
     ctx.out.obj({"name": h.name, "state": HostState.UP, "was": h.state, "at": ts(time.time())})
+    return EXIT_OK
+
+
+def host_fence(ctx: CliContext, args: argparse.Namespace) -> int:
+    """Exit 2 without a fence command (unless --manual), 5 when the command fails (the host is left as it
+    was), 4 when the host changed meanwhile.  The state moves by compare-and-set from what was read."""
+    from ha.engine import FenceResult
+    from ha.world import RedisWorld
+    from provisioner.errors import UnavailableError, ValidationError
+
+    rt = runtime(ctx)
+    h = _get(rt, args.name)
+    result = RedisWorld(rt).fence_host(h.name)  # argument vector + host name, timeout; records events
+    if result is FenceResult.FAILED:
+        raise UnavailableError(f"host {h.name}: fence command failed (see `dynvm events`); state unchanged")
+    if result is FenceResult.NOT_CONFIGURED and not args.manual:
+        raise ValidationError(
+            f"host {h.name}: no fence_command in {ctx.config.source}; power it off yourself and pass --manual"
+        )
+    how = "fence command succeeded" if result is FenceResult.OK else "fenced by hand (--manual)"
+    state, why = h.state, f"operator: {how}"
+    if state not in (HostState.DEAD, HostState.FENCED):  # dead first: the table's only way to fenced
+        rt.store.set_host_state(h.name, HostState.DEAD, expected=state, reason=why, operator=True)
+        state = HostState.DEAD
+    if state is HostState.DEAD:
+        rt.store.set_host_state(h.name, HostState.FENCED, expected=state, reason=why, operator=True)
+    rt.store.add_event("host_fenced", f"by operator: {how}; was {h.state.value}", host=h.name)
+    row = {"name": h.name, "state": HostState.FENCED, "was": h.state, "how": how}
+    ctx.out.obj({**row, "at": ts(time.time())})
+    return EXIT_OK
+
+
+def host_maintenance(ctx: CliContext, args: argparse.Namespace) -> int:
+    """HA disarmed: the monitors ignore its lease (no failover), the scheduler places nothing there; its
+    VMs keep running.  Back with `host undrain` (or `host rejoin` after a death)."""
+    rt = runtime(ctx)
+    h = _get(rt, args.name)
+    if h.state is not HostState.MAINTENANCE:
+        rt.store.set_host_state(
+            h.name, HostState.MAINTENANCE, expected=h.state, reason="operator maintenance", operator=True
+        )
+        rt.store.add_event("host_maintenance", f"HA disarmed (was {h.state.value})", host=h.name)
+    ctx.out.obj({"name": h.name, "state": HostState.MAINTENANCE, "was": h.state, "at": ts(time.time())})
     return EXIT_OK
 
 
