@@ -59,6 +59,13 @@ def register(subparsers: Any) -> None:
                      help="leader lease, the takeover time (default: ha.leader_lease_s)")
     mon.set_defaults(func=cmd_monitor)
 
+    wd = subparsers.add_parser(
+        "watchdog",
+        help="a host's watchdog: kills its HA guests when its agent stops petting (agents start it)",
+    )
+    wd.add_argument("--host", required=True, metavar="NAME")
+    wd.set_defaults(func=cmd_watchdog)
+
 
 def _store(ctx: CliContext) -> Any:
     from ha.services import ServiceStore
@@ -244,4 +251,37 @@ def cmd_monitor(ctx: CliContext, args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     Monitor(rt, settings).run(stop)
+    return EXIT_OK
+
+
+def watchdog_timeout_s(config: Any, host: str) -> float:
+    """At least one lease TTL (the agent pets at each renewal, every third of it) and never more than
+    the monitor assumes (ha.fencing.restart_allowed_after: max(lease TTL, watchdog_s))."""
+    hc = config.host(host)
+    ttl = config.detection_classes[hc.detection_class].lease_ttl_s
+    return float(max(config.ha.watchdog_s, ttl))
+
+
+def cmd_watchdog(ctx: CliContext, args: argparse.Namespace) -> int:
+    """Exit 4 if a watchdog already runs for the host; 0 on SIGTERM or when its lock file is removed."""
+    import signal
+    import threading
+
+    from ha.watchdog import serve
+    from provisioner.agent.handover import run_dir
+    from provisioner.hypervisor.libvirt_host import LibvirtHost
+    from provisioner.yamlio import short_repr
+
+    config = ctx.config
+    hc = config.host(args.host)
+    if hc is None:
+        raise NotFoundError(f"host {short_repr(args.host)} is not in the configuration ({config.source})")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    hv = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
+    try:
+        serve(hv, run_dir(config), hc.name, watchdog_timeout_s(config, hc.name), stop)
+    finally:
+        hv.close()
     return EXIT_OK

@@ -95,6 +95,12 @@ class PeerHeartbeat:
         with self._lock:
             return sum(1 for h in self.peers if now - self.last_heard.get(h, -1e18) <= timeout_s)
 
+    def heard_hosts(self, timeout_s: float, now: float | None = None) -> list[str]:
+        """The peers heard within ``timeout_s`` (monotonic clock), sorted."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return sorted(h for h in self.peers if now - self.last_heard.get(h, -1e18) <= timeout_s)
+
     def _send_loop(self) -> None:
         while not self._stop.is_set():
             self._seq += 1

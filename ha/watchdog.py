@@ -14,15 +14,19 @@ petting the same file); a clock step forward can fire it early, which errs on th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioner.errors import DynvmError
+from provisioner.errors import ConflictError, DynvmError
 from provisioner.interfaces import DomainState, Hypervisor
 
 log = logging.getLogger(__name__)
@@ -105,3 +109,126 @@ def run_watchdog(
             log.exception("watchdog %s: unexpected %s", pet_file, type(err).__name__)
         stop.wait(poll_s)
     return st
+
+
+# ---- the watchdog process (`dynvm watchdog --host NAME`) -------------------------------------------
+# Files in the host's run dir (see provisioner.agent.handover.run_dir): NAME.pet (petted by agents),
+# NAME.watchdog (lock: held by the running watchdog, holds its pid), NAME.watchdog.json (its status).
+# The lock is an flock: it dies with its process, so there is no stale pid to trust.
+
+
+def pet_file(run_dir: Path, host: str) -> Path:
+    return run_dir / f"{host}.pet"
+
+
+def lock_file(run_dir: Path, host: str) -> Path:
+    return run_dir / f"{host}.watchdog"
+
+
+def status_file(run_dir: Path, host: str) -> Path:
+    return run_dir / f"{host}.watchdog.json"
+
+
+def hold_lock(path: Path) -> int | None:
+    """Take the watchdog lock (returns its fd, to keep open) or None when another watchdog holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def holder(path: Path) -> int | None:
+    """The pid of the watchdog holding the lock at ``path``, None when no watchdog runs."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def stop_watchdog(path: Path, timeout_s: float = 5.0) -> bool:
+    """SIGTERM the watchdog holding ``path`` and wait until it let go; True if one was running."""
+    pid = holder(path)
+    if pid is None or pid <= 0:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while holder(path) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _write_status(path: Path, st: WatchdogState, timeout_s: float) -> None:
+    data = {
+        "pid": os.getpid(),
+        "timeout_s": timeout_s,
+        "fired": st.fired,
+        "armed": st.armed,
+        "killed": st.killed[-50:],
+        "errors": st.errors,
+        "last_check": st.last_check,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path, host: str) -> dict[str, object] | None:
+    try:
+        data = json.loads(status_file(run_dir, host).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def serve(hv: Hypervisor, run_dir: Path, host: str, timeout_s: float, stop: threading.Event) -> WatchdogState:
+    """The watchdog process's body: hold the host's lock (ConflictError if another watchdog runs), watch
+    the pet file until ``stop`` or until the lock file is removed or replaced (how a farm or an operator
+    retires it without knowing its pid), and keep NAME.watchdog.json up to date for observers."""
+    lock = lock_file(run_dir, host)
+    fd = hold_lock(lock)
+    if fd is None:
+        raise ConflictError(f"host {host}: a watchdog already runs (pid {holder(lock)}, lock {lock})")
+    st = WatchdogState()
+
+    def keeper() -> None:
+        while not stop.wait(0.25):
+            if not _same_file(fd, lock):
+                log.warning("watchdog %s: lock file %s removed; exiting", host, lock)
+                stop.set()
+            with contextlib.suppress(OSError):
+                _write_status(status_file(run_dir, host), st, timeout_s)
+
+    t = threading.Thread(target=keeper, name=f"watchdog-status-{host}", daemon=True)
+    t.start()
+    try:
+        return run_watchdog(hv, pet_file(run_dir, host), timeout_s, stop, poll_s=0.1, state=st)
+    finally:
+        stop.set()
+        t.join(2)
+        with contextlib.suppress(OSError):
+            _write_status(status_file(run_dir, host), st, timeout_s)
+        os.close(fd)

@@ -95,6 +95,7 @@ class LeaseKeeper:
         token: str,
         ttl_s: float,
         on_lost: Callable[[str], None] | None = None,
+        on_renewed: Callable[[Renewal], None] | None = None,
     ) -> None:
         self.store = store
         self.host = host
@@ -102,6 +103,7 @@ class LeaseKeeper:
         self.ttl_s = ttl_s
         self.interval_s = ttl_s / 3
         self.on_lost = on_lost
+        self.on_renewed = on_renewed  # after each successful renewal: the watchdog's pet hooks on here
         self.stats = LeaseStats()
         self.lost = threading.Event()  # set when the lease was lost; cleared by whoever handles it
         self.stop = threading.Event()
@@ -128,6 +130,11 @@ class LeaseKeeper:
         self.stats.last_ok = time.monotonic()
         if outcome is Renewal.RETAKEN:
             self._lost("lease had expired (a gap without renewal); taken again")
+        if self.on_renewed is not None:
+            try:
+                self.on_renewed(outcome)
+            except Exception:  # a broken hook must not stop renewal
+                log.exception("lease %s: on_renewed hook failed", self.host)
         return outcome
 
     def _lost(self, why: str) -> None:

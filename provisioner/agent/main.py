@@ -15,11 +15,14 @@ import secrets
 import threading
 from collections.abc import Callable
 
+from provisioner.agent.fencing import AgentFencing
+from provisioner.agent.handover import forget, own_record, record_path, take_over, write_record
 from provisioner.agent.lease import LeaseKeeper, acquire
 from provisioner.config import Config
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.model import Host, HostState
 from provisioner.runtime import Runtime, build_runtime, serve
+from provisioner.state.hosts import Renewal
 
 log = logging.getLogger(__name__)
 # States the agent itself moves to suspect when it cannot reach libvirt (dead/fenced are the monitor's).
@@ -52,7 +55,11 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
         raise NotFoundError(f"host {host!r} is not in the configuration ({config.source})")
     rt = build_runtime(config, host=host)
     rt.lease_token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    acquire(rt.store, host, rt.lease_token, lease_ttl_s(config, host))
+    ttl, record = lease_ttl_s(config, host), record_path(config, host)
+    # A restarted agent takes its dead predecessor's lease over at once (no gap); otherwise wait/exit 4.
+    if not take_over(rt.store, record, host, rt.lease_token, ttl):
+        acquire(rt.store, host, rt.lease_token, ttl)
+    write_record(record, own_record(host, rt.lease_token))
     try:
         rt.hypervisor = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
         cap = rt.hypervisor.capacity()
@@ -61,6 +68,7 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
         _mark_suspect(rt, host, err)
         rt.store.add_event("host_unreachable", host=host, message=str(err)[:300])
         rt.store.drop_lease(host, rt.lease_token)
+        forget(record, rt.lease_token)
         raise
     stored = rt.store.register_host(
         Host(name=host, uri=hc.uri, capacity=cap, labels=dict(hc.labels), detection_class=hc.detection_class)
@@ -112,15 +120,17 @@ class ReconcileLoop:
 
 
 def start_background(
-    rt: Runtime, on_lease_lost: Callable[[str], None] | None = None
+    rt: Runtime,
+    on_lease_lost: Callable[[str], None] | None = None,
+    on_renewed: Callable[[Renewal], None] | None = None,
 ) -> tuple[LeaseKeeper, ReconcileLoop]:
     """Lease renewal first (renewed once now), then reconciliation, each in its own thread.
 
     ``on_lease_lost(why)`` is called (from the lease thread) when the agent learns its lease was lost or
-    taken over: where self-fencing hooks on."""
+    taken over; ``on_renewed(outcome)`` after each successful renewal (the watchdog's pet)."""
     assert rt.host is not None
     ttl = lease_ttl_s(rt.config, rt.host)
-    keeper = LeaseKeeper(rt.store, rt.host, rt.lease_token, ttl, on_lost=on_lease_lost)
+    keeper = LeaseKeeper(rt.store, rt.host, rt.lease_token, ttl, on_lost=on_lease_lost, on_renewed=on_renewed)
     keeper.start()
     loop = ReconcileLoop(rt)
     loop.start()
@@ -131,13 +141,24 @@ def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
     from provisioner.messaging import host_queue
 
     rt = start_agent_runtime(config, host)
-    keeper, loop = start_background(rt)
+    assert rt.hypervisor is not None
+    try:  # peers and the watchdog before renewals start petting
+        fencing = AgentFencing(config, host, rt.hypervisor, rt.store, lease_ttl_s(config, host))
+        fencing.start()
+    except DynvmError:
+        with contextlib.suppress(DynvmError):
+            rt.store.drop_lease(host, rt.lease_token)
+        forget(record_path(config, host), rt.lease_token)
+        raise
+    keeper, loop = start_background(rt, on_renewed=fencing.on_renewed)
     try:
         serve(rt, host_queue(host), f"agent-{host}", concurrency)
     finally:
         loop.stop.set()
+        fencing.close()  # the watchdog keeps running: a successor pets it, else it fences the HA guests
         keeper.close()
         with contextlib.suppress(DynvmError):  # a clean stop frees the lease for a successor at once
             rt.store.drop_lease(host, rt.lease_token)
+        forget(record_path(config, host), rt.lease_token)
         assert rt.hypervisor is not None
         rt.hypervisor.close()

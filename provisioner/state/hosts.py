@@ -179,6 +179,26 @@ class HostsMixin(EventsMixin, StoreBase):
         return str(holder) if holder else None
 
     @guarded
+    def handover_lease(self, host: str, old_token: str, token: str, ttl_s: float) -> str | None:
+        """Give the lease held by ``old_token`` (a dead agent of this host, proven dead by the caller) to
+        ``token`` in one compare-and-set, so a restarted agent does not wait for it to expire.
+
+        Returns None when ``token`` holds the lease now, else the token of the agent holding it.
+        """
+        check_id(host, "host name")
+        check_id(old_token, "lease token")
+        check_id(token, "lease token")
+        script = self._scripts.get("handover_lease")
+        if script is None:  # registered on first use (the shared script table lives in base.py)
+            from provisioner.state.base import _script_source
+
+            source = _script_source("handover_lease")
+            script = self._scripts["handover_lease"] = self.r.register_script(source)
+        args: list[str | int] = [self.keys.prefix, old_token, token, _ttl_ms(host, ttl_s)]
+        holder = script(keys=[self.keys.lease(host)], args=args)
+        return str(holder) if holder else None
+
+    @guarded
     def renew_lease(
         self, host: str, token: str, ttl_s: float, health: LeaseHealth | None = None
     ) -> tuple[Renewal, str]:

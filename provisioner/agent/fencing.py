@@ -1,0 +1,246 @@
+"""The agent's fencing glue: watchdog pets, self-fencing by the quorum rule, storage-lease check.
+
+Three things keep an HA-managed (service) VM from running twice (issue 10, DESIGN.md "Fencing"):
+
+- **Watchdog** (``dynvm watchdog --host NAME``, ha/watchdog.py): a separate process, started here when
+  none runs for the host, that outlives agent restarts.  The agent pets it after each successful lease
+  renewal (``LeaseKeeper.on_renewed``); a hung agent (SIGSTOP, a deadlock) stops petting and the
+  watchdog destroys the host's HA guests ``max(ha.watchdog_s, lease TTL)`` after the last pet.
+- **Self-fencing** (ha/fencing.py): peers heartbeat each other over UDP (ha/peers.py).  Each cycle this
+  module's own thread — not the lease thread, whose renewal may block for the Redis socket timeout —
+  applies ``self_fence_action``: isolated (no renewal for ``TTL - ha.fence_margin_s`` and no peer
+  quorum) -> destroy the HA guests and stop petting, before the lease can expire; Redis lost with a
+  quorum -> PAUSE (fence nothing, keep petting, logged once).  Events are recorded when Redis is back.
+- **Storage leases**: with ``hosts[].virtlockd_pidfile`` set, a dead virtlockd (its running guests' disk
+  leases silently gone: FARM-NOTES.md) fences the host's HA guests and stops the pets until it is back.
+
+Decisions are pure (:func:`decide`); :class:`AgentFencing` only carries them out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ha.fencing import Action, Isolation, self_fence_action
+from ha.peers import PeerHeartbeat
+from ha.watchdog import holder, kill_ha_guests, lock_file, pet, pet_file
+from provisioner.agent.handover import run_dir
+from provisioner.config import Config
+from provisioner.errors import UnavailableError
+from provisioner.interfaces import Hypervisor
+from provisioner.state.hosts import Renewal
+
+log = logging.getLogger(__name__)
+WATCHDOG_CHECK_S = 2.0  # how often the agent checks its watchdog still runs
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action  # NONE, PAUSE or FENCE
+    pet: bool  # pet the watchdog in this cycle (renewals pet on their own while NONE)
+    why: str
+
+
+def decide(iso: Isolation, storage_problem: str | None, ttl_s: float, margin_s: float) -> Decision:
+    """Storage first (a dead lock manager fences whatever Redis says), then the quorum rule."""
+    if storage_problem is not None:
+        return Decision(Action.FENCE, False, storage_problem)
+    action = self_fence_action(iso, ttl_s, margin_s)
+    if action is Action.FENCE:
+        why = f"isolated: no lease renewal for {iso.since_renewal_s:.1f} s, "
+        return Decision(action, False, why + f"{iso.peers_heard}/{iso.peers_total} peers heard")
+    if action is Action.PAUSE:
+        heard = f"{iso.peers_heard}/{iso.peers_total}"
+        why = f"Redis lost for {iso.since_renewal_s:.1f} s but {heard} peers answer"
+        return Decision(action, True, why)
+    return Decision(Action.NONE, False, "")
+
+
+def virtlockd_problem(pidfile: Path | None) -> str | None:
+    """None while the host's virtlockd runs (or no check is configured), else why not."""
+    if pidfile is None:
+        return None
+    try:
+        pid = int(pidfile.read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return f"virtlockd is not running (pid file {pidfile})"
+    if not comm.startswith("virtlockd"):
+        return f"virtlockd is not running (pid {pid} of {pidfile} is {comm!r})"
+    return None
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    ip, _, port = addr.rpartition(":")
+    return ip, int(port)
+
+
+def start_peers(config: Config, host: str) -> PeerHeartbeat | None:
+    """This host's UDP heartbeat to every peer that has a ``peer_address``; None without one of its own."""
+    hc = config.host(host)
+    if hc is None or hc.peer_address is None:
+        return None
+    peers = {h.name: parse_address(h.peer_address) for h in config.hosts if h.peer_address and h.name != host}
+    secret = config.ha.peer_secret_file.read_bytes().strip() if config.ha.peer_secret_file else None
+    try:
+        hb = PeerHeartbeat(host, parse_address(hc.peer_address), peers, config.ha.peer_interval_s, secret)
+    except OSError as err:
+        raise UnavailableError(f"host {host}: cannot listen for peers on {hc.peer_address}: {err}") from None
+    hb.start()
+    return hb
+
+
+def watchdog_wanted(config: Config, host: str) -> bool:
+    """Not for libvirt's per-process test driver: another process sees none of the agent's guests."""
+    hc = config.host(host)
+    return config.ha.watchdog and hc is not None and not hc.uri.startswith("test:")
+
+
+def spawn_watchdog(config: Config, host: str) -> subprocess.Popen[bytes]:
+    """Start ``dynvm watchdog --host NAME`` in its own session, so it outlives this agent."""
+    rd = run_dir(config)
+    rd.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "provisioner.cli.main"]
+    if config.source and not config.source.startswith("<"):
+        argv += ["--config", config.source]
+    with open(rd / f"{host}.watchdog.log", "ab") as logf:
+        return subprocess.Popen(
+            [*argv, "watchdog", "--host", host],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+
+
+class AgentFencing:
+    """One per agent: its own thread decides each cycle; ``on_renewed`` runs in the lease thread."""
+
+    def __init__(self, config: Config, host: str, hv: Hypervisor, store: Any, ttl_s: float) -> None:
+        hc = config.host(host)
+        assert hc is not None
+        self.config, self.host, self.hv, self.store, self.ttl_s = config, host, hv, store, ttl_s
+        self.virtlockd_pidfile = hc.virtlockd_pidfile
+        self.pet_path: Path = pet_file(run_dir(config), host)
+        self.peers: PeerHeartbeat | None = None
+        self.last_ok: float | None = None  # monotonic time of the last successful renewal
+        self.period_s = min(0.5, max(0.05, ttl_s / 10))
+        self.stop = threading.Event()
+        self.cycles = 0
+        self.errors = 0
+        self.fenced: list[str] = []  # HA guests destroyed in the current episode
+        self.watchdog_starts = 0
+        self._episode: tuple[Action, str, float] | None = None  # (action, why, monotonic start)
+        self._storage_bad = False
+        self._lock = threading.Lock()
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_checked = 0.0
+        self._thread: threading.Thread | None = None
+
+    # ---- start / stop ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.peers = start_peers(self.config, self.host)
+        self.last_ok = time.monotonic()  # the lease was just taken
+        self.ensure_watchdog()
+        self._thread = threading.Thread(target=self.run, name=f"fencing-{self.host}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.peers is not None:
+            self.peers.stop()
+
+    def ensure_watchdog(self) -> None:
+        """Start the host's watchdog unless one runs (its lock is held); reap ours if it died."""
+        if not watchdog_wanted(self.config, self.host):
+            return
+        if self._watchdog is not None and self._watchdog.poll() is not None:
+            log.warning("watchdog %s exited with %s", self.host, self._watchdog.returncode)
+            self._watchdog = None
+        if holder(lock_file(run_dir(self.config), self.host)) is None and self._watchdog is None:
+            self._watchdog = spawn_watchdog(self.config, self.host)
+            self.watchdog_starts += 1
+            log.warning("watchdog %s: started (pid %d)", self.host, self._watchdog.pid)
+
+    # ---- the lease thread's hook -----------------------------------------------------------------
+    def on_renewed(self, outcome: Renewal) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.last_ok = now
+            if self._storage_bad:
+                return  # no pet while the storage leases are gone: the watchdog agrees with the fence
+            episode, self._episode = self._episode, None
+            fenced, self.fenced = self.fenced, []
+        pet(self.pet_path)
+        if episode is not None:
+            action, why, since = episode
+            kind = "self_fenced" if action is Action.FENCE else "self_fence_paused"
+            done = f"; destroyed {', '.join(fenced) or 'no HA guest'}" if action is Action.FENCE else ""
+            msg = f"{why}{done}; Redis back after {now - since:.1f} s ({outcome.value})"
+            self.store.add_event(kind, msg[:300], host=self.host)
+
+    # ---- the fencing thread ----------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stop.wait(self.period_s):
+            try:
+                self.cycle()
+            except Exception as err:  # the loop must outlive any error (libvirt down, a bug)
+                self.errors += 1
+                if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
+                    log.warning("fencing %s: cycle failed (%d so far): %s", self.host, self.errors, err)
+
+    def isolation(self, now: float) -> Isolation:
+        heard = self.peers.heard(self.config.ha.peer_timeout_s, now) if self.peers else 0
+        total = len(self.peers.peers) if self.peers else 0
+        last = self.last_ok if self.last_ok is not None else now
+        return Isolation(since_renewal_s=now - last, peers_total=total, peers_heard=heard)
+
+    def cycle(self) -> Decision:
+        self.cycles += 1
+        now = time.monotonic()
+        if now - self._watchdog_checked >= WATCHDOG_CHECK_S:
+            self._watchdog_checked = now
+            self.ensure_watchdog()
+        storage = virtlockd_problem(self.virtlockd_pidfile)
+        d = decide(self.isolation(now), storage, self.ttl_s, self.config.ha.fence_margin_s)
+        if d.pet:
+            pet(self.pet_path)
+        # Again each cycle while fenced: nothing HA may come back (a re-driven boot, a late BOOT task).
+        killed = kill_ha_guests(self.hv) if d.action is Action.FENCE else []
+        if killed:
+            log.error("fencing %s: destroyed HA guests %s (%s)", self.host, killed, d.why)
+        if storage is not None or self._storage_bad:
+            self._storage_transition(storage, killed)
+            return d
+        with self._lock:
+            if d.action is not Action.NONE and (self._episode is None or self._episode[0] is not d.action):
+                self._episode = (d.action, d.why, now)
+                log.error("fencing %s: %s: %s", self.host, d.action.value, d.why)
+            self.fenced += killed
+        return d
+
+    def _storage_transition(self, problem: str | None, killed: list[str]) -> None:
+        """Events for a storage fence at once (Redis is up; that is when it matters) and for its end."""
+        with self._lock:
+            was, self._storage_bad = self._storage_bad, problem is not None
+        if was == self._storage_bad and not killed:
+            return
+        if problem is None:
+            kind, msg = "storage_back", "virtlockd runs again; watchdog petted again"
+        else:
+            kind, msg = "storage_fenced", f"{problem}; destroyed {', '.join(killed) or 'no HA guest'}"
+        log.error("fencing %s: %s: %s", self.host, kind, msg)
+        with contextlib.suppress(Exception):
+            self.store.add_event(kind, msg[:300], host=self.host)
