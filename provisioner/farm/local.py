@@ -38,6 +38,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def host_names(n: int) -> list[str]:
     return [f"hv{i}" for i in range(1, n + 1)]
 
@@ -61,8 +67,10 @@ def _farm_config(
         else:
             uri = qemu.host_uri(h)
         entry = {"name": h, "uri": uri, "labels": {"rack": f"r{i % 2 + 1}"}, "detection_class": "fast"}
+        entry["peer_address"] = f"127.0.0.1:{_free_udp_port()}"  # agents' UDP heartbeats (self-fencing)
         if qemu is not None:
             entry["migration_uri"] = qemu.migration_uri(h)
+            entry["virtlockd_pidfile"] = str(qemu.paths(h).pidfile("virtlockd"))  # storage-lease check
         host_entries.append(entry)
     vos = {vo: {"image": f"{vo}-wn", "groups": [vo]} for vo in ("cms", "atlas", "lhcb")}
     network: dict[str, Any] = {}
@@ -287,12 +295,21 @@ def farm_down(layout: FarmLayout, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + 10
     while any(pid_alive(p) for p in killed) and time.monotonic() < deadline:
         time.sleep(0.02)
+    _stop_watchdogs(layout, st.hosts)
     if st.driver == "qemu":
         from provisioner.farm.qemu import QemuFarm
 
         QemuFarm(layout.base / "qemu", len(st.hosts)).down()
     layout.state_file.unlink(missing_ok=True)
     return was_up
+
+
+def _stop_watchdogs(layout: FarmLayout, hosts: list[str]) -> None:
+    """The hosts' watchdogs outlive agent restarts (agents start them in their own session): stop them."""
+    from ha.watchdog import lock_file, stop_watchdog
+
+    for h in hosts:  # the farm's config leaves ha.run_dir at its default, <shared_dir>/run/agents
+        stop_watchdog(lock_file(layout.shared / "run" / "agents", h))
 
 
 def _redis_answers(url: str) -> bool:
