@@ -186,3 +186,18 @@ def run(rt: Runtime, source: JobSource, stop: threading.Event, interval_s: float
             except Exception:
                 log.exception("pool watcher: cannot record the failure")
         stop.wait(interval)
+
+
+def status_summary(rt: Runtime) -> dict[str, str]:
+    """For ``dynvm status``: the watcher's last run and the images whose breaker is not closed."""
+    raw: dict[str, str] = rt.store.r.hgetall(status_key(rt.store.keys.prefix))  # type: ignore[assignment]
+    if raw:
+        err = f"; last error: {raw['last_error']}" if raw.get("last_error") else ""
+        watcher = (f"last run {raw.get('last_run', '-')}, last good {raw.get('last_ok', '-')}, "
+                   f"{raw.get('cycles', '0')} cycles, {raw.get('errors', '0')} errors, "
+                   f"pending {raw.get('pending', '{}')}{err}")
+    else:
+        watcher = "never ran (dynvm pool watch)"
+    tripped = {i: b for i, b in store_of(rt).list().items() if b.state is not BState.CLOSED}
+    breakers = ", ".join(f"{i} {b.state.value} ({b.failures} failed boots)" for i, b in tripped.items())
+    return {"pool_watcher": watcher, "breakers": breakers or "all closed"}

@@ -70,7 +70,15 @@ def status(ctx: CliContext, args: argparse.Namespace) -> int:
             },
             "instances": by_state,
             "catalogue": "; ".join(str(p) for p in rt.catalogue.problems) or "ok",
+            **_pools_summary(rt),  # issue 9: the pool watcher's last run, tripped image breakers
         },
         title="dynvm status",
     )
     return EXIT_OK
+
+
+def _pools_summary(rt: Any) -> dict[str, str]:
+    from batch_hooks.watcher import status_summary
+
+    return status_summary(rt)
+

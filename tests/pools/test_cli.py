@@ -70,3 +70,19 @@ def test_breaker_list_and_reset(farm: Farm) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["state"] == "closed"
     assert bs.get("lhcb-wn:2026.11.0").state is BState.CLOSED
+
+
+def test_status_shows_the_watcher_and_tripped_breakers(farm: Farm) -> None:
+    from batch_hooks.watcher import record, status_key
+
+    rt = farm.rt
+    try:
+        record(rt, None, "UnavailableError: squeue exited 1: slurm_load_jobs error")
+        bs = store_of(rt)
+        for i in range(bs.settings.failures):
+            bs.apply("lhcb-wn:2026.11.0", Ev.FAILURE, "not ready", attempt=f"s{i}.1")
+        st = json.loads(dynvm(farm, "-o", "json", "status").stdout)
+        assert "1 errors" in st["pool_watcher"] and "slurm_load_jobs error" in st["pool_watcher"]
+        assert st["breakers"] == "lhcb-wn:2026.11.0 open (3 failed boots)"
+    finally:
+        rt.store.r.delete(status_key(rt.store.keys.prefix))
