@@ -173,7 +173,7 @@ class HAConfig(Strict):
 
     round_s: float = Field(default=0.1, ge=0.01, le=60)  # how often the leader looks (detection resolution)
     leader_lease_s: float = Field(default=1.0, ge=0.05, le=3600)  # a standby takes over within this
-    storm_share: float = Field(default=0.5, gt=0, le=1)  # more dead at once: hold for an operator
+    storm_share: float = Field(default=0.4, gt=0, le=1)  # more dead at once: hold (a half is a storm)
     safety_margin_s: float = Field(default=0.5, ge=0, le=3600)  # past the self-fence deadline
     watchdog_s: float = Field(default=2.0, gt=0, le=3600)  # the per-host watchdog's timeout
     # Agents (provisioner.agent.fencing): the watchdog process they start, self-fencing and peer heartbeats.

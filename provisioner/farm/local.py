@@ -30,6 +30,13 @@ from provisioner.redisurl import redact
 HOST_CPUS = 16
 HOST_MEMORY_MIB = 32768
 UP_TIMEOUT_S = 90.0
+# The seed's three classes (critical / not-so-critical / non-critical: 20 / 40 / 60 s), in seconds here.
+DETECTION_CLASSES: dict[str, dict[str, float]] = {
+    "critical": {"lease_ttl_s": 1.0, "dead_after_s": 1.0, "samples": 2},
+    "fast": {"lease_ttl_s": 2.0, "dead_after_s": 2.5, "samples": 2},
+    "standard": {"lease_ttl_s": 3.0, "dead_after_s": 4.0, "samples": 2},
+    "slow": {"lease_ttl_s": 10.0, "dead_after_s": 30.0, "samples": 3},
+}
 
 
 def _free_port() -> int:
@@ -56,6 +63,7 @@ def _farm_config(
     qemu: Any,
     host_cpus: int,
     host_memory_mib: int,
+    host_classes: list[str] | None = None,
 ) -> dict[str, Any]:
     from provisioner.hypervisor.testdriver import write_test_host_xml
 
@@ -66,7 +74,8 @@ def _farm_config(
             uri = write_test_host_xml(layout.hosts_dir / f"{h}.xml", host_cpus, host_memory_mib)
         else:
             uri = qemu.host_uri(h)
-        entry = {"name": h, "uri": uri, "labels": {"rack": f"r{i % 2 + 1}"}, "detection_class": "fast"}
+        klass = host_classes[i % len(host_classes)] if host_classes else "fast"
+        entry = {"name": h, "uri": uri, "labels": {"rack": f"r{i % 2 + 1}"}, "detection_class": klass}
         entry["peer_address"] = f"127.0.0.1:{_free_udp_port()}"  # agents' UDP heartbeats (self-fencing)
         if qemu is not None:
             entry["migration_uri"] = qemu.migration_uri(h)
@@ -89,6 +98,7 @@ def _farm_config(
         "hosts": host_entries,
         "vos": vos,
         "network": network,
+        "detection_classes": DETECTION_CLASSES,
         # TCG guests mostly idle after boot; the real farm's hosts have 2 cores each.
         "scheduler": {"cpu_overcommit": 1.0 if driver == "test" else 8.0},
         "timeouts": {"visibility_s": 30 if driver == "test" else 300, "reconcile_interval_s": 5},
@@ -142,12 +152,14 @@ def farm_up(
     host_cpus: int = HOST_CPUS,
     host_memory_mib: int = HOST_MEMORY_MIB,
     keep_state: bool = False,
+    host_classes: list[str] | None = None,
 ) -> FarmState:
     """Start the farm (an identical running farm is returned as it is).
 
     A new farm starts from clean state (its own Redis data, overlays and catalogue copy are wiped) unless
     ``keep_state``; then hosts of an earlier layout are removed, or put in maintenance while they hold VMs
-    (the returned state's ``retired`` says which).
+    (the returned state's ``retired`` says which).  ``host_classes``: detection classes given to the hosts
+    in turn (default: every host "fast").
     """
     if driver not in ("test", "qemu"):
         raise PermanentError(f"--driver {driver!r}: choose test or qemu")
@@ -179,7 +191,7 @@ def farm_up(
             layout.catalogue,
             ignore=shutil.ignore_patterns("build", "*.sh", "__pycache__"),
         )
-    cfg = _farm_config(layout, driver, names, url, qemu, host_cpus, host_memory_mib)
+    cfg = _farm_config(layout, driver, names, url, qemu, host_cpus, host_memory_mib, host_classes)
     Config.model_validate(cfg)  # our own output must be valid; fail here, not in four child processes
     tmp = layout.config_file.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
