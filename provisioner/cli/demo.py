@@ -24,6 +24,10 @@ def register(sub: Any) -> None:
         "--per-vo", type=int_range(1, MAX_PER_VO), default=2, help=f"VMs per VO (1..{MAX_PER_VO}, default 2)"
     )
     d.add_argument("--timeout", type=seconds(), default=300.0)
+    d.add_argument(
+        "--failover", action="store_true",
+        help="then kill a host carrying a CE, an SE and a WMS and watch them come back (timeline)",
+    )
     d.set_defaults(func=demo)
 
 
@@ -76,6 +80,14 @@ def demo(ctx: CliContext, args: argparse.Namespace) -> int:
             "stop it with `dynvm farm down`."
         )
     failed = [i for i in done if i.state.value != "ready"]
+    if args.failover:
+        from provisioner.cli.demo_failover import play
+
+        if args.hosts < 2:
+            ctx.out.message("--failover needs at least 2 hosts (a survivor)")
+            return EXIT_CONFLICT
+        if not play(ctx, rt, layout, say, args.timeout):
+            return EXIT_CONFLICT
     return EXIT_CONFLICT if failed else EXIT_OK
 
 
