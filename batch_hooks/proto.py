@@ -58,6 +58,11 @@ def jobvm_key(prefix: str, job_key: str) -> str:
     return f"{prefix}:jobvm:{job_key}"
 
 
+def jobvms_key(prefix: str) -> str:
+    """Set of the job keys that have a VM recorded (live jobs)."""
+    return f"{prefix}:jobvms"
+
+
 def job_acl_user(prefix: str, job_key: str) -> str:
     return f"{prefix}-{job_key}"
 

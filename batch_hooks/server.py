@@ -32,6 +32,7 @@ from batch_hooks.proto import (
     hooks_key,
     job_acl_user,
     jobvm_key,
+    jobvms_key,
     reply_key,
 )
 from provisioner.errors import (
@@ -114,8 +115,12 @@ def _record(rt: Runtime, ctx: JobContext, inst: Instance, vo: str) -> dict[str, 
     user = job_acl_user(prefix, ctx.key)
     fields: dict[Any, Any] = {"instance": inst.id, "host": inst.host or "", "vo": vo, "image": inst.image,
               "uid": str(ctx.uid), "attempt": str(ctx.attempt),
-              "shared_dir": str(rt.config.storage.shared_dir)}
-    rt.store.r.hset(jobvm_key(prefix, ctx.key), mapping=fields)
+              "shared_dir": str(rt.config.storage.shared_dir),
+              "batch": ctx.batch, "cluster": ctx.cluster, "job_id": ctx.job_id}
+    pipe = rt.store.r.pipeline(transaction=True)
+    pipe.hset(jobvm_key(prefix, ctx.key), mapping=fields)
+    pipe.sadd(jobvms_key(prefix), ctx.key)  # the lost-VM sweep walks this (batch_hooks.requeue)
+    pipe.execute()
     rules = job_user_rules(prefix, ctx.key, inst.id, ctx.attempt, password)
     rt.store.r.execute_command("ACL", "SETUSER", user, *rules)  # type: ignore[no-untyped-call]
     _grant_exec(rt, ctx, inst)
@@ -153,6 +158,7 @@ def epilog(rt: Runtime, ctx: JobContext) -> dict[str, Any]:
         "ACL", "DELUSER", job_acl_user(prefix, ctx.key)
     )
     rt.store.r.delete(jobvm_key(prefix, ctx.key))
+    rt.store.r.srem(jobvms_key(prefix), ctx.key)
     if iid is not None:
         rt.store.add_event("job_end", instance=iid, message=f"{ctx.owner} attempt {ctx.attempt}")
     return {"instance": iid or "", "released": iid is not None}

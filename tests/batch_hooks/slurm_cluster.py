@@ -138,11 +138,11 @@ class SlurmCluster:
         ctld = subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(ctld)
-        wait_for(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, 20, "slurmctld")
+        wait_for(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, 60, "slurmctld")
         for n in NODES:
             self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", n, "-f", str(self.conf)], env=self.env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: self.idle_nodes() == len(NODES), 30, "slurmd nodes idle")
+        wait_for(lambda: self.idle_nodes() == len(NODES), 60, "slurmd nodes idle")
 
     def idle_nodes(self) -> int:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout

@@ -87,3 +87,33 @@ def test_another_user_cannot_read_a_jobs_vm_credential(slurm: SlurmCluster) -> N
     finished(slurm, job)
 
 
+
+
+def test_a_vm_lost_under_a_running_job_requeues_it_and_it_completes_once(slurm: SlurmCluster,
+                                                                         farm: Farm) -> None:
+    from batch_hooks.requeue import SlurmRequeue, sweep
+
+    # The first attempt waits for its VM to be killed; the requeued one finishes at once.
+    log = slurm.base / "jobs" / "lost.log"
+    script = ("#!/bin/sh\nn=${SLURM_RESTART_COUNT:-0}\necho attempt=$n vm=$DYNVM_VM >> " + str(log) +
+              "\n[ $n = 0 ] && sleep 300\nexit 0\n")
+    job = slurm.sbatch("atlas001", script)
+    wait_for(lambda: log.exists() and "attempt=0" in log.read_text(), 60, "the first attempt running")
+    key = job_key("dynvmt", job, 0)
+    first = farm.rt.store.r.hget(jobvm_key("dynvm", key), "instance")
+    inst = farm.rt.store.require_instance(first)
+    assert inst.state is InstanceState.READY
+    # The test driver's domains live inside each agent (test:///file.xml is per process), so the VM's death
+    # is what its agent's reconciler records when libvirt has lost it (tests/control/test_faults: ghosts).
+    farm.rt.store.transition(first, InstanceState.LOST, reason="test: VM killed under its job")
+    requeuer = SlurmRequeue(slurm.env)
+    assert sweep(farm.rt, {"slurm": requeuer}) == [key]
+    assert sweep(farm.rt, {"slurm": requeuer}) == []  # once only
+    assert "job_requeued" in [e.kind for e in farm.rt.store.read_events(count=2000) if e.instance == first]
+    wait_for(lambda: slurm.job(job).get("JobState") == "PENDING", 60, "requeued")
+    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip Slurm's 120 s requeue delay
+    info = finished(slurm, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1"
+    lines = log.read_text().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["attempt=0", "attempt=1"]
+    assert lines[1].split()[1] != f"vm={first}"  # a fresh VM for the new attempt
