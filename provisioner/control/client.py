@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from provisioner.breaker import check_admission
 from provisioner.catalogue.model import ImageKind, ResolvedImage
+from provisioner.control.sending import redis_unavailable, send_message, send_provision
 from provisioner.errors import (
     ConflictError,
     DeadlineExceeded,
     NotFoundError,
-    UnavailableError,
     ValidationError,
 )
 from provisioner.model import Instance, InstanceState, Role, Tier
@@ -95,7 +93,7 @@ def submit(
     if tier is None:
         tier = Tier.WORKER if role is Role.WORKER else Tier(image.ha.priority.value if image.ha else "normal")
     if role is Role.WORKER and not (idempotency_key and rt.store.instance_for_key(idempotency_key)):
-        with _redis_unavailable(rt):  # it reads Redis directly: a Redis outage is one line, not a traceback
+        with redis_unavailable(rt):  # it reads Redis directly: a Redis outage is one line, not a traceback
             check_admission(rt, image.ref)  # issue 9: the image's circuit breaker refuses (CircuitOpenError)
     now = time.time()
     inst = Instance(
@@ -128,51 +126,6 @@ def submit(
     elif inst.state is InstanceState.REQUESTED and rt.store.picked_at([inst.id]).get(inst.id) is None:
         send_provision(rt, inst.id)  # a retry of a request whose message may never have left: send again
     return inst, created
-
-
-@contextlib.contextmanager
-def _redis_unavailable(rt: Runtime) -> Iterator[None]:
-    """Redis or broker errors raised by code that talks to Redis directly become UnavailableError."""
-    import kombu.exceptions
-    import redis.exceptions
-
-    from provisioner.redisurl import redact
-
-    try:
-        yield
-    except (
-        kombu.exceptions.KombuError,
-        redis.exceptions.ConnectionError,
-        redis.exceptions.TimeoutError,
-        redis.exceptions.ReadOnlyError,
-        OSError,
-    ) as err:
-        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UnavailableError(
-            f"redis/broker at {redact(rt.config.redis_url)} unavailable: {detail}"
-        ) from None
-
-
-def send_message(rt: Runtime, task: str, args: list[Any], queue: str, priority: int | None = None) -> None:
-    """Send one Celery message; a broker that cannot take it is UnavailableError (one line naming the
-    redacted URL), never kombu's OperationalError or a redis-py error."""
-    with _redis_unavailable(rt):
-        if priority is None:
-            rt.app.send_task(task, args=args, queue=queue)
-        else:
-            rt.app.send_task(task, args=args, queue=queue, priority=priority)
-
-
-def send_provision(rt: Runtime, instance_id: str) -> None:
-    from provisioner.messaging import PROVISION, PROVISION_QUEUE
-
-    send_message(rt, PROVISION, [instance_id], PROVISION_QUEUE)
-
-
-def send_boot(rt: Runtime, instance_id: str, host: str, ha: bool = False) -> None:
-    from provisioner.messaging import BOOT, PRIORITY_DEFAULT, PRIORITY_HA, host_queue
-
-    send_message(rt, BOOT, [instance_id], host_queue(host), PRIORITY_HA if ha else PRIORITY_DEFAULT)
 
 
 def wait(

@@ -160,7 +160,7 @@ class Sweeper:
 
     def _apply(self, inst: Instance, d: Decision) -> bool:
         """Act on the record ``d`` was decided on; False if it changed meanwhile or the send failed."""
-        from provisioner.control.client import send_boot, send_provision
+        from provisioner.control.sending import send_boot, send_provision
 
         rt, cfg = self.rt, self.rt.config.outbox
         try:
