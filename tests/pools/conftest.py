@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.batch_hooks.conftest import hook_url, pool_accounts, slurm
 from tests.control.conftest import Farm, test_farm
 
-__all__ = ["Farm", "test_farm"]
+__all__ = ["Farm", "hook_url", "pool_accounts", "slurm", "test_farm"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slurm: needs a real Slurm cluster (slurm-wlm + munge, root)")
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 POOL_ACCOUNTS = {"cms": "cms001", "atlas": "atlas001", "lhcb": "lhcb001", "alice": "alice001"}  # alice: no VO

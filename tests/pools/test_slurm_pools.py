@@ -1,0 +1,61 @@
+"""Real Slurm (tests/batch_hooks' private cluster, deploy/slurm's hooks as shipped) on the test-driver farm:
+pending sbatch jobs of a VO raise its warm pool before they start (one squeue per watcher cycle), and when
+they start their PrologSlurmctld takes the warm VMs instead of booting cold ones."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+
+from batch_hooks.demand import SlurmSource
+from batch_hooks.pools import PoolSettings
+from batch_hooks.watcher import cycle, pool_state
+from provisioner.config import PoolsConfig
+from provisioner.model import InstanceState, Tier
+from provisioner.runtime import Runtime
+from tests.batch_hooks.slurm_cluster import SlurmCluster, wait_for
+from tests.control.conftest import Farm
+
+pytestmark = [pytest.mark.slurm, pytest.mark.redis, pytest.mark.libvirt]
+SCRIPT = "#!/bin/sh\necho vm=$DYNVM_VM\n"
+
+
+@pytest.fixture()
+def pool_rt(test_farm: Farm) -> Iterator[Runtime]:
+    cfg = test_farm.rt.config.model_copy(update={"pools": PoolsConfig(batch="slurm", cluster="dynvmt")})
+    rt = dataclasses.replace(test_farm.rt, config=cfg)
+    yield rt
+    from provisioner.control.client import release
+
+    pool_state(rt).set_settings("cms", PoolSettings(0, 0, 0), None)
+    for inst in rt.store.list_instances():
+        if inst.tier is Tier.POOL and inst.owner is None and inst.vo == "cms":
+            release(rt, inst.id)
+    rt.store.r.delete("dynvm:pool:cms", "dynvm:poolvms:cms", "dynvm:pools")
+
+
+def warm(rt: Runtime) -> set[str]:
+    return {i.id for i in rt.store.list_instances(state=InstanceState.READY)
+            if i.tier is Tier.POOL and i.owner is None and i.vo == "cms"}
+
+
+def test_pending_jobs_raise_the_pool_and_take_its_vms(slurm: SlurmCluster, pool_rt: Runtime) -> None:
+    rt = pool_rt
+    pool_state(rt).set_settings("cms", PoolSettings(0, 3, 3600), None)
+    jobs = [slurm.sbatch("cms001", SCRIPT, "--hold") for _ in range(3)]
+    atlas = slurm.sbatch("atlas001", SCRIPT, "--hold")
+    src = SlurmSource(env=slurm.env)
+    rep = cycle(rt, src)
+    assert rep.pending.get("cms") == 3 and rep.pending.get("atlas") == 1 and rep.started == {"cms": 3}
+    pool = wait_for(lambda: w if len(w := warm(rt)) == 3 else None, 60, "3 warm cms VMs")
+    assert all(slurm.job(j)["JobState"] == "PENDING" for j in jobs)  # the pool was ready before they ran
+    slurm.run("scontrol", "release", ",".join([*jobs, atlas]))
+    for j in [*jobs, atlas]:
+        wait_for(lambda j=j: slurm.job(j).get("JobState") == "COMPLETED", 60, f"job {j}")
+    got = {(slurm.base / "jobs" / f"{j}.out").read_text().split("=", 1)[1].strip() for j in jobs}
+    assert got == pool  # every cms job ran on a warm VM, each on its own
+    atlas_vm = (slurm.base / "jobs" / f"{atlas}.out").read_text().split("=", 1)[1].strip()
+    assert atlas_vm not in pool and rt.store.require_instance(atlas_vm).vo == "atlas"
+    assert cycle(rt, src).pending.get("cms", 0) == 0
