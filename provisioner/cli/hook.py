@@ -1,6 +1,7 @@
 """``dynvm hook ...``: the batch-system hooks and their trusted server.
 
   dynvm hook serve                         serve hook requests (what every control worker also does)
+  dynvm hook watch-lost                    requeue jobs whose worker VM was lost
   dynvm hook slurm prolog-slurmctld|epilog-slurmctld|task-prolog
   dynvm hook generic prolog|epilog --job-id J --user U [--cpus N ...]   LSF, PBS/Torque, Grid Engine
   dynvm hook payload [--script FILE]       run a job's script inside its own VM (the job's privileges)
@@ -12,6 +13,7 @@ pydantic, Celery or catalogue import); these commands are the same code behind t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -25,6 +27,11 @@ def register(sub: Any) -> None:
     s = hs.add_parser("serve", help="serve hook requests from Redis (control workers do this too)")
     s.add_argument("--threads", type=int, default=256, help="parallel prologs (default 256)")
     s.set_defaults(func=serve)
+    w = hs.add_parser("watch-lost", help="requeue jobs whose worker VM was lost (scontrol requeue); runs "
+                      "until stopped, one pass with --once")
+    w.add_argument("--interval", type=float, default=5.0, help="seconds between sweeps (default 5)")
+    w.add_argument("--once", action="store_true", help="one sweep, print the requeued job keys")
+    w.set_defaults(func=watch_lost)
     sl = hs.add_parser("slurm", help="Slurm hooks (see deploy/slurm)")
     sl.add_argument("op", choices=["prolog-slurmctld", "epilog-slurmctld", "task-prolog"])
     sl.set_defaults(func=slurm)
@@ -54,6 +61,25 @@ def serve(ctx: CliContext, args: argparse.Namespace) -> int:
         serve_hooks(runtime(ctx), stop, workers=max(1, min(args.threads, 1024)))
     except KeyboardInterrupt:
         stop.set()
+    return 0
+
+
+def watch_lost(ctx: CliContext, args: argparse.Namespace) -> int:
+    import threading
+
+    from batch_hooks.requeue import SlurmRequeue, run_forever, sweep
+    from provisioner.cli.common import runtime
+    from provisioner.errors import ValidationError
+
+    if not 0.5 <= args.interval <= 3600:
+        raise ValidationError("--interval must be in 0.5..3600 s")
+    requeuers = {"slurm": SlurmRequeue()}
+    if args.once:
+        for key in sweep(runtime(ctx), requeuers):
+            print(key)
+        return 0
+    with contextlib.suppress(KeyboardInterrupt):
+        run_forever(runtime(ctx), requeuers, threading.Event(), args.interval)
     return 0
 
 
