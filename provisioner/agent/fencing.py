@@ -184,6 +184,9 @@ class AgentFencing:
             episode, self._episode = self._episode, None
             fenced, self.fenced = self.fenced, []
         pet(self.pet_path)
+        if self.peers is not None:  # for the monitor: who still hears whom when a lease lapses
+            heard = self.peers.heard_hosts(self.config.ha.peer_timeout_s)
+            self.store.report_peers(self.host, heard, 3 * self.ttl_s)
         if episode is not None:
             action, why, since = episode
             kind = "self_fenced" if action is Action.FENCE else "self_fence_paused"

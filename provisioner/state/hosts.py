@@ -199,6 +199,21 @@ class HostsMixin(EventsMixin, StoreBase):
         return str(holder) if holder else None
 
     @guarded
+    def report_peers(self, host: str, heard: list[str], ttl_s: float) -> None:
+        """What ``host``'s agent hears of its peers over UDP (not through Redis), kept ``ttl_s``: lets a
+        monitor tell a host cut off from Redis only (its peers still hear it) from a dead one."""
+        key = f"{self.keys.prefix}:peers:{check_id(host, 'host name')}"
+        self.r.set(key, ",".join(check_id(h, "host name") for h in heard), px=_ttl_ms(host, ttl_s))
+
+    @guarded
+    def peer_reports(self, hosts: list[str]) -> dict[str, list[str]]:
+        """{reporting host: peers it heard} for the reports still alive."""
+        keys = [f"{self.keys.prefix}:peers:{check_id(h, 'host name')}" for h in hosts]
+        values = cast(list[str | None], self.r.mget(keys)) if keys else []
+        pairs = zip(hosts, values, strict=True)
+        return {h: [p for p in v.split(",") if p] for h, v in pairs if v is not None}
+
+    @guarded
     def renew_lease(
         self, host: str, token: str, ttl_s: float, health: LeaseHealth | None = None
     ) -> tuple[Renewal, str]:

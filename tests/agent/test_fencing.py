@@ -176,6 +176,8 @@ def test_decide_table() -> None:
 
 def test_redis_lost_with_peers_up_fences_nothing_and_keeps_petting(world: World) -> None:
     wait_until(lambda: world.keeper.stats.renewals >= 2, 10, what="renewals")
+    # Who hears whom reaches Redis with the renewals (a monitor tells a Redis-only cut from a death).
+    wait_until(lambda: world.store.peer_reports(["hv1", "hv2"]) == {"hv1": ["hv2", "hv3"]}, 10)
     world.redis.kill()
     failures = world.keeper.stats.failures
     wait_until(lambda: world.keeper.stats.failures >= failures + 3, 10, what="failed renewals")
