@@ -34,6 +34,7 @@ from ha.fencing import Action, Isolation, self_fence_action
 from ha.peers import PeerHeartbeat
 from ha.watchdog import holder, kill_ha_guests, lock_file, pet, pet_file
 from provisioner.agent.handover import run_dir
+from provisioner.agent.lease import LeaseStats
 from provisioner.config import Config
 from provisioner.errors import UnavailableError
 from provisioner.interfaces import Hypervisor
@@ -134,6 +135,7 @@ class AgentFencing:
         self.pet_path: Path = pet_file(run_dir(config), host)
         self.peers: PeerHeartbeat | None = None
         self.last_ok: float | None = None  # monotonic time of the last successful renewal
+        self.lease_stats: LeaseStats | None = None  # the keeper's, once it runs (see isolation())
         self.period_s = min(0.5, max(0.05, ttl_s / 10))
         self.stop = threading.Event()
         self.cycles = 0
@@ -207,7 +209,9 @@ class AgentFencing:
     def isolation(self, now: float) -> Isolation:
         heard = self.peers.heard(self.config.ha.peer_timeout_s, now) if self.peers else 0
         total = len(self.peers.peers) if self.peers else 0
-        last = self.last_ok if self.last_ok is not None else now
+        # The lease thread's own stamp is set first thing after a renewal (before hooks and events).
+        stamps = [t for t in (self.last_ok, getattr(self.lease_stats, "last_ok", None)) if t is not None]
+        last = max(stamps) if stamps else now
         return Isolation(since_renewal_s=now - last, peers_total=total, peers_heard=heard)
 
     def cycle(self) -> Decision:

@@ -151,6 +151,7 @@ def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
         forget(record_path(config, host), rt.lease_token)
         raise
     keeper, loop = start_background(rt, on_renewed=fencing.on_renewed)
+    fencing.lease_stats = keeper.stats
     try:
         serve(rt, host_queue(host), f"agent-{host}", concurrency)
     finally:

@@ -150,6 +150,7 @@ def world(tmp_path: Path) -> Iterator[World]:
     fencing = AgentFencing(cfg, "hv1", hv, store, TTL)
     keeper = LeaseKeeper(store, "hv1", "tok-hv1", TTL, on_renewed=fencing.on_renewed)
     fencing.start()
+    fencing.lease_stats = keeper.stats  # as run_agent wires them
     keeper.start()
     w = World(red, store, hv, peers, keeper, fencing)
     wait_until(lambda: fencing.peers is not None and fencing.peers.heard(0.4) == 2, 10, what="peers heard")
