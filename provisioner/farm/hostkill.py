@@ -1,7 +1,8 @@
 """``dynvm farm kill|revive HOST``: one farm host dies for real, and comes back.
 
-A kill is a power cut: SIGKILL, at once, for the host's agent (with every process it started) and, on the
-QEMU farm, every process in the host's mount namespace (libvirtd, virtlockd, virtlogd, every guest QEMU).
+A kill is a power cut: SIGKILL, at once, for the host's agent (with every process it started, and the
+host's watchdog) and, on the QEMU farm, every process in the host's mount namespace (libvirtd, virtlockd,
+virtlogd, every guest QEMU).
 On the test-driver farm the host lives inside its agent's process, so the agent's death is the host's.
 The host is kept down: the marker file ``<farm>/down/HOST`` (its truth) tells the supervisor not to
 restart that host's processes until ``farm revive`` removes it.  A revived host is empty and keeps the
@@ -14,6 +15,7 @@ import contextlib
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from provisioner.errors import DeadlineExceeded, NotFoundError, UnavailableError
@@ -35,6 +37,31 @@ def _host_children(st: FarmState, host: str) -> dict[str, int]:
     return {n: p for n, p in st.children.items() if n.endswith(f"-{host}") and st.ours(n, p)}
 
 
+def _watchdog_lock(layout: FarmLayout, host: str) -> Path:
+    """The host's watchdog lock (ha.watchdog): its holder is the watchdog process, which runs in its own
+    session so that it outlives an agent restart, hence is no descendant of the agent."""
+    from ha.watchdog import lock_file
+    from provisioner.agent.handover import run_dir
+    from provisioner.configload import load_config
+
+    return lock_file(run_dir(load_config(layout.config_file)), host)
+
+
+def watchdog_pid(layout: FarmLayout, host: str) -> int | None:
+    from ha.watchdog import holder
+
+    pid = holder(_watchdog_lock(layout, host))
+    return pid if pid is not None and pid > 0 else None
+
+
+def stop_watchdogs(layout: FarmLayout, hosts: list[str]) -> None:
+    """Farm down: the hosts' watchdogs go with it (SIGTERM, they let go of their locks)."""
+    from ha.watchdog import stop_watchdog
+
+    for h in hosts:
+        stop_watchdog(_watchdog_lock(layout, h))
+
+
 def farm_kill(layout: FarmLayout, host: str, timeout_s: float = 15.0) -> dict[str, Any]:
     """Kill ``host`` and keep it down; returns when every killed process is gone.  Idempotent."""
     st = _running(layout, host)
@@ -44,6 +71,9 @@ def farm_kill(layout: FarmLayout, host: str, timeout_s: float = 15.0) -> dict[st
     marker.write_text(f"{killed_at:.6f}\n")  # first: the supervisor must not restart what dies next
     children = _host_children(st, host)
     pids = [p for pid in children.values() for p in (pid, *descendants(pid))]
+    watchdog = watchdog_pid(layout, host)
+    if watchdog is not None and watchdog not in pids:
+        pids.append(watchdog)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

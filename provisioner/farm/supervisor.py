@@ -24,7 +24,7 @@ from provisioner.errors import DynvmError, UnavailableError
 from provisioner.farm.layout import FarmLayout, FarmState
 
 log = logging.getLogger("dynvm.farm")
-RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_S = 0.0  # a stable child (an agent) restarts at once: its host's watchdog is counting
 MAX_BACKOFF_S = 10.0
 STABLE_S = 10.0  # a child that lived this long starts again from the shortest back-off
 STOP_GRACE_S = 8.0
@@ -266,6 +266,12 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        try:
+            from provisioner.farm.hostkill import stop_watchdogs
+
+            stop_watchdogs(self.layout, self.state.hosts)  # they outlive agents on purpose, not the farm
+        except Exception as err:  # shutting down: say so, go on
+            log.error("farm: stopping watchdogs: %s", one_line(err))
         if self.qemu is not None:
             self.qemu.down()
         if self.redis is not None and self.redis.poll() is None:
