@@ -103,7 +103,8 @@ def run_watchdog(
                 log.warning("watchdog %s: petted again, re-armed", pet_file)
         except (DynvmError, OSError) as err:
             st.errors += 1
-            log.warning("watchdog %s: %s", pet_file, err)
+            if st.errors in (1, 10, 100) or st.errors % 1000 == 0:  # a dead libvirtd: every poll fails
+                log.warning("watchdog %s: %s (%d errors so far)", pet_file, err, st.errors)
         except Exception as err:  # the watchdog must outlive any bug of its own
             st.errors += 1
             log.exception("watchdog %s: unexpected %s", pet_file, type(err).__name__)

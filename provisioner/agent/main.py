@@ -15,8 +15,9 @@ import secrets
 import threading
 from collections.abc import Callable
 
+from ha.watchdog import pet, pet_file
 from provisioner.agent.fencing import AgentFencing
-from provisioner.agent.handover import forget, own_record, record_path, take_over, write_record
+from provisioner.agent.handover import forget, own_record, record_path, run_dir, take_over, write_record
 from provisioner.agent.lease import LeaseKeeper, acquire
 from provisioner.config import Config
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
@@ -57,7 +58,11 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
     rt.lease_token = f"{os.getpid()}-{secrets.token_hex(4)}"
     ttl, record = lease_ttl_s(config, host), record_path(config, host)
     # A restarted agent takes its dead predecessor's lease over at once (no gap); otherwise wait/exit 4.
-    if not take_over(rt.store, record, host, rt.lease_token, ttl):
+    if take_over(rt.store, record, host, rt.lease_token, ttl):
+        # The lease never lapsed (the dead agent's token still held it): pet the watchdog at once, so
+        # that a restart slower than its timeout (libvirt, register, first renewal) kills nothing.
+        pet(pet_file(run_dir(config), host))
+    else:
         acquire(rt.store, host, rt.lease_token, ttl)
     write_record(record, own_record(host, rt.lease_token))
     try:
