@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 
 from batch_hooks.context import JobContext
-from provisioner.errors import DynvmError, PermanentError, ValidationError
+from provisioner.errors import DynvmError, PermanentError, UnavailableError, ValidationError
 
 SCONTROL_TIMEOUT_S = 20.0
 MEM_RE = re.compile(r"^([0-9]{1,9})([KMGT]?)$")
@@ -99,9 +99,20 @@ def _int_env(env: Mapping[str, str], name: str, default: str | None = None) -> i
     return int(text)
 
 
-def scontrol(env: Mapping[str, str], *args: str) -> None:
-    subprocess.run(["scontrol", *args], env=dict(env), capture_output=True, timeout=SCONTROL_TIMEOUT_S,
-                   check=False)
+def scontrol(env: Mapping[str, str], *args: str) -> bool:
+    res = subprocess.run(["scontrol", *args], env=dict(env), capture_output=True, timeout=SCONTROL_TIMEOUT_S,
+                         check=False)
+    return res.returncode == 0
+
+
+def job_ref(env: Mapping[str, str]) -> str | None:
+    """The one job record to update or show: ``ARRAYID_TASK`` for an array task (its plain id is the whole
+    array's for the task that keeps the array's id), else the job id; None if malformed."""
+    array, task = env.get("SLURM_ARRAY_JOB_ID", ""), env.get("SLURM_ARRAY_TASK_ID", "")
+    if re.fullmatch(r"[0-9]{1,12}", array) and re.fullmatch(r"[0-9]{1,9}", task):
+        return f"{array}_{task}"
+    job_id = env.get("SLURM_JOB_ID", "")
+    return job_id if re.fullmatch(r"[0-9]{1,12}", job_id) else None
 
 
 def admin_comment(text: str) -> str:
@@ -119,12 +130,15 @@ def prolog(env: Mapping[str, str]) -> int:
         with connect(env) as r:
             vm = call(r, prefix(env), "prolog", ctx, prolog_timeout(env))
         note = f"dynvm vm={vm['instance']} host={vm['host']} cred={vm['job_user']}:{vm['job_password']}"
-        scontrol(env, "update", f"jobid={ctx.job_id}", f"admincomment={admin_comment(note)}")
+        ref = job_ref(env)
+        if ref is None or not scontrol(env, "update", f"jobid={ref}", f"admincomment={admin_comment(note)}"):
+            raise UnavailableError(f"scontrol update jobid={ref}: failed; the job would not find its VM")
         return 0
     except PermanentError as err:
-        if re.fullmatch(r"[0-9]{1,12}(_[0-9]{1,9})?", job_id):
-            scontrol(env, "update", f"jobid={job_id}", f"admincomment={admin_comment(f'dynvm: {err}')}")
-            scontrol(env, "hold", job_id)
+        ref = job_ref(env)
+        if ref is not None:
+            scontrol(env, "update", f"jobid={ref}", f"admincomment={admin_comment(f'dynvm: {err}')}")
+            scontrol(env, "hold", ref)
         _say(f"dynvm prolog: job {job_id[:32]}: held: {err}")
         return 1
     except DynvmError as err:
@@ -152,10 +166,10 @@ NOTE_RE = re.compile(r"^dynvm vm=([A-Za-z0-9_.:-]{1,128}) host=([A-Za-z0-9_.:-]{
 def task_prolog(env: Mapping[str, str]) -> int:
     """Exports for the job; reads only its own job (PrivateData=jobs).  Always exit 0: a TaskProlog failure
     would fail the job for a reason that is not the job's."""
-    job_id = env.get("SLURM_JOB_ID", "")
-    if not re.fullmatch(r"[0-9]{1,12}", job_id):
+    ref = job_ref(env)
+    if ref is None:
         return 0
-    out = subprocess.run(["scontrol", "show", "job", job_id], env=dict(env), capture_output=True, text=True,
+    out = subprocess.run(["scontrol", "show", "job", ref], env=dict(env), capture_output=True, text=True,
                          timeout=SCONTROL_TIMEOUT_S, check=False).stdout
     notes = [ln.strip()[len("AdminComment="):] for ln in out.splitlines()
              if ln.strip().startswith("AdminComment=")]

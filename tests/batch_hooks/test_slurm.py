@@ -117,3 +117,23 @@ def test_a_vm_lost_under_a_running_job_requeues_it_and_it_completes_once(slurm: 
     lines = log.read_text().splitlines()
     assert [ln.split()[0] for ln in lines] == ["attempt=0", "attempt=1"]
     assert lines[1].split()[1] != f"vm={first}"  # a fresh VM for the new attempt
+
+
+@pytest.mark.slow
+def test_two_hundred_jobs_submitted_at_once_all_complete(slurm: SlurmCluster, farm: Farm) -> None:
+    arrays = {vo: slurm.sbatch(f"{vo}001", "#!/bin/sh\n[ -n \"$DYNVM_VM\" ] || exit 9\n", "--array=0-66")
+              for vo in ("cms", "atlas", "lhcb")}  # 3 x 67 = 201 jobs
+
+    def states() -> list[str]:
+        out = slurm.run("squeue", "-h", "-t", "all", "-o", "%i %T").stdout.split("\n")
+        return [ln.split()[1] for ln in out if ln.strip() and ln.split()[0].split("_")[0] in arrays.values()]
+
+    wait_for(lambda: (s := states()) and all(x in ("COMPLETED", "FAILED") for x in s) and len(s) == 201,
+             600, "201 jobs to finish")
+    assert states().count("COMPLETED") == 201
+    owners = [i for i in farm.rt.store.list_instances(ended=True)
+              if i.owner and i.owner.split(":")[-1].split("_")[0] in arrays.values()]
+    assert len({i.owner for i in owners}) <= 201
+    gone = InstanceState.GONE
+    wait_for(lambda: all(farm.rt.store.require_instance(i.id).state is gone for i in owners), 60,
+             "all released")
