@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import random
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, cast
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ATTEMPT_MARK_TTL_S = 7 * 24 * 3600
-CAS_ATTEMPTS = 20
+CAS_ATTEMPTS = 200  # optimistic retries under contention (many agents reporting at once)
 
 
 class CircuitOpenError(TransientError):
@@ -196,6 +198,7 @@ class BreakerStore:
                     pipe.execute()
                     return out
                 except redis.WatchError:
+                    time.sleep(random.uniform(0, 0.002))  # de-synchronise the racers
                     continue
         raise TransientError(f"image {image}: breaker kept changing; retry")
 

@@ -49,11 +49,11 @@ def test_pending_jobs_raise_the_pool_and_take_its_vms(slurm: SlurmCluster, pool_
     src = SlurmSource(env=slurm.env)
     rep = cycle(rt, src)
     assert rep.pending.get("cms") == 3 and rep.pending.get("atlas") == 1 and rep.started == {"cms": 3}
-    pool = wait_for(lambda: w if len(w := warm(rt)) == 3 else None, 60, "3 warm cms VMs")
+    pool = wait_for(lambda: w if len(w := warm(rt)) == 3 else None, 120, "3 warm cms VMs")
     assert all(slurm.job(j)["JobState"] == "PENDING" for j in jobs)  # the pool was ready before they ran
     slurm.run("scontrol", "release", ",".join([*jobs, atlas]))
     for j in [*jobs, atlas]:
-        wait_for(lambda j=j: slurm.job(j).get("JobState") == "COMPLETED", 60, f"job {j}")
+        wait_for(lambda j=j: slurm.job(j).get("JobState") == "COMPLETED", 120, f"job {j}")
     got = {(slurm.base / "jobs" / f"{j}.out").read_text().split("=", 1)[1].strip() for j in jobs}
     assert got == pool  # every cms job ran on a warm VM, each on its own
     atlas_vm = (slurm.base / "jobs" / f"{atlas}.out").read_text().split("=", 1)[1].strip()

@@ -140,17 +140,22 @@ def test_breaker_concurrent_failures_counted_exactly(store: StateStore) -> None:
     bs = BreakerStore(store.r, "dynvm", BreakerSettings(failures=1000))
     go = threading.Barrier(8)
 
+    errors: list[BaseException] = []
+
     def fail(t: int) -> None:
         go.wait()
-        for i in range(25):
-            bs.apply(IMAGE, Ev.FAILURE, "x", attempt=f"i{i}.{t % 4}")  # each attempt delivered twice
+        try:
+            for i in range(25):
+                bs.apply(IMAGE, Ev.FAILURE, "x", attempt=f"i{i}.{t % 4}")  # each attempt delivered twice
+        except BaseException as exc:  # a thread's failure must fail the test, not vanish
+            errors.append(exc)
 
     ts = [threading.Thread(target=fail, args=(t,)) for t in range(8)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    assert bs.get(IMAGE).failures == 100
+    assert errors == [] and bs.get(IMAGE).failures == 100
 
 
 def test_half_open_lets_exactly_one_probe_through(store: StateStore) -> None:
