@@ -103,3 +103,38 @@ def test_decide(obs: Observed, since: float, verdict: Verdict, words: str) -> No
     assert isinstance(d, Decision)
     assert d.verdict is verdict
     assert words in d.reason
+
+
+def test_the_loop_survives_any_exception_and_counts_it() -> None:
+    """A sweep raising anything (here a bug, then a Redis outage) is counted and the loop goes on."""
+    import threading
+    from types import SimpleNamespace
+    from typing import cast
+
+    from provisioner.config import Config
+    from provisioner.control.sweeper import Sweeper
+    from provisioner.errors import UnavailableError
+    from provisioner.runtime import Runtime
+
+    done = threading.Event()
+
+    class Flaky(Sweeper):
+        calls = 0
+
+        def sweep_once(self) -> dict[str, int]:
+            self.calls += 1
+            if self.calls == 1:
+                raise ValueError("a bug\nsecond line")
+            if self.calls == 2:
+                raise UnavailableError("redis at redis://x is unreachable")
+            done.set()
+            self.stop.set()
+            return {}
+
+    rt = cast(Runtime, SimpleNamespace(config=Config(outbox=OutboxConfig(sweep_interval_s=0.01)), store=None))
+    sw = Flaky(rt, "w1")
+    t = sw.start()
+    assert done.wait(10)
+    t.join(10)
+    assert sw.calls == 3 and sw.errors == 2
+    assert sw.last_error == "UnavailableError: redis at redis://x is unreachable"
