@@ -9,7 +9,9 @@ worker serves the hooks) and a trusted-hook Redis ACL user, then measures:
   * cold prolog latency *including interpreter start*: ``python -m batch_hooks generic prolog ...`` as a
     batch system runs it, one at a time, each provisioning a new VM (no warm pool), p50/p90;
   * the old way for comparison: ``dynvm vm provision --vo cms --wait`` (full CLI + Celery client), p50;
-  * a burst: N prologs started at once (one process each), how many succeed, wall time.
+  * a burst: N prologs started at once (one process each), how many succeed, wall time;
+  * with --slurm (slurm-wlm + munge installed): through a private slurmctld with deploy/slurm's hooks,
+    sbatch -> job RUNNING, one job at a time, p50 (the job waits in CONFIGURING for PrologSlurmctld).
 Goals: cold prolog p50 < 200 ms; all N succeed.  Needs root (pool accounts cms001.. are created).
 """
 
@@ -86,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sequential", type=int, default=30)
     ap.add_argument("--burst", type=int, default=200)
+    ap.add_argument("--slurm", type=int, default=0, help="jobs to time through a private Slurm (0 = skip)")
     args = ap.parse_args()
     ensure_accounts()
     base = Path(tempfile.mkdtemp(prefix="dynvm-bench-hooks-"))
@@ -135,8 +138,51 @@ def main() -> None:
                   if c != 0 and p.stderr}
         print(f"burst: {args.burst} prologs at once: {ok} succeeded in {wall:.1f} s wall"
               + (f"; errors: {sorted(errors)[:3]}" if errors else ""))
+        if args.slurm:
+            job_redis = f"redis://{kw['host']}:{kw['port']}/0"
+            slurm_submit_to_running(env["DYNVM_HOOK_REDIS"], job_redis, args.slurm)
     finally:
         farm_down(layout)
+
+
+def configuring_ms(log: str) -> list[float]:
+    from datetime import datetime
+
+    def ts(line: str) -> float:
+        return datetime.fromisoformat(line[1:24]).timestamp()
+
+    alloc: dict[str, float] = {}
+    out = []
+    for line in log.splitlines():
+        if m := re.search(r"sched: Allocate JobId=(\d+) ", line):
+            alloc[m.group(1)] = ts(line)
+        elif (m := re.search(r"Configuration for JobId=(\d+) is complete", line)) and m.group(1) in alloc:
+            out.append((ts(line) - alloc.pop(m.group(1))) * 1000)
+    return out
+
+
+def slurm_submit_to_running(hook_url: str, job_redis: str, n: int) -> None:
+    from tests.batch_hooks.conftest import start_slurm
+
+    gen = start_slurm(hook_url, job_redis, wrap_payload=False)
+    cluster = next(gen)
+    try:
+        lat = []
+        for i in range(n):
+            t = time.perf_counter()
+            job = cluster.sbatch(list(POOL.values())[i % 3], "#!/bin/sh\nsleep 1\n")
+            started = ("RUNNING", "COMPLETED", "COMPLETING", "")
+            while cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip() not in started:
+                time.sleep(0.01)
+            lat.append((time.perf_counter() - t) * 1000)
+        print(f"slurm: sbatch -> RUNNING through PrologSlurmctld (n={n}): p50 {pct(lat, 50):.0f} ms, "
+              f"p90 {pct(lat, 90):.0f} ms (includes sbatch as the pool account and squeue polling)")
+        conf = configuring_ms((cluster.base / "log" / "slurmctld.log").read_text())
+        if conf:
+            print(f"slurm: of which CONFIGURING (allocate -> PrologSlurmctld done, slurmctld's log): "
+                  f"p50 {pct(conf, 50):.0f} ms, p90 {pct(conf, 90):.0f} ms; the rest is Slurm's scheduling")
+    finally:
+        gen.close()
 
 
 if __name__ == "__main__":
