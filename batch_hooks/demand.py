@@ -129,11 +129,11 @@ CONDOR_STATES = {1: "PENDING", 2: "RUNNING", 3: "CANCELLED", 4: "COMPLETED", 5: 
                  7: "SUSPENDED"}
 CONDOR_PROJECTION = ["ClusterId", "ProcId", "GlobalJobId", "JobStatus", "Owner", "x509UserProxyVOName",
                      "MaxWallTimeMins"]
-SCHEDD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 
 
 def parse_condor(ads: Iterable[Any]) -> Reading:
     """Schedd ClassAds (classad2.ClassAd or mappings) -> jobs, each field checked like squeue's."""
+    from batch_hooks.htcondor import split_global_id
     from provisioner.catalogue.model import VO_RE
 
     out = Reading()
@@ -145,15 +145,19 @@ def parse_condor(ads: Iterable[Any]) -> Reading:
         except (TypeError, ValueError):
             out.reject(n, "ClusterId/ProcId/JobStatus not integers")
             continue
-        schedd = gid.split("#", 1)[0]
-        ok = (SCHEDD_RE.fullmatch(schedd) and USER_RE.fullmatch(owner) and status in CONDOR_STATES
+        try:
+            _schedd, job_id = split_global_id(gid)  # the job id the HTCondor hooks give the job's VM
+        except ValidationError:
+            out.reject(n, f"malformed GlobalJobId of {cluster}.{proc}")
+            continue
+        ok = (USER_RE.fullmatch(owner) and status in CONDOR_STATES
               and 0 <= cluster < 10**9 and 0 <= proc < 10**7
               and (vo is None or (isinstance(vo, str) and VO_RE.fullmatch(vo)))
               and (wall is None or (isinstance(wall, int) and 0 < wall < 10**7)))
         if not ok:
             out.reject(n, f"malformed job ad {cluster}.{proc}")
             continue
-        out.jobs.append(JobLine(f"{schedd}.{cluster}.{proc}", CONDOR_STATES[status], owner, None,
+        out.jobs.append(JobLine(job_id, CONDOR_STATES[status], owner, None,
                                 wall * 60 if isinstance(wall, int) else None, vo))
     return out
 

@@ -48,8 +48,9 @@ def test_hostile_output_is_refused_line_by_line(pool_uids: dict[str, int]) -> No
 def test_condor_ads_canned(pool_uids: dict[str, int]) -> None:
     ads = list(classad2.parseAds((DATA / "condor" / "jobs.ads").read_text()))
     reading = parse_condor(ads)
-    assert [j.job_id for j in reading.jobs] == ["schedd.example.12.0", "schedd.example.12.1",
-                                                "schedd.example.13.0", "schedd.example.14.0"]
+    # The job ids the HTCondor hooks give a job's VM (owner htcondor:<schedd>:<cluster.proc.qdate>).
+    assert [j.job_id for j in reading.jobs] == ["12.0.1700000000", "12.1.1700000000", "13.0.1700000001",
+                                                "14.0.1700000002"]
     assert reading.rejected == 5
     d = count(reading, resolver())
     assert d.pending == {"cms": 2, "lhcb": 1} and d.jobs is None
