@@ -9,13 +9,9 @@ schedd that never answers is cut off after ``timeout_s`` instead of HTCondor's o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from provisioner.errors import DeadlineExceeded, UnavailableError
-
-if TYPE_CHECKING:
-    from batch_hooks.context import JobContext
-    from provisioner.runtime import Runtime
 
 PROJECTION = ["Owner", "GlobalJobId", "NumJobStarts", "JobStatus", "x509UserProxyVOName", "RequestCpus"]
 
@@ -70,29 +66,3 @@ class Htcondor2Schedd:
             raise UnavailableError(f"htcondor: garbled answer about schedd {schedd!r}") from None
         return ad
 
-
-def serve_condor(rt: Runtime, body: Mapping[str, Any], ctx: JobContext, deadline: float,
-                 lookup: ScheddLookup) -> dict[str, Any]:
-    """Check the starter hook's claims against the schedd's copy, then provision or release.
-
-    The owner must be the schedd's; the VO follows from it (and from the schedd's proxy VO, where
-    configured), never from an attribute the job set.  No per-job credential goes back: the caller is
-    not authenticated beyond being some job's starter hook (payload wrapping for HTCondor is not built)."""
-    from batch_hooks.server import epilog, prolog
-    from provisioner.errors import NotFoundError, ValidationError
-
-    global_id = body.get("global_id")
-    if not isinstance(global_id, str) or len(global_id) > 200:
-        raise ValidationError("condor request: malformed global_id")
-    ad = lookup.job(ctx.cluster, global_id)
-    if ad is None:
-        raise NotFoundError(f"htcondor: the schedd has no job {global_id[:80]!r}")
-    owner = ad.get("Owner")
-    if owner != ctx.user:
-        raise ValidationError(f"htcondor: job {global_id[:80]!r} belongs to {str(owner)[:32]!r} per the "
-                              f"schedd, not {ctx.user!r} as its hook claims")
-    if body.get("op") == "condor_exit":
-        return epilog(rt, ctx)
-    proxy_vo = ad.get("x509UserProxyVOName")
-    vm = prolog(rt, ctx, deadline, proxy_vo if isinstance(proxy_vo, str) else None)
-    return {k: v for k, v in vm.items() if k not in ("job_user", "job_password")}

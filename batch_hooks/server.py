@@ -164,6 +164,32 @@ def epilog(rt: Runtime, ctx: JobContext) -> dict[str, Any]:
     return {"instance": iid or "", "released": iid is not None}
 
 
+def serve_condor(rt: Runtime, body: dict[str, Any], ctx: JobContext, deadline: float,
+                 lookup: ScheddLookup) -> dict[str, Any]:
+    """Check the starter hook's claims against the schedd's copy, then provision or release.
+
+    The owner must be the schedd's; the VO follows from it (and from the schedd's proxy VO, where
+    configured), never from an attribute the job set.  No per-job credential goes back: the caller is
+    not authenticated beyond being some job's starter hook (payload wrapping for HTCondor is not built)."""
+    from provisioner.errors import NotFoundError
+
+    global_id = body.get("global_id")
+    if not isinstance(global_id, str) or len(global_id) > 200:
+        raise ValidationError("condor request: malformed global_id")
+    ad = lookup.job(ctx.cluster, global_id)
+    if ad is None:
+        raise NotFoundError(f"htcondor: the schedd has no job {global_id[:80]!r}")
+    owner = ad.get("Owner")
+    if owner != ctx.user:
+        raise ValidationError(f"htcondor: job {global_id[:80]!r} belongs to {str(owner)[:32]!r} per the "
+                              f"schedd, not {ctx.user!r} as its hook claims")
+    if body.get("op") == "condor_exit":
+        return epilog(rt, ctx)
+    proxy_vo = ad.get("x509UserProxyVOName")
+    vm = prolog(rt, ctx, deadline, proxy_vo if isinstance(proxy_vo, str) else None)
+    return {k: v for k, v in vm.items() if k not in ("job_user", "job_password")}
+
+
 def handle(
     rt: Runtime, raw: bytes, now: float, untrusted: bool = False, lookup: ScheddLookup | None = None
 ) -> tuple[str | None, dict[str, Any]]:
@@ -190,7 +216,7 @@ def handle(
         ctx = JobContext.from_dict(body.get("ctx"))
         deadline = time.monotonic() + min(expires - now, MAX_WAIT_S) - 0.5
         if untrusted or body.get("op") in CONDOR_OPS:
-            from batch_hooks.condor_verify import Htcondor2Schedd, serve_condor
+            from batch_hooks.condor_verify import Htcondor2Schedd
 
             if not untrusted or body.get("op") not in CONDOR_OPS:
                 op = str(body.get("op"))[:32]
