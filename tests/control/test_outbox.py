@@ -217,3 +217,28 @@ def _placed_without_message(rt, image: str, vo: str | None, host: str, iid: str)
     if rt.store.lease_alive(host):
         assert try_claim(rt, host, inst) == "ok"
     return rt.store.transition_from(inst, S.PLACED, bump_epoch=True, host=host)
+
+
+def test_a_request_whose_send_failed_is_delivered_by_the_sweeper(tmp_path: Path, redis_url: str) -> None:
+    """The window of the reproducer, made certain: the record is written, then the broker refuses the
+    message.  The client gets a one-line UnavailableError (before: kombu's OperationalError, an internal
+    error), and the request is served anyway (before: it stayed requested forever)."""
+    from provisioner.control.client import client_runtime
+    from provisioner.messaging import make_app
+
+    cfg = stack_config(tmp_path, redis_url, ["hv1"], cpus=8, outbox=FAST_OUTBOX)
+    with mini_stack(tmp_path / "stack", cfg, workers=1) as st:
+        rt = st.rt
+        broken = client_runtime(rt.config)  # the state store answers, the broker does not
+        broken.app = make_app(
+            rt.config.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+        )
+        image, vo = choose_image(rt, None, "cms")
+        with pytest.raises(UnavailableError) as ei:
+            submit(broken, image, vo, owner="job-x", idempotency_key="job:c:1:0")
+        assert "\n" not in str(ei.value) and "unavailable" in str(ei.value)
+        inst = rt.store.instance_for_key("job:c:1:0")
+        assert inst is not None and inst.state is S.REQUESTED
+        done = wait(rt, inst.id, 40)
+        assert done.state is S.READY
+        assert ("sweep_resend", inst.id) in [(e.kind, e.instance) for e in rt.store.read_events(count=500)]
