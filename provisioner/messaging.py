@@ -13,6 +13,7 @@ provisioning work, so an agent serves them first (kombu's Redis transport pops p
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from celery import Celery
@@ -34,6 +35,37 @@ def host_queue(host: str) -> str:
     return f"host.{host}"
 
 
+@functools.cache
+def _sentinel_transport() -> type:
+    """kombu's Sentinel transport, with one fix: when a failover drops the broker connection, Celery closes
+    the channel, and restoring its unacknowledged messages needs a new pool for a connection kombu has
+    already released (``AttributeError: 'NoneType' object has no attribute 'hostname'``), which Celery
+    treats as unrecoverable: the worker or agent exits.  Raising a connection error instead lets Celery
+    reconnect (to the new master); the unacknowledged messages come back after the visibility timeout."""
+    import redis.exceptions
+    from kombu.transport.redis import SentinelChannel
+    from kombu.transport.redis import SentinelTransport as Base
+
+    class Channel(SentinelChannel):
+        def _connparams(self, asynchronous: bool = False) -> Any:
+            if self.connection.client is None:
+                raise redis.exceptions.ConnectionError("broker connection already closed (failover)")
+            return super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+
+    class SentinelTransport(Base):
+        pass
+
+    SentinelTransport.Channel = Channel
+    return SentinelTransport
+
+
+def __getattr__(name: str) -> Any:
+    # Resolved by kombu from the name in ``broker_transport`` (kombu imported only by those who send).
+    if name == "SentinelTransport":
+        return _sentinel_transport()
+    raise AttributeError(name)
+
+
 def make_app(config: Config, name: str = "dynvm") -> Celery:
     from provisioner.redisurl import broker_settings
 
@@ -41,6 +73,8 @@ def make_app(config: Config, name: str = "dynvm") -> Celery:
     # broker follows a Redis failover exactly as the state store does.
     broker, sentinel_options = broker_settings(config.redis_url)
     app = Celery(name, broker=broker, set_as_current=False)
+    if sentinel_options:
+        app.conf.broker_transport = "provisioner.messaging:SentinelTransport"
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -45,7 +45,15 @@ class Stack:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])),
+            env=dict(
+                os.environ,
+                PYTHONPATH=os.pathsep.join(
+                    filter(
+                        None,
+                        [str(Path(__file__).resolve().parents[2]), os.environ.get("DYNVM_TEST_PYTHONPATH")],
+                    )
+                ),
+            ),
         )
         out.close()
 
