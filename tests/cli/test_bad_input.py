@@ -94,7 +94,7 @@ def nothing_written(url: str) -> bool:
 def test_bad_numbers_are_usage_errors_before_anything_acts(
     live: Path, db_url: str, capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
 ) -> None:
-    rc, out, err = run(capsys, *argv)
+    rc, _, err = run(capsys, *argv)
     assert rc == 2 and fragment in one_line(err), err
     assert nothing_written(db_url)
     assert not (live.parent / "farm").exists()  # demo never brought a farm up for a refused argument

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,8 +37,9 @@ pytestmark = pytest.mark.redis
 DOCUMENTED = {0, 2, 3, 4, 5, 6, 130}
 DB = 12  # a database of the session Redis no other test uses
 # Commands that would run until stopped: they are fuzzed only with an argument that must be refused first.
-LONG_RUNNING = {("agent",), ("worker",), ("monitor",), ("demo",), ("farm", "up")}
+LONG_RUNNING = {("agent",), ("worker",), ("monitor",), ("watchdog",), ("demo",), ("farm", "up")}
 EXAMPLES = int(os.environ.get("DYNVM_FUZZ_EXAMPLES", "300"))
+RETURN_WITHIN_S = 60.0  # every command here answers in well under a second; this only catches a hang
 
 
 def leaves(
@@ -132,7 +134,12 @@ def command(draw: st.DrawFn) -> list[str]:
     if "--wait" in argv:
         argv += ["--timeout", "0.2"]  # nothing here will ever be ready: bound the wait
     if tuple(path) in LONG_RUNNING:
-        bad = {"agent": "--concurrency", "worker": "--concurrency", "monitor": "--bogus"}.get(path[0])
+        bad = {
+            "agent": "--concurrency",
+            "worker": "--concurrency",
+            "monitor": "--bogus",
+            "watchdog": "--bogus",
+        }.get(path[0])
         argv += [bad, "-1"] if bad else ["--hosts", "0"]
     return argv + tail
 
@@ -176,8 +183,15 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_server: str) ->
 @given(argv=command())
 def test_any_command_line_is_answered_in_one_line(world: None, argv: list[str]) -> None:
     out, err = io.StringIO(), io.StringIO()
+    box: list[int] = []
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
+        # In a thread: a command that does not return (a new daemon not listed in LONG_RUNNING) fails
+        # this test with its command line instead of hanging the run.
+        t = threading.Thread(target=lambda: box.append(main(argv)), daemon=True)
+        t.start()
+        t.join(RETURN_WITHIN_S)
+    assert box, f"dynvm {argv} did not return within {RETURN_WITHIN_S} s (long-running? see LONG_RUNNING)"
+    rc = box[0]
     text = err.getvalue()
     assert rc in DOCUMENTED, (argv, rc, text)
     assert "internal error" not in text and "Traceback" not in text, (argv, text)
