@@ -53,12 +53,6 @@ files: a YAML file dynvm reads (configuration, catalogue, `image add`) must be a
 
 logs: `dynvm agent` and `dynvm worker` write one line per operation to stderr (operation, instance, host,
 VO, duration; failures with their cause), as text or, with --log-format json, one JSON object per line.
-
-files: a YAML file dynvm reads (configuration, catalogue, `image add`) must be a regular file of at most
-1 MiB and 100,000 YAML nodes; FIFOs, devices and directories are refused without being opened for reading.
-
-logs: `dynvm agent` and `dynvm worker` write one line per operation to stderr (operation, instance, host,
-VO, duration; failures with their cause), as text or, with --log-format json, one JSON object per line.
 """
 
 
