@@ -156,9 +156,12 @@ def take_warm_for_job(rt: Runtime, vo: str, image: str, owner: str, job_key: str
                       memory_mib: int) -> Instance | None:
     """The prolog's warm-pool hit: a ready idle pool VM of the job's VO and image, now the job's; None when
     the pool has none (the job gets a cold VM).  A redelivered prolog gets the VM it already has."""
+    from provisioner.breaker import redis_errors
+
     p = rt.config.pools
     ps = PoolState(rt.store.r, rt.store.keys.prefix, PoolSettings(p.min, p.max, p.idle_timeout_s))
-    got = ps.take_warm(vo, image, owner, job_key, vcpus, memory_mib)
+    with redis_errors(rt.config.redis_url):
+        got = ps.take_warm(vo, image, owner, job_key, vcpus, memory_mib)
     if got is None:
         return None
     inst = rt.store.get_instance(got[0])

@@ -190,7 +190,11 @@ def run(rt: Runtime, source: JobSource, stop: threading.Event, interval_s: float
 
 def status_summary(rt: Runtime) -> dict[str, str]:
     """For ``dynvm status``: the watcher's last run and the images whose breaker is not closed."""
-    raw: dict[str, str] = rt.store.r.hgetall(status_key(rt.store.keys.prefix))  # type: ignore[assignment]
+    from provisioner.breaker import redis_errors
+
+    with redis_errors(rt.config.redis_url):
+        raw: dict[str, str] = rt.store.r.hgetall(status_key(rt.store.keys.prefix))  # type: ignore[assignment]
+        tripped = {i: b for i, b in store_of(rt).list().items() if b.state is not BState.CLOSED}
     if raw:
         err = f"; last error: {raw['last_error']}" if raw.get("last_error") else ""
         watcher = (f"last run {raw.get('last_run', '-')}, last good {raw.get('last_ok', '-')}, "
@@ -198,6 +202,5 @@ def status_summary(rt: Runtime) -> dict[str, str]:
                    f"pending {raw.get('pending', '{}')}{err}")
     else:
         watcher = "never ran (dynvm pool watch)"
-    tripped = {i: b for i, b in store_of(rt).list().items() if b.state is not BState.CLOSED}
     breakers = ", ".join(f"{i} {b.state.value} ({b.failures} failed boots)" for i, b in tripped.items())
     return {"pool_watcher": watcher, "breakers": breakers or "all closed"}

@@ -23,13 +23,14 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from provisioner.errors import DynvmError, TransientError, ValidationError
+from provisioner.errors import DynvmError, TransientError, UnavailableError, ValidationError
 from provisioner.state.keys import check_id
 
 if TYPE_CHECKING:
@@ -211,6 +212,19 @@ class BreakerStore:
         return out.breaker
 
 
+@contextlib.contextmanager
+def redis_errors(url: str) -> Iterator[None]:
+    """Code that talks to Redis directly (breakers, pools, limits): a lost or read-only Redis is one
+    UnavailableError line naming the redacted URL, never a redis-py traceback."""
+    from provisioner.redisurl import redact
+
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as err:
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UnavailableError(f"redis at {redact(url)} unavailable: {detail}") from None
+
+
 def settings_of(rt: Runtime) -> BreakerSettings:
     cfg = getattr(rt.config, "breaker", None)
     if cfg is None:
@@ -235,19 +249,20 @@ def _event(store: StateStore, image: str, out: Outcome, host: str | None, iid: s
 def check_admission(rt: Runtime, image: str) -> None:
     """Raise CircuitOpenError (with an event) if ``image``'s breaker refuses a new boot now."""
     bs = store_of(rt)
-    try:
-        raw = cast(dict[str, str], rt.store.r.hgetall(bs.key(image)))
-        if Breaker.from_fields(raw).state is BState.CLOSED:
-            return  # the common case: one read, no transaction
-        out = bs.apply(image, Ev.ADMIT)
-    except ValidationError:
-        return  # an image ref outside the key alphabet has no breaker (refs are validated elsewhere)
-    assert out is not None
-    _event(rt.store, image, out, None, None)
-    if not out.allowed:
-        message = refusal(image, out.breaker, bs.now())
-        rt.store.add_event("breaker_refused", message)
-        raise CircuitOpenError(message)
+    with redis_errors(rt.config.redis_url):
+        try:
+            raw = cast(dict[str, str], rt.store.r.hgetall(bs.key(image)))
+            if Breaker.from_fields(raw).state is BState.CLOSED:
+                return  # the common case: one read, no transaction
+            out = bs.apply(image, Ev.ADMIT)
+        except ValidationError:
+            return  # an image ref outside the key alphabet has no breaker (refs are validated elsewhere)
+        assert out is not None
+        _event(rt.store, image, out, None, None)
+        if not out.allowed:
+            message = refusal(image, out.breaker, bs.now())
+            rt.store.add_event("breaker_refused", message)
+            raise CircuitOpenError(message)
 
 
 def record_boot(rt: Runtime, inst: Instance, ok: bool, reason: str = "") -> None:
@@ -271,7 +286,8 @@ def record_boot(rt: Runtime, inst: Instance, ok: bool, reason: str = "") -> None
 
 
 def reset(rt: Runtime, image: str) -> Breaker:
-    out = store_of(rt).apply(image, Ev.RESET)
+    with redis_errors(rt.config.redis_url):
+        out = store_of(rt).apply(image, Ev.RESET)
     assert out is not None
     with contextlib.suppress(DynvmError):
         _event(rt.store, image, out, None, None)

@@ -113,5 +113,8 @@ def enforce(rt: Runtime, vo: str, vcpus: int) -> None:
 
 def enforce_for_job(rt: Runtime, vo: str, job_key: str, vcpus: int) -> None:
     """``enforce`` for a job that has no VM yet (a redelivered prolog's own VM is not held against it)."""
-    if rt.store.instance_for_key(job_key) is None:
-        enforce(rt, vo, vcpus)
+    from provisioner.breaker import redis_errors
+
+    with redis_errors(rt.config.redis_url):
+        if rt.store.instance_for_key(job_key) is None:
+            enforce(rt, vo, vcpus)

@@ -174,24 +174,26 @@ def _breaker_row(image: str, b: Any, now: float) -> dict[str, Any]:
 
 
 def cmd_breaker_list(ctx: CliContext, args: argparse.Namespace) -> int:
-    from provisioner.breaker import store_of
+    from provisioner.breaker import redis_errors, store_of
     from provisioner.cli.common import runtime
 
     bs = store_of(runtime(ctx))
-    now = bs.now()
-    rows = [_breaker_row(image, b, now) for image, b in bs.list().items()]
+    with redis_errors(ctx.config.redis_url):
+        now = bs.now()
+        rows = [_breaker_row(image, b, now) for image, b in bs.list().items()]
     ctx.out.table(rows, ["image", "state", "failures", "retry_in_s", "opened", "reason"], title="breakers")
     return EXIT_OK
 
 
 def cmd_breaker_reset(ctx: CliContext, args: argparse.Namespace) -> int:
-    from provisioner.breaker import reset, store_of
+    from provisioner.breaker import redis_errors, reset, store_of
     from provisioner.cli.common import runtime
     from provisioner.errors import DynvmError, NotFoundError
 
     rt = runtime(ctx)
     bs = store_of(rt)
-    known = bs.list()
+    with redis_errors(ctx.config.redis_url):
+        known = bs.list()
     image = args.image
     if image not in known:
         try:
@@ -199,6 +201,8 @@ def cmd_breaker_reset(ctx: CliContext, args: argparse.Namespace) -> int:
         except DynvmError:
             raise NotFoundError(f"image {args.image[:80]!r}: no breaker and not in the catalogue") from None
     b = reset(rt, image)
-    ctx.out.obj(_breaker_row(image, b, bs.now()), title=f"breaker {image}")
+    with redis_errors(ctx.config.redis_url):
+        now = bs.now()
+    ctx.out.obj(_breaker_row(image, b, now), title=f"breaker {image}")
     return EXIT_OK
 

@@ -81,7 +81,7 @@ def _watcher(ctx: CliContext) -> dict[str, Any]:
     return dict(raw)
 
 
-def cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
+def _cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
     rows = _rows(ctx)
     ctx.out.table(rows, ["vo", "min", "max", "idle_timeout_s", "warm", "booting", "pending"], title="pools")
     w = _watcher(ctx)
@@ -92,14 +92,14 @@ def cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_show(ctx: CliContext, args: argparse.Namespace) -> int:
+def _cmd_show(ctx: CliContext, args: argparse.Namespace) -> int:
     vo = _vo(ctx, args.vo)
     row = next(r for r in _rows(ctx) if r["vo"] == vo)
     ctx.out.obj({**row, "watcher": _watcher(ctx)}, title=f"pool {vo}")
     return EXIT_OK
 
 
-def cmd_set(ctx: CliContext, args: argparse.Namespace) -> int:
+def _cmd_set(ctx: CliContext, args: argparse.Namespace) -> int:
     from batch_hooks.pools import PoolSettings
     from batch_hooks.watcher import pool_state
     from provisioner.cli.common import runtime
@@ -122,7 +122,7 @@ def cmd_set(ctx: CliContext, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_watch(ctx: CliContext, args: argparse.Namespace) -> int:
+def _cmd_watch(ctx: CliContext, args: argparse.Namespace) -> int:
     import signal
     import threading
 
@@ -148,3 +148,22 @@ def cmd_watch(ctx: CliContext, args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     run(rt, source, stop, args.interval)
     return EXIT_OK
+
+
+def _guarded(impl: Any) -> Any:
+    """A handler whose direct Redis reads (pool settings, the watcher's hash) fail as one line (exit 5)."""
+
+    def handler(ctx: CliContext, args: argparse.Namespace) -> int:
+        from provisioner.breaker import redis_errors
+
+        with redis_errors(ctx.config.redis_url):
+            return int(impl(ctx, args))
+
+    return handler
+
+
+cmd_list = _guarded(_cmd_list)
+cmd_show = _guarded(_cmd_show)
+cmd_set = _guarded(_cmd_set)
+cmd_watch = _guarded(_cmd_watch)
+
