@@ -35,7 +35,7 @@ def pool_rt(test_farm: Farm) -> Iterator[Runtime]:
     from provisioner.control.client import release
 
     for inst in rt.store.list_instances():  # nothing of ours may be left for other tests to take
-        if inst.vo == "cms" and (inst.tier is Tier.POOL or (inst.owner or "").startswith("slurm:c1:")):
+        if (inst.vo == "cms" and inst.tier is Tier.POOL) or (inst.owner or "").startswith("slurm:c1:"):
             release(rt, inst.id)
     r, p = rt.store.r, rt.store.keys.prefix
     r.delete(f"{p}:pool:cms", f"{p}:poolvms:cms", f"{p}:pools", status_key(p))
