@@ -106,7 +106,7 @@ def populate(store: StateStore, n_live: int, n_ended: int, seed: int = 7) -> Non
             created=time.time(),
             updated=time.time(),
         )
-        pipe.hset(store.keys.inst(iid), mapping=instance_to_fields(inst))
+        pipe.hset(store.keys.inst(iid), mapping=dict(instance_to_fields(inst)))  # type: ignore[arg-type]
         pipe.sadd(f"{p}:insts", iid)
         pipe.sadd(store.keys.by_state(state.value), iid)
         pipe.sadd(store.keys.by_role("worker"), iid)
@@ -121,27 +121,35 @@ def populate(store: StateStore, n_live: int, n_ended: int, seed: int = 7) -> Non
     pipe.execute()
 
 
-def timed(fn: Callable[[], object], runs: int) -> tuple[float, float]:
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1000)
-    samples.sort()
-    return samples[len(samples) // 2], samples[min(len(samples) - 1, round(0.95 * (len(samples) - 1)))]
-
-
-def measure(store: StateStore, runs: int) -> dict[str, tuple[float, float]]:
+def metrics(store: StateStore) -> dict[str, Callable[[], object]]:
     policy = SchedulerPolicy()
     req = [PlacementRequest("new-1", 2, 2048, Tier.WORKER, vo="cms")]
     return {
-        "placement (snapshot+schedule)": timed(lambda: schedule(req, store.snapshot(), policy), runs),
-        "placement, light snapshot": timed(
-            lambda: schedule(req, store.snapshot(instances=False), policy), runs
-        ),
-        "vm list": timed(lambda: [i for i in store.list_instances() if i.state is not S.GONE], runs),
-        "one host's records": timed(lambda: store.list_instances(host="hv007"), runs),
+        "placement (snapshot+schedule)": lambda: schedule(req, store.snapshot(), policy),
+        "placement, light snapshot": lambda: schedule(req, store.snapshot(instances=False), policy),
+        "vm list": lambda: [i for i in store.list_instances() if i.state is not S.GONE],
+        "one host's records": lambda: store.list_instances(host="hv007"),
     }
+
+
+def measure(stores: dict[str, StateStore], runs: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """Median and p95 per store and metric; the stores take turns run by run, so load from other
+    processes on the machine falls on every column alike."""
+    fns = {label: metrics(store) for label, store in stores.items()}
+    samples: dict[str, dict[str, list[float]]] = {lb: {m: [] for m in f} for lb, f in fns.items()}
+    for _ in range(runs):
+        for metric in next(iter(fns.values())):
+            for label, f in fns.items():
+                t = time.perf_counter()
+                f[metric]()
+                samples[label][metric].append((time.perf_counter() - t) * 1000)
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for label, per in samples.items():
+        out[label] = {}
+        for metric, xs in per.items():
+            xs.sort()
+            out[label][metric] = (xs[len(xs) // 2], xs[min(len(xs) - 1, round(0.95 * (len(xs) - 1)))])
+    return out
 
 
 def main() -> int:
@@ -154,9 +162,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as d:
         proc, url = start_redis(Path(d))
         try:
-            results = {}
-            for label, ended in ((f"{a.live} live", 0), (f"{a.live} live + {a.ended} ended", a.ended)):
-                store = StateStore.from_url(url)
+            stores: dict[str, StateStore] = {}
+            for db, (label, ended) in enumerate(
+                ((f"{a.live} live", 0), (f"{a.live} live + {a.ended} ended", a.ended))
+            ):
+                store = StateStore.from_url(url.rsplit("/", 1)[0] + f"/{db}")
                 store.r.flushdb()
                 populate(store, a.live, ended)
                 retire = getattr(store, "retire_ended", None)
@@ -166,7 +176,9 @@ def main() -> int:
                     print(
                         f"[{label}] retention step retired {n} records in {(time.perf_counter() - t):.2f} s"
                     )
-                results[label] = measure(store, a.runs)
+                stores[label] = store
+            results = measure(stores, a.runs)
+            for store in stores.values():
                 store.close()
         finally:
             proc.terminate()
