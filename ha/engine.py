@@ -107,6 +107,7 @@ class Engine:
         self.settings = settings
         self.counts: dict[str, int] = {}
         self._reported: set[str] = set()
+        self._storm_held: set[str] = set()  # hosts held by the storm that paused HA (resume confirms them)
 
     def round(self, fence: int) -> RoundReport:
         """One monitor round as the leader holding ``fence``."""
@@ -120,7 +121,15 @@ class Engine:
         out = judge(obs, self.counts, self.settings.storm_share, already_dead=len(open_hosts))
         self.counts = out.counts
         report.verdicts = out.verdicts
-        if out.storm and self.world.paused() is None:
+        if not out.storm:
+            self._storm_held = set()
+        elif self.world.paused() is None and set(out.held) <= self._storm_held:
+            # The operator resumed after this very storm paused HA: that confirms these deaths (without
+            # this, every round after `ha resume` found the same storm and paused again, for ever).
+            for h in out.held:
+                out.verdicts[h] = Verdict.DEAD
+        elif self.world.paused() is None:
+            self._storm_held = set(out.held)
             why = f"fencing storm: {', '.join(out.held)} silent at once; confirm with 'dynvm ha resume'"
             self.world.pause(why)
             self.world.event("ha_paused", None, why)
@@ -202,7 +211,7 @@ class Engine:
 
     def _plan(self, rec: Recovery, fence: int, report: RoundReport) -> None:
         plan = plan_failover(self.world.snapshot(), rec.host, self.policy)
-        committed = self.world.commit(plan, fence) if plan.placements else {}
+        committed = self.world.commit(plan, fence) if plan.placements or plan.workers_lost else {}
         unplaced = {k: str(v) for k, v in plan.unplaced.items()}
         unplaced.update({k: "capacity taken meanwhile" for k in plan.placements if k not in committed})
         detail = {
@@ -249,7 +258,8 @@ class Engine:
             "ready": sorted(k for k, s in states.items() if s is InstanceState.READY),
             "failed": sorted(k for k, s in states.items() if s is not InstanceState.READY),
         }
-        self._advance(rec, Step.CONFIRMED, fence, report, detail)
+        if rec.step is Step.STARTED:  # a host without service VMs has nothing started to confirm
+            self._advance(rec, Step.CONFIRMED, fence, report, detail)
         self._advance(rec, Step.CLOSED, fence, report, detail)
 
 
