@@ -11,7 +11,10 @@ worker serves the hooks) and a trusted-hook Redis ACL user, then measures:
   * the old way for comparison: ``dynvm vm provision --vo cms --wait`` (full CLI + Celery client), p50;
   * a burst: N prologs started at once (one process each), how many succeed, wall time;
   * with --slurm (slurm-wlm + munge installed): through a private slurmctld with deploy/slurm's hooks,
-    sbatch -> job RUNNING, one job at a time, p50 (the job waits in CONFIGURING for PrologSlurmctld).
+    sbatch -> job RUNNING, one job at a time, p50 (the job waits in CONFIGURING for PrologSlurmctld);
+  * with --qemu N (root, instead of the above): on a 1-host QEMU farm, hook request -> payload done inside
+    a cold VM (prolog + `cat /etc/vo` through the payload path) beside a raw define+create+readiness
+    marker of the same domain XML, alternating (goal: within 10 %).
 Goals: cold prolog p50 < 200 ms; all N succeed.  Needs root (pool accounts cms001.. are created).
 """
 
@@ -89,8 +92,12 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=30)
     ap.add_argument("--burst", type=int, default=200)
     ap.add_argument("--slurm", type=int, default=0, help="jobs to time through a private Slurm (0 = skip)")
+    ap.add_argument("--qemu", type=int, default=0, help="cold VM runs on a QEMU farm (0 = test driver)")
     args = ap.parse_args()
     ensure_accounts()
+    if args.qemu:
+        qemu_payload_vs_raw(args.qemu)
+        return
     base = Path(tempfile.mkdtemp(prefix="dynvm-bench-hooks-"))
     layout = FarmLayout(base)
     farm_up(layout, 3, "test", host_cpus=args.burst, host_memory_mib=args.burst * 1024)
@@ -143,6 +150,89 @@ def main() -> None:
             slurm_submit_to_running(env["DYNVM_HOOK_REDIS"], job_redis, args.slurm)
     finally:
         farm_down(layout)
+
+
+def qemu_payload_vs_raw(runs: int) -> None:
+    import io
+
+    from batch_hooks.context import JobContext
+    from batch_hooks.payload import run as run_payload
+    from batch_hooks.proto import call
+    from batch_hooks.resp import LightRedis
+    from provisioner.control.client import ENDED, wait
+    from provisioner.hypervisor.libvirt_host import LibvirtHost
+
+    cache = Path(os.environ.get("DYNVM_TEST_CACHE", "/var/cache/dynvm-test"))
+    layout = FarmLayout(cache / "bench-hooks-farm")
+    farm_down(layout)
+    farm_up(layout, 1, "qemu", timeout_s=180)
+    config = load_config(layout.config_file)
+    store = StateStore.from_url(config.redis_url)
+    password = secrets.token_hex(16)
+    store.r.execute_command("ACL", "SETUSER", "bench-hook", "reset", "on", f">{password}",  # type: ignore[no-untyped-call]
+                            "~dynvm:hooks", "~dynvm:hookreply:*", "-@all", "+lpush", "+blpop", "+time")
+    kw = store.r.connection_pool.connection_kwargs
+    base = f"{kw['host']}:{kw['port']}/0"
+    hc = config.hosts[0]
+    conn = LibvirtHost(hc.uri)
+    pw = pwd.getpwnam("cms001")
+    dyn: list[float] = []
+    raw: list[float] = []
+    try:
+        with LightRedis(f"redis://bench-hook:{password}@{base}") as r:
+            for i in range(runs + 1):  # run 0 warms libvirt's caches and is not counted
+                ctx = JobContext(batch="slurm", cluster="bench", job_id=f"q{i}", attempt=0, user="cms001",
+                                 uid=pw.pw_uid, gid=pw.pw_gid)
+                t = time.perf_counter()
+                vm = call(r, "dynvm", "prolog", ctx, 180)
+                env = {"DYNVM_JOB_CRED": f"{vm['job_user']}:{vm['job_password']}",
+                       "DYNVM_JOB_REDIS": f"redis://{base}"}
+                out = io.StringIO()
+                code = run_payload(env, "cat /etc/vo\n", out, io.StringIO())
+                assert code == 0 and out.getvalue() == "cms\n", (code, out.getvalue())
+                t_dyn = time.perf_counter() - t
+                inst = store.require_instance(vm["instance"])
+                xml = conn.domain_xml(inst.domain_name)
+                assert xml is not None
+                call(r, "dynvm", "epilog", ctx, 60)
+                rt_wait = _client(config)
+                wait(rt_wait, inst.id, 60, until=ENDED)
+                t_raw = _raw_boot(conn, config, hc.name, inst.id, xml, f"rawq{i:03d}")
+                if i:
+                    dyn.append(t_dyn)
+                    raw.append(t_raw)
+                print(f"  run {i}: hook->payload done {t_dyn:.2f} s, raw boot {t_raw:.2f} s"
+                      f"{'  (warm-up)' if not i else ''}")
+    finally:
+        conn.close()
+        farm_down(layout)
+    d50, r50 = statistics.median(dyn), statistics.median(raw)
+    print(f"QEMU: hook request -> payload done in a cold VM p50 {d50:.2f} s; raw define+create+marker p50 "
+          f"{r50:.2f} s; {(d50 / r50 - 1) * 100:+.1f} % (goal within 10 %)")
+
+
+def _client(config):  # type: ignore[no-untyped-def]
+    from provisioner.control.client import client_runtime
+
+    return client_runtime(config)
+
+
+def _raw_boot(conn, config, host: str, iid: str, xml: str, name: str) -> float:  # type: ignore[no-untyped-def]
+    from provisioner.probes import SerialMarkerProbe, wait_ready
+
+    run_dir = config.storage.shared_dir / "run" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rxml = re.sub(r"<uuid>[^<]*</uuid>", "", xml.replace(iid, name))
+    rxml = re.sub(r"<metadata[ >].*?</metadata>", "", rxml, flags=re.S)
+    marker = "DYNVM_READY"
+    t = time.perf_counter()
+    conn.define_and_start(f"dynvm-{name}", rxml)
+    probe = SerialMarkerProbe(run_dir / f"console-{host}.log", marker)
+    wait_ready(probe, time.monotonic() + 120, interval=0.05)
+    took = time.perf_counter() - t
+    conn.destroy(f"dynvm-{name}")
+    conn.undefine(f"dynvm-{name}")
+    return took
 
 
 def configuring_ms(log: str) -> list[float]:
