@@ -59,3 +59,32 @@ def test_pending_jobs_raise_the_pool_and_take_its_vms(slurm: SlurmCluster, pool_
     atlas_vm = (slurm.base / "jobs" / f"{atlas}.out").read_text().split("=", 1)[1].strip()
     assert atlas_vm not in pool and rt.store.require_instance(atlas_vm).vo == "atlas"
     assert cycle(rt, src).pending.get("cms", 0) == 0
+
+
+def test_reclaim_with_real_squeue(slurm: SlurmCluster, pool_rt: Runtime) -> None:
+    """One real squeue for all jobs: a VM whose job Slurm does not know (its epilog never ran) and a VM
+    older than its running job's walltime + grace are reclaimed; a running job's VM within its walltime is
+    kept."""
+    from provisioner.control.client import submit, wait
+    from provisioner.runtime import current_catalogue
+
+    rt = dataclasses.replace(pool_rt, config=pool_rt.config.model_copy(
+        update={"pools": PoolsConfig(batch="slurm", cluster="dynvmt", reclaim_grace_s=5)}))
+    keep_job = slurm.sbatch("cms001", "#!/bin/sh\nsleep 60\n", "--time=10")
+    late_job = slurm.sbatch("cms001", "#!/bin/sh\nsleep 60\n", "--time=1")
+    for j in (keep_job, late_job):
+        wait_for(lambda j=j: slurm.job(j).get("JobState") == "RUNNING", 120, f"job {j} running")
+    vms = {i.owner: i for i in rt.store.list_instances() if i.owner in
+           (f"slurm:dynvmt:{keep_job}", f"slurm:dynvmt:{late_job}")}
+    keep, late = vms[f"slurm:dynvmt:{keep_job}"], vms[f"slurm:dynvmt:{late_job}"]
+    image = current_catalogue(rt).resolve("cms-wn")
+    leaked, _ = submit(rt, image, "cms", owner="slurm:dynvmt:999999")  # its epilog never ran
+    assert wait(rt, leaked.id, 60).state is InstanceState.READY
+    old = rt.store.redis_time() - 120
+    rt.store.update_instance_fields(late.id, created=old)  # the VM has lived 2 min: past 1 min + 5 s
+    rt.store.update_instance_fields(leaked.id, created=old)  # older than the grace
+    rt.store.update_instance_fields(keep.id, created=old)  # past the grace too, but within 10 min + 5 s
+    rep = cycle(rt, SlurmSource(env=slurm.env))
+    assert sorted(rep.reclaimed) == sorted([late.id, leaked.id])
+    assert rt.store.require_instance(keep.id).state is InstanceState.READY
+    slurm.run("scancel", keep_job, late_job)
