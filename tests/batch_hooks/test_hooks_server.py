@@ -146,3 +146,19 @@ def test_per_job_acl_user_reaches_only_its_own_job(farm: Farm, hook_url: str) ->
         call(hook, "dynvm", "epilog", ctx_for("atlas001", "902"), 30)
     with pytest.raises(RedisReplyError, match="WRONGPASS"):  # epilog removed the job's user
         LightRedis(url)
+
+
+def test_wnodes_a_job_on_a_dynvm_host_gets_its_vm_there_sized_from_its_request(farm: Farm,
+                                                                               hook_url: str) -> None:
+    with LightRedis(hook_url) as r:
+        for node in ("hv2", "hv3"):
+            ctx = ctx_for("lhcb001", cpus=2, memory_mib=512, node=node)
+            vm = call(r, "dynvm", "prolog", ctx, 60)
+            inst = farm.rt.store.require_instance(vm["instance"])
+            assert (inst.host, inst.vcpus, inst.memory_mib) == (node, 2, 512)
+            call(r, "dynvm", "epilog", ctx, 30)
+        # A node that is not a dynvm host: placed wherever the scheduler chooses.
+        ctx = ctx_for("lhcb001", node="wn042")
+        vm = call(r, "dynvm", "prolog", ctx, 60)
+        assert farm.rt.store.require_instance(vm["instance"]).host in ("hv1", "hv2", "hv3")
+        call(r, "dynvm", "epilog", ctx, 30)
