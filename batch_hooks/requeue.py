@@ -44,6 +44,13 @@ def to_requeue(jobs: list[JobVM]) -> list[JobVM]:
     return [j for j in jobs if j.state in LOST_STATES and not j.requeued]
 
 
+def to_forget(jobs: list[JobVM]) -> list[JobVM]:
+    """Decide (pure): records whose VM is gone (or whose instance record is): the epilog never came (a
+    controller restart, an operator's release).  Their per-job Redis user and record go, as the epilog's
+    would; a job still running on such a VM has lost it anyway."""
+    return [j for j in jobs if j.state is None or j.state is InstanceState.GONE]
+
+
 class Requeuer(Protocol):
     def requeue(self, cluster: str, job_id: str) -> None:
         """Ask the batch system to requeue the job; raise a DynvmError if it refuses."""
@@ -80,9 +87,16 @@ def _read(rt: Runtime) -> list[JobVM]:
 
 def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer]) -> list[str]:
     """One pass; returns the job keys this caller requeued."""
+    from batch_hooks.proto import job_acl_user
+
     prefix = rt.store.keys.prefix
     done = []
-    for job in to_requeue(_read(rt)):
+    jobs = _read(rt)
+    for job in to_forget(jobs):
+        rt.store.r.execute_command("ACL", "DELUSER", job_acl_user(prefix, job.job_key))  # type: ignore[no-untyped-call]
+        rt.store.r.delete(jobvm_key(prefix, job.job_key))
+        rt.store.r.srem(jobvms_key(prefix), job.job_key)
+    for job in to_requeue(jobs):
         requeuer = requeuers.get(job.batch)
         if requeuer is None:
             continue

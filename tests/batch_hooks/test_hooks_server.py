@@ -162,3 +162,20 @@ def test_wnodes_a_job_on_a_dynvm_host_gets_its_vm_there_sized_from_its_request(f
         vm = call(r, "dynvm", "prolog", ctx, 60)
         assert farm.rt.store.require_instance(vm["instance"]).host in ("hv1", "hv2", "hv3")
         call(r, "dynvm", "epilog", ctx, 30)
+
+
+def test_the_sweep_forgets_jobs_whose_vm_went_without_an_epilog(farm: Farm, hook_url: str) -> None:
+    from batch_hooks.proto import jobvms_key
+    from batch_hooks.requeue import sweep
+    from provisioner.control.client import release
+
+    with LightRedis(hook_url) as r:
+        ctx = ctx_for("cms001", "6060")
+        vm = call(r, "dynvm", "prolog", ctx, 60)
+    release(farm.rt, vm["instance"])  # e.g. an operator; no epilog follows
+    wait(farm.rt, vm["instance"], 30, until=ENDED)
+    assert sweep(farm.rt, {}) == []
+    assert not farm.rt.store.r.exists(jobvm_key("dynvm", ctx.key))
+    assert not farm.rt.store.r.sismember(jobvms_key("dynvm"), ctx.key)
+    with pytest.raises(RedisReplyError, match="WRONGPASS"):
+        LightRedis(user_url(hook_url, vm["job_user"], vm["job_password"]))
