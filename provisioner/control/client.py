@@ -157,7 +157,7 @@ def _fail_if_nobody_picks_up(rt: Runtime, inst: Instance) -> Instance:
     from provisioner.control.sweeper import liveness_s
 
     cfg = rt.config.outbox
-    if rt.store.redis_time() - inst.created <= cfg.pickup_deadline_s:
+    if rt.store.redis_time() - (inst.updated or inst.created) <= cfg.pickup_deadline_s:
         return inst
     if rt.store.picked_at([inst.id]).get(inst.id) is not None or rt.store.workers_alive(liveness_s(cfg)):
         return inst
