@@ -39,13 +39,30 @@ def register(sub: Any) -> None:
     p.set_defaults(func=exec_cmd)
 
 
+def _own_options(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """argparse's REMAINDER swallows options written after ID (``exec ID --timeout 0 -- cmd``): take ours
+    back from the front of the remainder, up to ``--``; everything after ``--`` is the command's."""
+    from provisioner.errors import UsageError
+
+    while rest and rest[0] in ("--timeout", "--once"):
+        if len(rest) < 2:
+            raise UsageError(f"exec: {rest[0]} needs a value")
+        flag, value, rest = rest[0], rest[1], rest[2:]
+        if flag == "--once":
+            args.once = value
+        else:
+            try:
+                args.timeout = float(value)
+            except ValueError:
+                raise UsageError(f"exec: --timeout {value[:32]!r} is not a number") from None
+    return rest[1:] if rest[:1] == ["--"] else rest
+
+
 def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.control.execjob import exec_in_vm
     from provisioner.errors import ValidationError
 
-    argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    argv = _own_options(args, list(args.command))
     if args.timeout < 0:
         raise ValidationError(f"--timeout: {args.timeout} is negative (0 = no limit)")
     timeout = None if args.timeout == 0 else args.timeout

@@ -28,3 +28,22 @@ def test_payload_runs_once_per_attempt_straight_through_the_channel(qfarm: QFarm
     assert exec_in_vm(qfarm.rt, vm.id, ["sh", "-c", "ls /tmp/second || echo none"], 30)["stdout"] == "none\n"
     release(qfarm.rt, vm.id)
     assert wait(qfarm.rt, vm.id, 60, until=ENDED).state is InstanceState.GONE
+
+
+def test_dynvm_exec_cli_no_limit_and_once(qfarm: QFarm) -> None:
+    import subprocess
+    import sys
+
+    img, vo = choose_image(qfarm.rt, None, "cms")
+    inst, _ = submit(qfarm.rt, img, vo)
+    vm = wait(qfarm.rt, inst.id, 180)
+    assert vm.state is InstanceState.READY, vm.reason
+    base = [sys.executable, "-m", "provisioner.cli.main", "--config", str(qfarm.layout.config_file), "exec",
+            vm.id, "--timeout", "0", "--once", "job-1", "--"]
+    first = subprocess.run([*base, "sh", "-c", "cat /etc/vo; exit 7"], capture_output=True, text=True,
+                           timeout=120)
+    assert (first.returncode, first.stdout) == (7, "cms\n"), first.stderr
+    again = subprocess.run([*base, "true"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 4 and "already started" in again.stderr and again.stderr.count("\n") == 1
+    release(qfarm.rt, vm.id)
+    assert wait(qfarm.rt, vm.id, 60, until=ENDED).state is InstanceState.GONE
