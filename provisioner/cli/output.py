@@ -170,15 +170,16 @@ class Output:
 
 
 # An error line echoes values (ids, paths, arguments); one of 100 kB made a 100 kB line.  Each long word is
-# cut, then the whole line, so the message stays readable and names its culprit by its start.
-MAX_WORD = 80
+# cut in the middle (its start names the culprit, its end keeps a path's file name and ":LINE:"), then the
+# whole line, so the message stays readable.
+MAX_WORD = 200
 MAX_LINE = 1000
 _LONG_WORD = re.compile(rf"\S{{{MAX_WORD + 1},}}")
 
 
 def _cut_word(m: re.Match[str]) -> str:
     word = m.group(0)
-    return f"{word[: MAX_WORD - 20]}...({len(word)} chars)"
+    return f"{word[:120]}...({len(word)} chars)...{word[-40:]}"
 
 
 def _one_line(text: str) -> str:

@@ -310,3 +310,13 @@ def test_service_options_on_a_worker_image_are_refused(
     line = one_line(err)
     assert rc == 2 and "apply to service images only" in line and "worker image" in line
     assert nothing_written(db_url)
+
+
+def test_error_line_cutting_keeps_paths_whole_and_both_ends_of_a_long_value() -> None:
+    from provisioner.cli.output import _one_line
+
+    path = "/tmp/pytest-of-root/pytest-123/test_validate_reports_every_bad0/catalogue/cms-wn.yaml:17:"
+    assert _one_line(f"{path} versions[0]: bad") == f"{path} versions[0]: bad"
+    cut = _one_line("vm " + "a" * 100_000 + "Z not found")
+    assert cut.startswith("vm aaa") and "...(100001 chars)..." in cut and cut.endswith("aZ not found")
+    assert len(cut) < 250 and len(_one_line("x " * 100_000)) <= 1000
