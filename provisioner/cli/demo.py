@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 from provisioner.cli.argtypes import int_range, seconds
 from provisioner.cli.context import CliContext
+from provisioner.cli.farm import farm_dir_arg
 from provisioner.errors import EXIT_CONFLICT, EXIT_OK
 
 DEMO_VOS = ("cms", "atlas", "lhcb")
@@ -19,7 +19,7 @@ def register(sub: Any) -> None:
     d = sub.add_parser("demo", help="bring up the local farm and provision VMs of three VOs on it")
     d.add_argument("--hosts", type=int_range(1, 64), default=3, help="hypervisor hosts (1..64, default 3)")
     d.add_argument("--driver", choices=["test", "qemu"], default="test")
-    d.add_argument("--dir", type=Path, default=None)
+    d.add_argument("--dir", type=farm_dir_arg, default=None, help="farm directory (as for `dynvm farm up`)")
     d.add_argument(
         "--per-vo", type=int_range(1, MAX_PER_VO), default=2, help=f"VMs per VO (1..{MAX_PER_VO}, default 2)"
     )

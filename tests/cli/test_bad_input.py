@@ -87,6 +87,7 @@ def nothing_written(url: str) -> bool:
         (["demo", "--per-vo", "0"], "--per-vo: 0 is out of range (1..20)"),
         (["demo", "--per-vo", "100000000000"], "--per-vo: 100000000000 is out of range"),
         (["demo", "--timeout", "nan"], "--timeout"),
+        (["demo", "--dir", ""], "--dir: empty path"),
         (["--config", "", "vo", "list"], "--config must not be empty"),
         (["vo", "list", "--config", ""], "--config must not be empty"),
     ],
