@@ -37,11 +37,14 @@ def host_queue(host: str) -> str:
 
 @functools.cache
 def _sentinel_transport() -> type:
-    """kombu's Sentinel transport, with one fix: when a failover drops the broker connection, Celery closes
-    the channel, and restoring its unacknowledged messages needs a new pool for a connection kombu has
-    already released (``AttributeError: 'NoneType' object has no attribute 'hostname'``), which Celery
-    treats as unrecoverable: the worker or agent exits.  Raising a connection error instead lets Celery
-    reconnect (to the new master); the unacknowledged messages come back after the visibility timeout."""
+    """kombu's Sentinel transport, with two fixes for errors Celery treats as unrecoverable (the worker or
+    agent exits) although they only mean "the master moved":
+    - when a failover drops the broker connection, Celery closes the channel, and restoring its
+      unacknowledged messages needs a new pool for a connection kombu has already released
+      (``AttributeError: 'NoneType' object has no attribute 'hostname'``);
+    - a demoted master answers its blocked BRPOP consumers with ``UNBLOCKED``.
+    Both become connection errors: Celery reconnects (to the new master), and unacknowledged messages come
+    back after the visibility timeout."""
     import redis.exceptions
     from kombu.transport.redis import SentinelChannel
     from kombu.transport.redis import SentinelTransport as Base
@@ -51,6 +54,17 @@ def _sentinel_transport() -> type:
             if self.connection.client is None:
                 raise redis.exceptions.ConnectionError("broker connection already closed (failover)")
             return super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+
+        def _brpop_read(self, **options: Any) -> Any:
+            # A master demoted by a switchover unblocks its waiting consumers with an UNBLOCKED error,
+            # which Celery would also take as unrecoverable: it is a lost connection (go find the master).
+            try:
+                return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
+            except redis.exceptions.ResponseError as err:
+                if str(err).startswith("UNBLOCKED"):
+                    self.client.connection.disconnect()  # as kombu does for a connection error
+                    raise redis.exceptions.ConnectionError(str(err)) from None
+                raise
 
     class SentinelTransport(Base):
         pass

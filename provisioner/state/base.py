@@ -51,17 +51,18 @@ def guarded(fn: Callable[P, R]) -> Callable[P, R]:
             url = getattr(args[0], "url", "?")
             raise UnavailableError(f"redis at {redact(url)} is read-only (failover in progress)") from None
         except redis.exceptions.ResponseError as err:
-            if not str(err).startswith("NOREPLICAS"):
+            if not str(err).startswith(("NOREPLICAS", "UNBLOCKED")):
                 raise
-            # The server refuses writes because it lost its replicas (min-replicas-to-write): after a Sentinel
-            # failover it is the old master, which sentinel has not yet demoted.  Drop our connections so the
-            # next command asks the sentinels for the new master instead of writing where it would be lost.
+            # The server refuses writes because it lost its replicas (min-replicas-to-write), or it unblocked
+            # our blocking read because it was demoted: after a Sentinel failover it is the old master.  Drop
+            # our connections so the next command asks the sentinels for the new master.
             store = args[0]
             client = getattr(store, "r", None)
             if client is not None:
                 client.connection_pool.disconnect()
             url = getattr(store, "url", "?")
-            raise UnavailableError(f"redis at {redact(url)} refuses writes (no replica: failover?)") from None
+            why = "refuses writes (no replica: " if str(err).startswith("NOREPLICAS") else "was demoted ("
+            raise UnavailableError(f"redis at {redact(url)} {why}failover?)") from None
 
     return wrapper
 
