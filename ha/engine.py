@@ -121,15 +121,18 @@ class Engine:
         out = judge(obs, self.counts, self.settings.storm_share, already_dead=len(open_hosts))
         self.counts = out.counts
         report.verdicts = out.verdicts
+        paused = self.world.paused()
         if not out.storm:
             self._storm_held = set()
-        elif self.world.paused() is None and set(out.held) <= self._storm_held:
+        elif paused is not None:
+            self._storm_held |= set(out.held)  # what the operator's `ha resume` will confirm
+        elif set(out.held) <= self._storm_held:
             # The operator resumed after this very storm paused HA: that confirms these deaths (without
             # this, every round after `ha resume` found the same storm and paused again, for ever).
             for h in out.held:
                 out.verdicts[h] = Verdict.DEAD
-        elif self.world.paused() is None:
-            self._storm_held = set(out.held)
+        else:
+            self._storm_held |= set(out.held)
             why = f"fencing storm: {', '.join(out.held)} silent at once; confirm with 'dynvm ha resume'"
             self.world.pause(why)
             self.world.event("ha_paused", None, why)

@@ -29,3 +29,21 @@ def test_resume_after_a_storm_lets_the_held_failovers_run(redis_url: str) -> Non
     assert all(w.inst[i].host == "hv3" for i in ("ce", "se", "wms"))
     assert w.inst["w2"].state is InstanceState.LOST  # hv2 had only a worker: its recovery closes too
 
+
+
+def test_a_host_that_missed_a_renewal_counts_as_dying_with_the_dead_one() -> None:
+    from ha.detection import Observation, Timing, judge
+    from provisioner.model import HostState
+
+    t = Timing(lease_ttl_s=2.0, dead_after_s=2.5, samples=2)
+
+    def obs(h: str, silence: float) -> Observation:
+        return Observation(h, HostState.UP, silence, silence <= 2.0, t)
+
+    counts = {"a": 1}
+    # b died a renewal period after a: a alone is debounced first, but b has already missed a renewal.
+    out = judge([obs("a", 2.6), obs("b", 1.5), obs("c", 0.3), obs("d", 0.1)], counts, storm_share=0.4)
+    assert out.storm and out.held == ["a"] and out.dead == []
+    # b renewing normally: a alone is no storm.
+    out = judge([obs("a", 2.6), obs("b", 0.6), obs("c", 0.3), obs("d", 0.1)], counts, storm_share=0.4)
+    assert not out.storm and out.dead == ["a"]
