@@ -142,6 +142,12 @@ def prolog(env: Mapping[str, str]) -> int:
         _say(f"dynvm prolog: job {job_id[:32]}: held: {err}")
         return 1
     except DynvmError as err:
+        # issue 9: why a requeued job waits (its VO at its limits, its image's circuit open) is visible in
+        # `scontrol show job` / `squeue -O AdminComment`; the next attempt's VM note replaces it.
+        ref = job_ref(env)
+        if ref is not None:
+            why = admin_comment(f"dynvm: requeued: {err}")
+            scontrol(env, "update", f"jobid={ref}", f"admincomment={why}")
         _say(f"dynvm prolog: job {job_id[:32]}: requeued: {err}")
         return 1
 

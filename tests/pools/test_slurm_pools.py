@@ -88,3 +88,28 @@ def test_reclaim_with_real_squeue(slurm: SlurmCluster, pool_rt: Runtime) -> None
     assert sorted(rep.reclaimed) == sorted([late.id, leaked.id])
     assert rt.store.require_instance(keep.id).state is InstanceState.READY
     slurm.run("scancel", keep_job, late_job)
+
+
+def test_open_breaker_requeues_with_the_reason_visible(slurm: SlurmCluster, test_farm: Farm) -> None:
+    """A job whose image's circuit is open is requeued (no node drained) with the breaker's one line in its
+    AdminComment; once the breaker is reset it runs on a VM."""
+    from provisioner.breaker import Ev, reset, store_of
+
+    rt = test_farm.rt
+    image = "cms-wn:2026.11.0"
+    bs = store_of(rt)
+    for i in range(bs.settings.failures):
+        bs.apply(image, Ev.FAILURE, "not ready in 120 s", attempt=f"sl{i}.1")
+    try:
+        job = slurm.sbatch("cms001", SCRIPT)
+        wait_for(lambda: int(slurm.job(job).get("Restarts", "0")) >= 1, 60, "a requeue")
+        show = slurm.run("scontrol", "show", "job", job).stdout
+        why = f"AdminComment=dynvm: requeued: image {image}: circuit open after 3 failed boots; retry after"
+        assert why in show
+        assert "drain" not in " ".join(slurm.node_states().values())
+    finally:
+        reset(rt, image)
+    wait_for(lambda: slurm.job(job).get("JobState") == "PENDING", 60, "pending again")
+    slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # Slurm would wait 120 s to retry
+    wait_for(lambda: slurm.job(job).get("JobState") == "COMPLETED", 120, f"job {job}")
+    assert (slurm.base / "jobs" / f"{job}.out").read_text().startswith("vm=")
