@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.cli.context import CliContext
-from provisioner.errors import EXIT_OK, NotFoundError, ValidationError
+from provisioner.errors import EXIT_OK, NotFoundError, UnavailableError, ValidationError
 
 
 def register(subparsers: Any) -> None:
@@ -282,6 +282,8 @@ def cmd_watchdog(ctx: CliContext, args: argparse.Namespace) -> int:
     hv = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
     try:
         serve(hv, run_dir(config), hc.name, watchdog_timeout_s(config, hc.name), stop)
+    except OSError as err:  # an unwritable run dir: one line, exit 5
+        raise UnavailableError(f"watchdog {hc.name}: {err.strerror or err}: {err.filename or ''}") from None
     finally:
         hv.close()
     return EXIT_OK

@@ -91,7 +91,10 @@ def start_peers(config: Config, host: str) -> PeerHeartbeat | None:
     if hc is None or hc.peer_address is None:
         return None
     peers = {h.name: parse_address(h.peer_address) for h in config.hosts if h.peer_address and h.name != host}
-    secret = config.ha.peer_secret_file.read_bytes().strip() if config.ha.peer_secret_file else None
+    try:
+        secret = config.ha.peer_secret_file.read_bytes().strip() if config.ha.peer_secret_file else None
+    except OSError as err:
+        raise UnavailableError(f"ha.peer_secret_file {config.ha.peer_secret_file}: {err.strerror}") from None
     try:
         hb = PeerHeartbeat(host, parse_address(hc.peer_address), peers, config.ha.peer_interval_s, secret)
     except OSError as err:

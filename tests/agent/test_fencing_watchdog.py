@@ -89,3 +89,15 @@ def test_watchdog_exits_when_its_lock_file_is_removed(cfg: Path) -> None:
 def test_watchdog_for_an_unknown_host_exits_3(cfg: Path) -> None:
     r = _cli(cfg, "watchdog", "--host", "nope")
     assert r.returncode == 3 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_watchdog_with_an_unusable_run_dir_exits_5_in_one_line(cfg: Path) -> None:
+    blocker = cfg.parent / "blocker"
+    blocker.write_text("a file where the run dir's parent should be")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["ha"]["run_dir"] = str(blocker / "run")
+    cfg.write_text(yaml.safe_dump(doc))
+    r = _cli(cfg, "watchdog", "--host", "hv1")
+    assert r.returncode == 5, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "watchdog hv1" in r.stderr
+    assert "Traceback" not in r.stderr
