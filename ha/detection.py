@@ -96,13 +96,13 @@ def judge(
         out.verdicts[obs.host] = v
     newly = out.dead
     considered = sum(1 for v in out.verdicts.values() if v is not Verdict.IGNORED) + already_dead
-    # Hosts that have missed a renewal (silent past half their lease) are dying "at once" with the dead
-    # ones: deaths a renewal period apart are debounced in different rounds, and the first must not slip
-    # through the guard alone.
+    # Hosts that have missed two renewals (agents renew every third of the lease) are dying "at once" with
+    # the dead ones: deaths a renewal period apart are debounced in different rounds, and the first must
+    # not slip through the guard alone.
     failing = {
         o.host for o in observations
         if o.host not in newly and out.verdicts[o.host] is not Verdict.IGNORED
-        and o.silence_s > o.timing.lease_ttl_s / 2
+        and o.silence_s > o.timing.lease_ttl_s * 2 / 3
     }
     if newly and considered and (len(newly) + len(failing) + already_dead) / considered > storm_share:
         out.storm = True
