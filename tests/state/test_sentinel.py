@@ -204,6 +204,43 @@ def switchover(ss: SentinelSet) -> None:
     old.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
 
 
+def test_a_consumer_of_a_demoted_master_sees_a_lost_connection(sentinels: SentinelSet) -> None:
+    """A demoted master answers blocked BRPOPs with UNBLOCKED; Celery exits on such a server error, so the
+    broker transport must turn it into a lost connection (which Celery survives by reconnecting)."""
+    import redis.exceptions as rex
+    from kombu import Connection
+
+    from provisioner.config import Config
+    from provisioner.messaging import make_app
+
+    conf = make_app(Config(redis_url=sentinels.url)).conf
+    conn = Connection(  # type: ignore[no-untyped-call]
+        conf.broker_url, transport=conf.broker_transport, transport_options=conf.broker_transport_options
+    )
+    queue = conn.SimpleQueue("dynvm-probe")  # type: ignore[no-untyped-call]
+    outcome: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            queue.get(block=True, timeout=30)
+        except BaseException as err:  # the outcome is what the test checks
+            outcome.append(err)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    master = redis.Redis(port=sentinels.ports["master"], decode_responses=True)
+    wait_until(
+        lambda: "brpop" in str(master.execute_command("CLIENT", "LIST")),  # type: ignore[no-untyped-call]
+        timeout=10,
+        what="the consumer to block",
+    )
+    master.replicaof("127.0.0.1", sentinels.ports["replica"])  # demoted under the consumer's feet
+    consumer.join(timeout=30)
+    conn.release()  # type: ignore[no-untyped-call]
+    assert outcome and isinstance(outcome[0], rex.ConnectionError), outcome
+    assert "UNBLOCKED" in str(outcome[0])
+
+
 @pytest.mark.slow
 @pytest.mark.libvirt
 @pytest.mark.parametrize("how", ["kill_master", "switchover"])
