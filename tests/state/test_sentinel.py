@@ -208,7 +208,7 @@ def test_a_consumer_of_a_demoted_master_sees_a_lost_connection(sentinels: Sentin
     """A demoted master answers blocked BRPOPs with UNBLOCKED; Celery exits on such a server error, so the
     broker transport must turn it into a lost connection (which Celery survives by reconnecting)."""
     import redis.exceptions as rex
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from provisioner.config import Config
     from provisioner.messaging import make_app
