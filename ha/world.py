@@ -14,9 +14,8 @@ from ha.services import ServiceStore
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.messaging import BOOT, PRIORITY_HA, host_queue
 from provisioner.model import HostState, Instance, InstanceState
-from provisioner.runtime import Runtime, current_catalogue
+from provisioner.runtime import Runtime, claim_request, current_catalogue
 from provisioner.scheduler import Snapshot
-from provisioner.state.claims import ClaimRequest
 
 log = logging.getLogger(__name__)
 FENCE_TIMEOUT_S = 30.0
@@ -82,11 +81,8 @@ class RedisWorld:
         by compare-and-set from what the plan read.  A record that moved meanwhile gives its claim back."""
         snap = {i.id: i for i in self.store.snapshot().instances}
         sched = self.rt.config.scheduler
-        claims = [
-            ClaimRequest(host, iid, snap[iid].vcpus, snap[iid].memory_mib)
-            for iid, host in plan.placements.items()
-            if iid in snap
-        ]
+        # The same claim as any placement: capacity, anti-affinity and VO quota are checked at commit.
+        claims = [claim_request(self.rt, h, snap[iid]) for iid, h in plan.placements.items() if iid in snap]
         releases = [(plan.victim_hosts[v], v) for v in sorted(plan.preemptions)]
         result = self.store.claim_batch(claims, releases, sched.cpu_overcommit, sched.memory_overcommit)
         if not result.committed:

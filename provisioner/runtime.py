@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from provisioner.catalogue.store import Catalogue
     from provisioner.interfaces import Hypervisor
     from provisioner.model import Instance
+    from provisioner.state.claims import ClaimRequest
     from provisioner.state.store import StateStore
 
 
@@ -94,14 +95,13 @@ def report_catalogue_problems(rt: Runtime, already: set[str]) -> None:
             rt.store.add_event("catalogue_problem", str(f), host=rt.host or "", file=f.file)
 
 
-def try_claim(rt: Runtime, host: str, inst: Instance) -> str:
-    """Commit ``inst``'s capacity on ``host`` atomically, with the configured overcommit, its anti-affinity
-    group and its VO's quota, on a host whose agent holds its lease; 'ok' or why not (a claim code)."""
+def claim_request(rt: Runtime, host: str, inst: Instance) -> ClaimRequest:
+    """The claim of ``inst`` on ``host`` with everything the claim script checks at commit: capacity, its
+    anti-affinity group and its VO's quota (placement, migration and failover build it the same way)."""
     from provisioner.state.claims import ClaimRequest
 
-    sched = rt.config.scheduler
     vo_cfg = rt.config.vos.get(inst.vo) if inst.vo is not None else None
-    req = ClaimRequest(
+    return ClaimRequest(
         host,
         inst.id,
         inst.vcpus,
@@ -111,6 +111,13 @@ def try_claim(rt: Runtime, host: str, inst: Instance) -> str:
         max_instances=vo_cfg.max_instances if vo_cfg is not None else None,
         max_vcpus=vo_cfg.max_vcpus if vo_cfg is not None else None,
     )
+
+
+def try_claim(rt: Runtime, host: str, inst: Instance) -> str:
+    """Commit ``inst``'s capacity on ``host`` atomically, with the configured overcommit, its anti-affinity
+    group and its VO's quota, on a host whose agent holds its lease; 'ok' or why not (a claim code)."""
+    sched = rt.config.scheduler
+    req = claim_request(rt, host, inst)
     result = rt.store.claim_batch([req], (), sched.cpu_overcommit, sched.memory_overcommit)
     return result.codes[inst.id]
 
