@@ -164,6 +164,20 @@ def epilog(rt: Runtime, ctx: JobContext) -> dict[str, Any]:
     return {"instance": iid or "", "released": iid is not None}
 
 
+# JobStatus per the schedd: 1 idle, 2 running, 3 removed, 4 completed, 5 held, 6 transferring output,
+# 7 suspended.  Running, transferring and suspended mean the attempt may still be using its VM.
+_CONDOR_ACTIVE = frozenset({2, 6, 7})
+
+
+def _attempt_over(ad: Any, ctx: JobContext) -> bool:
+    """Whether the schedd's copy shows the attempt ``ctx`` names as finished (or superseded)."""
+    starts = ad.get("NumJobStarts")
+    if isinstance(starts, int) and starts > ctx.attempt:
+        return True
+    status = ad.get("JobStatus")
+    return isinstance(status, int) and status not in _CONDOR_ACTIVE
+
+
 def serve_condor(rt: Runtime, body: dict[str, Any], ctx: JobContext, deadline: float,
                  lookup: ScheddLookup) -> dict[str, Any]:
     """Check the starter hook's claims against the schedd's copy, then provision or release.
@@ -184,6 +198,12 @@ def serve_condor(rt: Runtime, body: dict[str, Any], ctx: JobContext, deadline: f
         raise ValidationError(f"htcondor: job {global_id[:80]!r} belongs to {str(owner)[:32]!r} per the "
                               f"schedd, not {ctx.user!r} as its hook claims")
     if body.get("op") == "condor_exit":
+        if not _attempt_over(ad, ctx):
+            # The hook is unauthenticated: any job's starter could name this job.  A VM is released only
+            # once the schedd itself shows this attempt over; otherwise the leak reclaimer, which asks the
+            # schedd each cycle, releases it when it is.
+            rt.store.add_event("job_exit_deferred", message=f"{ctx.owner}: the schedd still runs it")
+            return {"instance": "", "released": False, "deferred": True}
         return epilog(rt, ctx)
     proxy_vo = ad.get("x509UserProxyVOName")
     vm = prolog(rt, ctx, deadline, proxy_vo if isinstance(proxy_vo, str) else None)

@@ -26,6 +26,7 @@ from batch_hooks.proto import hooks_key
 from batch_hooks.resp import LightRedis, RedisReplyError
 from batch_hooks.server import handle
 from provisioner.errors import DeadlineExceeded, UnavailableError, ValidationError
+from provisioner.model import InstanceState
 from tests.batch_hooks.conftest import user_url
 from tests.control.conftest import Farm
 
@@ -125,6 +126,14 @@ def test_trusted_side_takes_the_owner_from_the_schedd_not_the_hook(farm: Farm, p
     assert "error" not in vm, vm
     assert vm["vo"] == "cms" and farm.rt.store.require_instance(vm["instance"]).vo == "cms"
     assert "job_password" not in vm  # an unauthenticated caller gets no job credential
+    # Any job's starter hook could send an exit for this job: while the schedd shows it running, nothing
+    # is released (the leak reclaimer does it once the schedd says the attempt is over).
+    gid = "ce01.example.org#13.0#1764539990"
+    schedd.jobs[gid] = {**schedd.jobs[gid], "JobStatus": 2}
+    _, early = handle(farm.rt, request("condor_exit", "job-cms-claims-atlas.ad"), time.time(), True, schedd)
+    assert early["released"] is False and early["deferred"] is True
+    assert farm.rt.store.require_instance(vm["instance"]).state is InstanceState.READY
+    schedd.jobs[gid] = {**schedd.jobs[gid], "JobStatus": 4}
     _, done = handle(farm.rt, request("condor_exit", "job-cms-claims-atlas.ad"), time.time(), True, schedd)
     assert done["released"] is True
     _, forged = handle(farm.rt, request("condor_prepare", "job-forged-owner.ad"), time.time(), True, schedd)
