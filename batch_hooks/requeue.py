@@ -102,7 +102,12 @@ def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer]) -> list[str]:
             continue
         if not rt.store.r.hsetnx(jobvm_key(prefix, job.job_key), "requeued", str(time.time())):
             continue  # another sweeper took it
-        requeuer.requeue(job.cluster, job.job_id)
+        try:
+            requeuer.requeue(job.cluster, job.job_id)
+        except Exception:
+            # Give the mark back: a requeue that did not happen must be tried again, or the job is lost.
+            rt.store.r.hdel(jobvm_key(prefix, job.job_key), "requeued")
+            raise
         rt.store.add_event("job_requeued", instance=job.instance,
                            message=f"{job.batch}:{job.cluster}:{job.job_id}: its VM is {job.state}")
         done.append(job.job_key)

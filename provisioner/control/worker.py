@@ -24,4 +24,14 @@ def run_worker(config: Config, concurrency: int = 8) -> None:
 
     # The outbox sweeper: re-drives requests and placements whose message was lost (survives any error).
     start_sweeper(rt, re.sub(r"[^A-Za-z0-9_.-]", "-", f"{name}.{os.uname().nodename}")[:128])
+    if config.pools.batch == "slurm":
+        # Jobs whose worker VM was lost (host death, preemption, crash) are requeued by dynvm itself.
+        import threading
+
+        from batch_hooks.requeue import SlurmRequeue, run_forever
+
+        requeuers = {"slurm": SlurmRequeue()}
+        threading.Thread(
+            target=run_forever, args=(rt, requeuers, threading.Event()), name="lost-vm-requeue", daemon=True
+        ).start()
     serve(rt, PROVISION_QUEUE, name, concurrency)

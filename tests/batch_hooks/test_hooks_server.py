@@ -179,3 +179,27 @@ def test_the_sweep_forgets_jobs_whose_vm_went_without_an_epilog(farm: Farm, hook
     assert not farm.rt.store.r.sismember(jobvms_key("dynvm"), ctx.key)
     with pytest.raises(RedisReplyError, match="WRONGPASS"):
         LightRedis(user_url(hook_url, vm["job_user"], vm["job_password"]))
+
+
+def test_a_requeue_that_failed_is_tried_again_never_lost(farm: Farm, hook_url: str) -> None:
+    from batch_hooks.requeue import sweep
+
+    class Flaky:  # scontrol failing once (slurmctld restarting), then working
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def requeue(self, cluster: str, job_id: str) -> None:
+            self.calls.append(job_id)
+            if len(self.calls) == 1:
+                raise RuntimeError("slurm_requeue error: Unable to contact slurm controller")
+
+    with LightRedis(hook_url) as r:
+        ctx = ctx_for("cms001", "7070")
+        vm = call(r, "dynvm", "prolog", ctx, 60)
+    farm.rt.store.transition(vm["instance"], InstanceState.LOST, reason="test: VM lost under its job")
+    flaky = Flaky()
+    with pytest.raises(RuntimeError, match="controller"):
+        sweep(farm.rt, {"slurm": flaky})
+    assert sweep(farm.rt, {"slurm": flaky}) == [ctx.key]  # the mark was given back: requeued now
+    assert sweep(farm.rt, {"slurm": flaky}) == []  # and only once
+    assert flaky.calls == ["7070", "7070"]
