@@ -47,7 +47,7 @@ from provisioner.runtime import Runtime
 CACHE = Path(os.environ.get("DYNVM_TEST_CACHE", "/var/cache/dynvm-test"))
 PEER = Path(os.environ.get("DYNVM_PACEMAKER_PEER", "/work/shared/peers/pacemaker"))
 HOST_CLASSES = ["critical", "fast", "standard", "critical"]
-IMAGES = ["ce", "se", "wms"]
+IMAGES = ["ce", "se", "wms", "se", "wms"]  # one CE per host (its anti-affinity group)
 POLL_S = 0.02
 
 
@@ -154,6 +154,10 @@ def main() -> None:
     ap.add_argument("--pacemaker", default="PROFILES=tuned GUESTS=1 3", help="env for the peer's run.sh")
     ap.add_argument("--pacemaker-trials", type=int, default=5)
     ap.add_argument("--no-pacemaker", action="store_true")
+    ap.add_argument("--watchdog", type=float, default=1.0,
+                    help="ha.watchdog_s (the restart waits max(lease, watchdog) + margin after the last "
+                         "renewal; the farm's default is 2.0)")
+    ap.add_argument("--margin", type=float, default=0.5, help="ha.safety_margin_s")
     a = ap.parse_args()
     sizes = [int(x) for x in a.sizes.split(",")]
     classes = a.classes.split(",")
@@ -163,7 +167,9 @@ def main() -> None:
     if built.is_dir() and not (layout.shared / "images").exists():
         layout.shared.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cp", "-al", str(built), str(layout.shared / "images")], check=True)
-    farm_up(layout, 4, "qemu", timeout_s=300, host_classes=HOST_CLASSES)
+    print(f"ha: watchdog_s {a.watchdog}, safety_margin_s {a.margin}", flush=True)
+    farm_up(layout, 4, "qemu", timeout_s=300, host_classes=HOST_CLASSES,
+            ha={"watchdog_s": a.watchdog, "safety_margin_s": a.margin})
     rt = client_runtime(load_config(layout.config_file))
     results: list[Trial] = []
     n = 0

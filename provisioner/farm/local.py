@@ -64,6 +64,7 @@ def _farm_config(
     host_cpus: int,
     host_memory_mib: int,
     host_classes: list[str] | None = None,
+    ha: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     from provisioner.hypervisor.testdriver import write_test_host_xml
 
@@ -99,6 +100,7 @@ def _farm_config(
         "vos": vos,
         "network": network,
         "detection_classes": DETECTION_CLASSES,
+        "ha": ha or {},
         # TCG guests mostly idle after boot; the real farm's hosts have 2 cores each.
         "scheduler": {"cpu_overcommit": 1.0 if driver == "test" else 8.0},
         "timeouts": {"visibility_s": 30 if driver == "test" else 300, "reconcile_interval_s": 5},
@@ -153,13 +155,14 @@ def farm_up(
     host_memory_mib: int = HOST_MEMORY_MIB,
     keep_state: bool = False,
     host_classes: list[str] | None = None,
+    ha: dict[str, float] | None = None,
 ) -> FarmState:
     """Start the farm (an identical running farm is returned as it is).
 
     A new farm starts from clean state (its own Redis data, overlays and catalogue copy are wiped) unless
     ``keep_state``; then hosts of an earlier layout are removed, or put in maintenance while they hold VMs
     (the returned state's ``retired`` says which).  ``host_classes``: detection classes given to the hosts
-    in turn (default: every host "fast").
+    in turn (default: every host "fast"); ``ha``: settings of the configuration's ha section.
     """
     if driver not in ("test", "qemu"):
         raise PermanentError(f"--driver {driver!r}: choose test or qemu")
@@ -191,7 +194,7 @@ def farm_up(
             layout.catalogue,
             ignore=shutil.ignore_patterns("build", "*.sh", "__pycache__"),
         )
-    cfg = _farm_config(layout, driver, names, url, qemu, host_cpus, host_memory_mib, host_classes)
+    cfg = _farm_config(layout, driver, names, url, qemu, host_cpus, host_memory_mib, host_classes, ha)
     Config.model_validate(cfg)  # our own output must be valid; fail here, not in four child processes
     tmp = layout.config_file.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
