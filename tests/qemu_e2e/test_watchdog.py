@@ -20,7 +20,7 @@ import pytest
 
 from ha.watchdog import holder, lock_file, read_status
 from provisioner.configload import load_config
-from provisioner.control.client import choose_image, client_runtime, submit, wait
+from provisioner.control.client import ENDED, choose_image, client_runtime, release, submit, wait
 from provisioner.farm.layout import FarmLayout
 from provisioner.farm.local import farm_down, farm_up
 from provisioner.hypervisor.libvirt_host import LibvirtHost
@@ -87,6 +87,36 @@ def provision(f: WFarm, image: str | None, vo: str | None, **kw: str) -> Instanc
     return done
 
 
+def test_agent_restart_is_not_a_host_death(wfarm: WFarm) -> None:
+    """SIGKILL of the agent alone: the restarted agent takes the lease over (no gap), pets the same
+    watchdog in time, and the service guest keeps running where it was, untouched."""
+    wait_until(lambda: holder(lock_file(wfarm.run_dir, "hv1")) is not None, 30, what="hv1's watchdog")
+    ce = provision(wfarm, "ce", None, host="hv1", service="ce-restart", ip="10.77.0.29")
+    watchdog = holder(lock_file(wfarm.run_dir, "hv1"))
+    old_pid, old_token = wfarm.agent_pid("hv1"), wfarm.rt.store.lease_holder("hv1")
+    mark = wfarm.rt.store.read_events(count=1)
+    since = mark[-1].id if mark else "0-0"
+    os.kill(old_pid, signal.SIGKILL)
+    holders: list[str | None] = []
+
+    def new_holder() -> bool:
+        holders.append(wfarm.rt.store.lease_holder("hv1"))
+        return holders[-1] not in (None, old_token)
+
+    wait_until(new_holder, 60, what="the restarted agent's lease")
+    assert None not in holders, "the lease lapsed: the host looked dead"
+    events = [e.kind for e in wfarm.rt.store.read_events(count=1000, since_id=since) if e.host == "hv1"]
+    assert "agent_handover" in events and "lease_lost" not in events
+    assert wfarm.copies(ce.id) == {"hv1": DomainState.RUNNING}
+    assert holder(lock_file(wfarm.run_dir, "hv1")) == watchdog  # the same watchdog outlived the agent
+    st = read_status(wfarm.run_dir, "hv1")
+    assert st is not None and st["fired"] == 0 and st["armed"] is True
+    inst = wfarm.rt.store.require_instance(ce.id)
+    assert inst.host == "hv1" and inst.state is InstanceState.READY
+    release(wfarm.rt, ce.id)
+    wait(wfarm.rt, ce.id, 60, until=ENDED)
+
+
 def test_hung_agent_watchdog_kills_its_service_guest_and_rearms(wfarm: WFarm) -> None:
     wait_until(lambda: holder(lock_file(wfarm.run_dir, "hv1")) is not None, 30, what="hv1's watchdog")
     ce = provision(wfarm, "ce", None, host="hv1", service="ce-wd", ip="10.77.0.30")
@@ -104,11 +134,13 @@ def test_hung_agent_watchdog_kills_its_service_guest_and_rearms(wfarm: WFarm) ->
             return "hv1" not in copies
 
         wait_until(service_gone, 60, interval=0.05, what="the watchdog to destroy the service guest")
+
         # Its status file is rewritten every quarter second.
-        wait_until(lambda: (read_status(wfarm.run_dir, "hv1") or {}).get("fired") == 1, 10, what="fired")
-        st = read_status(wfarm.run_dir, "hv1")
-        assert st is not None and st["armed"] is False
-        assert st["killed"] == [ce.domain_name]
+        def fired() -> bool:
+            st = read_status(wfarm.run_dir, "hv1") or {}
+            return st.get("fired") == 1 and st.get("killed") == [ce.domain_name] and st.get("armed") is False
+
+        wait_until(fired, 10, what="the watchdog's status: fired once, killed the service")
         assert wfarm.copies(wn.id) == {"hv1": DomainState.RUNNING}  # workers are left alone
     finally:
         os.kill(pid, signal.SIGCONT)
