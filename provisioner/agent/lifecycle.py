@@ -55,7 +55,7 @@ def boot_instance(
         try:
             _boot(rt, inst)
         except PermanentError as err:
-            _fail(rt, inst, str(err))
+            _fail(rt, inst, str(err), image_fault=True)
         except DynvmError as err:
             if final_attempt:
                 _fail(rt, inst, str(err))
@@ -117,7 +117,7 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     rt.store.notify(inst.id)
 
 
-def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
+def _fail(rt: Runtime, inst: Instance, reason: str, image_fault: bool = False) -> None:
     """Leave nothing behind: domain, overlay and claim go; the record says why.  Only if the record is
     still the one this boot wrote: torn down after a release or a new placement, the domain (same name)
     could be someone else's."""
@@ -127,7 +127,8 @@ def _fail(rt: Runtime, inst: Instance, reason: str) -> None:
     except ConflictError as err:
         log.info("instance %s: not failing it, %s", inst.id, err)
         return
-    record_boot(rt, inst, ok=False, reason=reason)  # the image's circuit breaker (issue 9)
+    if image_fault:  # issue 9: a permanent boot failure counts for the image's circuit breaker
+        record_boot(rt, inst, ok=False, reason=reason)  # (not a host's or Redis's transient trouble)
     _teardown(rt, inst)
     rt.store.add_event(
         "failed", reason[:500], instance=inst.id, host=rt.host, vo=inst.vo, duration_s=oplog.since(inst)
