@@ -46,7 +46,8 @@ exit codes:
   130 interrupted (Ctrl-C)
 
 configuration: --config PATH, else $DYNVM_CONFIG, else /etc/dynvm/dynvm.yaml, else a running farm's
-config, else the embedded default (libvirt test driver, the checkout's images/).
+config, else the embedded default (libvirt test driver, the shipped images/), which serves `farm up`,
+`demo` and the catalogue commands; a command that needs Redis then exits 5 (no farm, no configuration).
 
 files: a YAML file dynvm reads (configuration, catalogue, `image add`) must be a regular file of at most
 1 MiB and 100,000 YAML nodes; FIFOs, devices and directories are refused without being opened for reading.
