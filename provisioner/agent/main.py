@@ -47,10 +47,6 @@ def _mark_suspect(rt: Runtime, host: str, err: DynvmError) -> None:
 
 def start_agent_runtime(config: Config, host: str) -> Runtime:
     """Take the lease, connect, register the host with the capacity libvirt reports."""
-    from provisioner.agent import tasks
-    from provisioner.hypervisor.libvirt_host import LibvirtHost
-    from provisioner.messaging import make_app
-
     hc = config.host(host)
     if hc is None:
         raise NotFoundError(f"host {host!r} is not in the configuration ({config.source})")
@@ -65,6 +61,11 @@ def start_agent_runtime(config: Config, host: str) -> Runtime:
     else:
         acquire(rt.store, host, rt.lease_token, ttl)
     write_record(record, own_record(host, rt.lease_token))
+    # Imported only now (libvirt, Celery: up to seconds on a busy host): the lease comes first.
+    from provisioner.agent import tasks
+    from provisioner.hypervisor.libvirt_host import LibvirtHost
+    from provisioner.messaging import make_app
+
     try:
         rt.hypervisor = LibvirtHost(hc.uri, call_timeout_s=config.timeouts.libvirt_call_s)
         cap = rt.hypervisor.capacity()
