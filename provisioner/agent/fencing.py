@@ -189,15 +189,23 @@ class AgentFencing:
             episode, self._episode = self._episode, None
             fenced, self.fenced = self.fenced, []
         pet(self.pet_path)
-        if self.peers is not None:  # for the monitor: who still hears whom when a lease lapses
-            heard = self.peers.heard_hosts(self.config.ha.peer_timeout_s)
-            self.store.report_peers(self.host, heard, 3 * self.ttl_s)
         if episode is not None:
             action, why, since = episode
             kind = "self_fenced" if action is Action.FENCE else "self_fence_paused"
             done = f"; destroyed {', '.join(fenced) or 'no HA guest'}" if action is Action.FENCE else ""
             msg = f"{why}{done}; Redis back after {now - since:.1f} s ({outcome.value})"
-            self.store.add_event(kind, msg[:300], host=self.host)
+            log.warning("fencing %s: %s: %s", self.host, kind, msg)
+            try:
+                self.store.add_event(kind, msg[:300], host=self.host)
+            except Exception as err:  # Redis flapped again: keep the episode for the next renewal
+                log.warning("fencing %s: cannot record %s: %s", self.host, kind, err)
+                with self._lock:
+                    self._episode = self._episode or episode
+                    self.fenced = fenced + self.fenced
+        if self.peers is not None:  # for the monitor: who still hears whom when a lease lapses
+            heard = self.peers.heard_hosts(self.config.ha.peer_timeout_s)
+            with contextlib.suppress(Exception):  # advisory; the next renewal reports again
+                self.store.report_peers(self.host, heard, 3 * self.ttl_s)
 
     # ---- the fencing thread ----------------------------------------------------------------------
     def run(self) -> None:
