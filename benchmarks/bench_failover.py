@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,7 +120,9 @@ def trial(rt: Runtime, layout: FarmLayout, klass: str, size: int, n: int) -> Tri
 def pacemaker(env_text: str, trials: int) -> list[dict[str, Any]]:
     """Run the peer harness; its per-trial records for this run."""
     run_id = time.strftime("dynvm-%Y%m%dT%H%M%SZ", time.gmtime())
-    env = dict(os.environ, SKIP_INSTALL="1", RUN_ID=run_id)
+    env = dict(os.environ, RUN_ID=run_id)
+    if shutil.which("pacemakerd"):
+        env["SKIP_INSTALL"] = "1"  # else run.sh installs the Debian packages itself (apt-get)
     for word in shlex.split(env_text):
         k, _, v = word.partition("=")
         env[k] = v
@@ -127,6 +130,12 @@ def pacemaker(env_text: str, trials: int) -> list[dict[str, Any]]:
     t = time.monotonic()
     p = subprocess.run([str(PEER / "run.sh"), str(trials)], env=env, cwd=PEER, capture_output=True, text=True)
     print(f"pacemaker peer: exit {p.returncode} after {time.monotonic() - t:.0f} s", flush=True)
+    if p.returncode != 0:
+        print("  " + "\n  ".join(p.stdout.strip().splitlines()[-5:]), flush=True)
+    return peer_results(run_id)
+
+
+def peer_results(run_id: str) -> list[dict[str, Any]]:
     out = []
     for line in (PEER / "results.jsonl").read_text().splitlines():
         try:
@@ -154,6 +163,8 @@ def main() -> None:
     ap.add_argument("--pacemaker", default="PROFILES=tuned GUESTS=1 3", help="env for the peer's run.sh")
     ap.add_argument("--pacemaker-trials", type=int, default=5)
     ap.add_argument("--no-pacemaker", action="store_true")
+    ap.add_argument("--pacemaker-run", metavar="RUN_ID",
+                    help="use this earlier run of the peer (results.jsonl) instead of running it")
     ap.add_argument("--watchdog", type=float, default=1.0,
                     help="ha.watchdog_s (the restart waits max(lease, watchdog) + margin after the last "
                          "renewal; the farm's default is 2.0)")
@@ -188,7 +199,10 @@ def main() -> None:
                         results.append(tr)
     finally:
         farm_down(layout)
-    peer = [] if a.no_pacemaker else pacemaker(a.pacemaker, a.pacemaker_trials)
+    if a.pacemaker_run:
+        peer = peer_results(a.pacemaker_run)
+    else:
+        peer = [] if a.no_pacemaker else pacemaker(a.pacemaker, a.pacemaker_trials)
     table(rt, classes, sizes, results, peer)
 
 
