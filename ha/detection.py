@@ -26,6 +26,7 @@ class Verdict(StrEnum):
     DEAD = "dead"  # silent for `samples` consecutive observations: declare it
     HELD = "held"  # would be dead, but the storm guard holds automatic failover
     IGNORED = "ignored"  # not watched (maintenance, already dead or fenced)
+    CUT_OFF = "cut_off"  # silent on Redis, but most live peers still hear it: its agent pauses, so must we
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,9 @@ class Observation:
     silence_s: float  # redis_now - last_seen (last successful lease renewal)
     lease_alive: bool
     timing: Timing
+    # A strict majority of the hosts with a live lease reported hearing this one over UDP lately: its agent
+    # is alive and keeps its VMs (a Redis-only outage pauses HA), so it must not be failed over.
+    heard_by_peers: bool = False
 
 
 @dataclass(slots=True)
@@ -71,7 +75,17 @@ def classify(obs: Observation) -> Verdict:
         return Verdict.ALIVE
     if obs.silence_s <= obs.timing.dead_after_s:
         return Verdict.LATE
+    if obs.heard_by_peers:
+        return Verdict.CUT_OFF
     return Verdict.SILENT
+
+
+def heard_by_majority(host: str, reports: Mapping[str, Sequence[str]], live: set[str]) -> bool:
+    """Whether a strict majority of the live hosts other than ``host`` report hearing it (reports of hosts
+    without a live lease do not count: a dead reporter's last word is stale)."""
+    voters = [h for h in live if h != host]
+    heard = sum(1 for h in voters if host in reports.get(h, ()))
+    return bool(voters) and 2 * heard > len(voters)
 
 
 def judge(

@@ -41,6 +41,7 @@ class HostView:
     last_seen: float  # Redis time of its last lease renewal
     lease_alive: bool
     timing: Timing
+    heard_by_peers: bool = False  # see ha.detection.Observation
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,8 @@ class Engine:
         now = self.world.now()
         open_hosts = {r.host for r in self.recs.open_records()}
         obs = [
-            Observation(h.name, h.state, now - h.last_seen, h.lease_alive, h.timing) for h in views.values()
+            Observation(h.name, h.state, now - h.last_seen, h.lease_alive, h.timing, h.heard_by_peers)
+            for h in views.values()
         ]
         out = judge(obs, self.counts, self.settings.storm_share, already_dead=len(open_hosts))
         self.counts = out.counts
@@ -234,7 +236,9 @@ class Engine:
         deadline = restart_allowed_after(
             h.last_seen, h.timing.lease_ttl_s, self.settings.watchdog_s, self.settings.safety_margin_s
         )
-        if now < deadline:
+        if now < deadline or h.heard_by_peers:
+            # Heard again by its peers: its agent is alive and only cut off from Redis, so it paused and
+            # keeps its VMs; restarting them elsewhere would run them twice.
             return False
         return self.world.fence_host(h.name) is not FenceResult.FAILED
 

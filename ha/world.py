@@ -37,14 +37,25 @@ class RedisWorld:
         return Timing(dc.lease_ttl_s, dc.dead_after_s, dc.samples)
 
     def hosts(self) -> list[HostView]:
+        from ha.detection import heard_by_majority
+
         hosts = self.store.list_hosts()
         pipe = self.store.r.pipeline(transaction=False)
         for h in hosts:
             pipe.exists(self.store.keys.lease(h.name))
-        alive = pipe.execute()
+        alive = dict(zip((h.name for h in hosts), map(bool, pipe.execute()), strict=True))
+        live = {n for n, a in alive.items() if a}
+        reports = self.store.peer_reports(sorted(live)) if live else {}
         return [
-            HostView(h.name, h.state, h.last_seen, bool(a), self._timing(h.detection_class))
-            for h, a in zip(hosts, alive, strict=True)
+            HostView(
+                h.name,
+                h.state,
+                h.last_seen,
+                alive[h.name],
+                self._timing(h.detection_class),
+                heard_by_majority(h.name, reports, live),
+            )
+            for h in hosts
         ]
 
     def set_host_state(self, host: str, new: HostState, expected: HostState, reason: str, fence: int) -> bool:

@@ -31,6 +31,7 @@ class FakeWorld:
         self._booting: set[str] = set()
         self.starts: list[tuple[str, str]] = []
         self.crash_on_start = False  # the leader dies right after committing a plan
+        self.heard: set[str] = set()  # hosts most live peers still hear over UDP (cut off from Redis only)
 
     # -- test controls --------------------------------------------------------------------------------
     def advance(self, dt: float, renewing: set[str]) -> None:
@@ -51,7 +52,7 @@ class FakeWorld:
     def hosts(self) -> list[HostView]:
         return [
             HostView(n, h.state, self.last_seen[n], self.clock - self.last_seen[n] <= self.timing.lease_ttl_s,
-                     self.timing)
+                     self.timing, n in self.heard)
             for n, h in sorted(self.hostrec.items())
         ]
 

@@ -73,3 +73,16 @@ def test_hosts_already_dead_count_towards_the_storm() -> None:
     assert judge(rows, {"a": 1}, storm_share=0.4).dead == ["a"]
     out = judge(rows, {"a": 1}, storm_share=0.4, already_dead=1)
     assert out.storm and out.held == ["a"]
+
+
+def test_heard_by_peers_is_cut_off_not_dead() -> None:
+    from ha.detection import heard_by_majority
+
+    o = Observation("a", HostState.UP, 5.0, False, CRIT, heard_by_peers=True)
+    assert classify(o) is Verdict.CUT_OFF
+    assert judge([o], {"a": 5}, storm_share=0.9).dead == []
+    live = {"b", "c", "d"}
+    assert heard_by_majority("a", {"b": ["a"], "c": ["a", "d"]}, live)
+    assert not heard_by_majority("a", {"b": ["a"]}, live)  # 1 of 3 is no majority
+    assert not heard_by_majority("a", {"b": ["a"], "c": ["a"], "x": ["a"]}, {"b"} | {"d", "e", "f"})
+    assert not heard_by_majority("a", {}, set())  # nobody left to ask

@@ -145,3 +145,34 @@ def test_a_failed_start_is_reported_and_the_rest_confirmed(redis_url: str) -> No
     rec = recs.get("hv1")
     assert rec is not None and rec.step is Step.CLOSED
     assert rec.detail["ready"] == ["ce", "wms"] and rec.detail["failed"] == ["se"]
+
+
+def test_a_host_cut_off_from_redis_only_is_not_failed_over(redis_url: str) -> None:
+    """Its peers still hear it: its agent paused and keeps its VMs, so restarting them would run them twice.
+    When the peers stop hearing it too, it is a death like any other."""
+    w = world()
+    w.heard.add("hv1")
+    engine, fence, recs = setup(redis_url, w)
+    run(w, engine, fence, 20, {"hv2", "hv3"})
+    assert w.starts == [] and recs.get("hv1") is None
+    assert w.hostrec["hv1"].state.value == "up"
+    w.heard.clear()
+    run(w, engine, fence, 6, {"hv2", "hv3"})
+    assert [iid for iid, _ in w.starts] == ["ce", "se", "wms"]
+
+
+def test_heard_again_after_being_declared_dead_blocks_the_restart(redis_url: str) -> None:
+    w = world()
+    engine, fence, recs = setup(redis_url, w)
+    for _ in range(30):
+        w.advance(ROUND_S, {"hv2", "hv3"})
+        engine.round(fence)
+        rec = recs.get("hv1")
+        if rec is not None:
+            break
+    assert rec is not None and rec.step is Step.OPEN
+    w.heard.add("hv1")  # its peers hear it again before the fence deadline: only Redis was lost
+    run(w, engine, fence, 10, {"hv2", "hv3"})
+    assert w.starts == []
+    rec = recs.get("hv1")
+    assert rec is not None and rec.step is Step.OPEN
