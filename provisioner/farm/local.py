@@ -247,7 +247,8 @@ def _supervisor_exit_reason(layout: FarmLayout, proc: subprocess.Popen[bytes], l
 def _wait_up(
     layout: FarmLayout, names: list[str], timeout_s: float, proc: subprocess.Popen[bytes], log_offset: int
 ) -> None:
-    """Until every host's agent holds its lease; the supervisor's death ends the wait at once."""
+    """Until every host's agent holds its lease and has registered its host; the supervisor's death ends the
+    wait at once."""
     from provisioner.state.store import StateStore
 
     deadline = time.monotonic() + timeout_s
@@ -265,7 +266,11 @@ def _wait_up(
             try:
                 # Agents are spawned only after start-up (and --keep-state's host retirement) is done.
                 spawned = set(st.children) if st is not None else set()
-                missing = [h for h in names if f"agent-{h}" not in spawned or not store.lease_alive(h)]
+                # An agent takes its lease before it registers the host: up = leased AND registered.
+                missing = [
+                    h for h in names
+                    if f"agent-{h}" not in spawned or not store.lease_alive(h) or store.get_host(h) is None
+                ]
             except UnavailableError:
                 missing = names
             if not missing:
