@@ -17,16 +17,18 @@ from typing import Any
 
 from provisioner.errors import ValidationError
 
-CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Slurm ids ("123", "123_4" array, "123+1" het) and HTCondor job ids ("schedd.example#12.0#1700000000" is
-# reduced by the HTCondor side to "schedd.example.12.0"); ':' is our key separator, so not allowed here.
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+@-]{0,127}$")
+# The job key and its parts' rules live with the store's idempotency (one format for every writer);
+# HTCondor job ids ("schedd.example#12.0#1700000000") are reduced to "schedd.example.12.0" before this.
+from provisioner.idempotency import CLUSTER_RE as CLUSTER_RE
+from provisioner.idempotency import JOB_ID_RE as JOB_ID_RE
+from provisioner.idempotency import MAX_ATTEMPT as MAX_ATTEMPT
+from provisioner.idempotency import job_key as job_key
+
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # partition, queue, node, host
 MAX_CPUS = 4096
 MAX_MEMORY_MIB = 64 * 1024 * 1024
 MAX_WALLTIME_S = 366 * 24 * 3600
-MAX_ATTEMPT = 1_000_000
 
 
 def _str(value: object, field: str, regex: re.Pattern[str]) -> str:
@@ -104,14 +106,3 @@ class JobContext:
             return cls(**{k: data[k] for k in names if k in data})
         except TypeError as exc:
             raise ValidationError(f"job context: {exc}") from None
-
-
-def job_key(cluster: str, job_id: str, attempt: int) -> str:
-    """The idempotency key of one job attempt (fits provisioner.state.keys.ID_RE)."""
-    _str(cluster, "cluster", CLUSTER_RE)
-    _str(job_id, "job id", JOB_ID_RE)
-    _int(attempt, "attempt", 0, MAX_ATTEMPT)
-    # Ids outside the key alphabet ('+' of a het job, '@') are hex-encoded behind a '-', which no plain id
-    # starts with: "123_1" (array task) and "123+1" (het component) never share a key.
-    plain = re.fullmatch(r"[A-Za-z0-9_.-]+", job_id) is not None
-    return f"job:{cluster}:{job_id if plain else '-' + job_id.encode().hex()}:{attempt}"

@@ -4,7 +4,7 @@ A requeued Slurm job keeps its job id, so a key of (cluster, job id) alone would
 prolog the VM of its previous, ended attempt.  The key therefore includes the attempt (Slurm's restart
 count, HTCondor's run count); the store maps a key to a live instance only (create_instance.lua), so an
 ended VM never satisfies it either.  The format is the one batch_hooks.context.job_key writes:
-``job:CLUSTER:JOBID:ATTEMPT``.
+``job:CLUSTER:JOBID:ATTEMPT``.  Light (stdlib + errors): the batch hooks import it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from provisioner.errors import ValidationError
-from provisioner.state.keys import check_id
+from provisioner.ids import check_id
 
 CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Slurm ("123", "123_4" array task, "123+1" het component) and HTCondor ("schedd.12.0") ids; ':' is the
