@@ -264,13 +264,8 @@ class QemuFarm:
         rec = (self._read_state() or {}).get("hosts", {}).get(host)
         if rec is None or not rec.get("mnt_inode"):
             raise UnavailableError(f"qemu farm: host {host} is not up (no record in {self.state_file})")
-        inode = int(rec["mnt_inode"])
-        # Only while one of its recorded processes still lives in it: a dead namespace's inode number
-        # may have been given to somebody else's.
-        pids = [rec.get(d) for d in ("holder", "virtlockd", "virtlogd", "libvirtd")]
-        if not any(pid_alive(p) and ns_inode(f"/proc/{p}/ns/mnt") == inode for p in pids):
-            return 0
-        return kill_ns("mnt", inode)
+        inode = _live_mnt_ns(rec)
+        return 0 if inode is None else kill_ns("mnt", inode)
 
     def host_up(self, host: str) -> bool:
         rec = (self._read_state() or {}).get("hosts", {}).get(host)
@@ -284,9 +279,9 @@ class QemuFarm:
             raise UnavailableError(f"qemu farm {self.base} is not up")
         if self.host_up(host):
             return dict(st["hosts"][host])
-        old = st["hosts"].get(host, {})
-        if old.get("mnt_inode"):
-            kill_ns("mnt", int(old["mnt_inode"]))  # whatever is left of a half-dead host
+        stale = _live_mnt_ns(st["hosts"].get(host, {}))
+        if stale is not None:
+            kill_ns("mnt", stale)  # whatever is left of a half-dead host
         self._prepare_host(host, self.hosts.index(host) + 1)
         holders = self._start_holders([host])
         daemons = self._start_daemons(holders)
@@ -304,12 +299,15 @@ class QemuFarm:
         """Stop every farm process and guest, drop the namespace; leaves nothing behind (or raises)."""
         t0 = time.monotonic()
         st = self._read_state() or {}
+        # Host namespaces still in use (a killed host's recorded inode may belong to somebody else now).
+        live = {h: _live_mnt_ns(rec) for h, rec in st.get("hosts", {}).items()}
+        st = {**st, "hosts": {h: {**rec, "mnt_inode": live[h]} for h, rec in st.get("hosts", {}).items()}}
         net = ns_inode(f"/run/netns/{self.netns}") or st.get("netns_inode")
         if net:
             kill_ns("net", int(net))
-        for rec in st.get("hosts", {}).values():
-            if rec.get("mnt_inode"):
-                kill_ns("mnt", int(rec["mnt_inode"]))
+        for inode in live.values():
+            if inode is not None:
+                kill_ns("mnt", inode)
         if Path(f"/run/netns/{self.netns}").exists():
             run(["ip", "netns", "del", self.netns], f"delete netns {self.netns}")
         self.state_file.unlink(missing_ok=True)
@@ -345,6 +343,18 @@ class QemuFarm:
             left += [f"mount {line.split()[4]}" for line in f
                      if str(self.base) in line or f"/run/netns/{self.netns}" in line]
         return left
+
+
+def _live_mnt_ns(rec: dict[str, Any]) -> int | None:
+    """The host's recorded mount namespace, only while one of its recorded processes still lives in it:
+    a dead namespace's inode number is reused (the next revived host's namespace got it once, and was
+    killed in its place)."""
+    inode = rec.get("mnt_inode")
+    if not inode:
+        return None
+    pids = [rec.get(d) for d in ("holder", "virtlockd", "virtlogd", "libvirtd")]
+    alive = any(pid_alive(p) and ns_inode(f"/proc/{p}/ns/mnt") == int(inode) for p in pids)
+    return int(inode) if alive else None
 
 
 def fix_kvm_permissions(dev: str = "/dev/kvm") -> None:
