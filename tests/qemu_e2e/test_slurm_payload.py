@@ -11,15 +11,17 @@ import pytest
 
 from provisioner.model import InstanceState
 from tests.batch_hooks.conftest import HOOK_USER, redis_host_port, start_slurm, trusted_hook_rules
-from tests.batch_hooks.slurm_cluster import SlurmCluster, wait_for
-from tests.qemu_e2e.conftest import QFarm, qfarm
+from tests.batch_hooks.slurm_cluster import SlurmCluster, ensure_pool_accounts, wait_for
+from tests.qemu_e2e.conftest import QFarm
 
-__all__ = ["qfarm"]
-pytestmark = [pytest.mark.qemu, pytest.mark.slurm, pytest.mark.redis, pytest.mark.libvirt]
+# Lives beside the QEMU farm's fixture (one farm per session: its directory is fixed).  Needs real Slurm
+# too; the qemu marker already selects the heavy, root-only runs.
+pytestmark = [pytest.mark.qemu, pytest.mark.redis, pytest.mark.libvirt]
 
 
 @pytest.fixture(scope="module")
-def qslurm(qfarm: QFarm, pool_accounts: dict[str, int]) -> Iterator[SlurmCluster]:
+def qslurm(qfarm: QFarm) -> Iterator[SlurmCluster]:
+    ensure_pool_accounts()
     r = qfarm.rt.store.r
     password = secrets.token_hex(16)
     r.execute_command("ACL", "SETUSER", HOOK_USER, *trusted_hook_rules("dynvm", password))
