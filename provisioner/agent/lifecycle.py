@@ -118,18 +118,23 @@ def _boot(rt: Runtime, inst: Instance) -> None:
 
 
 def _fail(rt: Runtime, inst: Instance, reason: str, image_fault: bool = False) -> None:
-    """Leave nothing behind: domain, overlay and claim go; the record says why.  Only if the record is
-    still the one this boot wrote: torn down after a release or a new placement, the domain (same name)
-    could be someone else's."""
+    """Leave nothing behind: domain, overlay and claim go, then the record says why, so whoever sees
+    ``failed`` sees a clean host.  Only while the record is still the one this boot wrote: after a release
+    or a new placement the domain (same name) could be someone else's.  Between the check and the teardown
+    nobody else can start it here: this agent alone drives the host, and the boot slot is held."""
     log.warning("instance %s failed on %s: %s", inst.id, rt.host, reason)
+    now = rt.store.get_instance(inst.id)
+    if now is None or (now.state, now.host, now.epoch) != (inst.state, inst.host, inst.epoch):
+        log.info("instance %s: not failing it, it moved on (%s)", inst.id, now.state.value if now else "gone")
+        return
+    _teardown(rt, inst)
     try:
         rt.store.transition_from(inst, InstanceState.FAILED, reason=reason[:500])
-    except ConflictError as err:
+    except ConflictError as err:  # released meanwhile: the release's own teardown found nothing left
         log.info("instance %s: not failing it, %s", inst.id, err)
         return
     if image_fault:  # issue 9: a permanent boot failure counts for the image's circuit breaker
         record_boot(rt, inst, ok=False, reason=reason)  # (not a host's or Redis's transient trouble)
-    _teardown(rt, inst)
     rt.store.add_event(
         "failed", reason[:500], instance=inst.id, host=rt.host, vo=inst.vo, duration_s=oplog.since(inst)
     )

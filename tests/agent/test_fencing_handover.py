@@ -160,7 +160,12 @@ def test_restarted_agent_takes_the_lease_over_without_a_gap(agent_config: Path, 
         assert new not in (None, old), f"no new holder (see {log})"
         assert None not in holders, "the lease lapsed between the two agents: the host looked dead"
         assert store.lease_ttl_ms("hv1") > 5000
-        assert any(e.kind == "agent_handover" for e in store.read_events(count=100))
+        # The event follows the handover's compare-and-set: wait for it rather than race it.
+        wait_until(
+            lambda: any(e.kind == "agent_handover" for e in store.read_events(count=100)),
+            30,
+            what="the agent_handover event",
+        )
 
         def recorded() -> bool:
             rec2 = read_record(run / "agent-hv1.json")
