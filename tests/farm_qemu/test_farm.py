@@ -110,7 +110,7 @@ def test_guest_tick_counter_visible(guests: Guests) -> None:
 CHROOT_SH = """set -e
 R=$1; shift
 mount --make-rprivate /
-for d in usr etc root work proc sys dev run tmp; do mkdir -p "$R/$d"; mount --rbind "/$d" "$R/$d"; done
+for d in usr etc root proc sys dev run tmp $EXTRA; do mkdir -p "$R/$d"; mount --rbind "/$d" "$R/$d"; done
 for l in bin lib lib64 sbin; do [ -e "$R/$l" ] || ln -s "usr/$l" "$R/$l"; done
 exec chroot "$R" "$@"
 """
@@ -134,9 +134,12 @@ def test_farm_network_is_made_inside_a_plain_chroot(tmp_path: Path) -> None:
     root.mkdir()
     sh = tmp_path / "chroot.sh"
     sh.write_text(CHROOT_SH)
+    # the checkout and its venv live wherever the clone is (/work, /check/work, ...): bind their top directories too
+    tops = {Path(p).parts[1] for p in (sys.executable, __file__, *sys.path) if p.startswith("/") and len(Path(p).parts) > 1}
+    extra = " ".join(sorted(tops - {"usr", "etc", "root", "proc", "sys", "dev", "run", "tmp", "bin", "lib", "lib64", "sbin"}))
     p = subprocess.run(
         ["unshare", "-m", "sh", str(sh), str(root), sys.executable, "-c", MAKE_NETNS, str(tmp_path / "f")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "EXTRA": extra},
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert not Path("/run/netns/dynvm-chroottest").exists()
