@@ -25,9 +25,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now (all held open together while chosen, so they cannot repeat)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def ensure_pool_accounts() -> dict[str, int]:
@@ -99,7 +109,7 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]
         shipped = (REPO / "deploy" / "slurm" / "slurm.conf.dynvm").read_text()
         shipped = shipped.replace("/usr/local/libexec/dynvm", str(prolog_ctld.parent))
-        ctld_port = free_port()
+        ctld_port, *node_ports = free_ports(1 + len(NODES))
         lines = [
             f"ClusterName={self.name}", f"SlurmctldHost={host}", f"SlurmctldPort={ctld_port}",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
@@ -118,16 +128,48 @@ class SlurmCluster:
             lua = (REPO / "deploy" / "slurm" / "job_submit.lua").read_text()
             lua = lua.replace("/usr/local/libexec/dynvm", str(prolog_ctld.parent))
             (etc / "job_submit.lua").write_text(lua)
-        for i, n in enumerate(NODES):
-            lines.append(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port() + i} "
+        for n, port in zip(NODES, node_ports, strict=True):
+            lines.append(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
                          "CPUs=4 RealMemory=4000 Feature=cms,atlas,lhcb State=UNKNOWN")
         lines.append(f"PartitionName=batch Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
         (etc / "slurm.conf").write_text("\n".join(ln for ln in lines if ln and not ln.startswith("#")) + "\n")
 
     def start(self) -> None:
+        """Start munged, slurmctld and the slurmd.  A daemon that dies while the cluster comes up (a port
+        taken between choosing it and binding it, on a loaded machine) gets one more try on fresh ports;
+        a second failure raises with the daemons' log tails."""
+        try:
+            self._start_once()
+        except AssertionError as first:
+            if all(p.poll() is None for p in self.procs):
+                raise AssertionError(f"{first}\n{self.diagnostics()}") from None
+            self.stop()
+            self.procs.clear()
+            self._fresh_ports()
+            try:
+                self._start_once()
+            except AssertionError as second:
+                raise AssertionError(f"{second} (second try)\n{self.diagnostics()}") from None
+
+    def _fresh_ports(self) -> None:
+        ports = iter(free_ports(1 + len(NODES)))
+        text = re.sub(r"^SlurmctldPort=\d+", lambda _: f"SlurmctldPort={next(ports)}", self.conf.read_text(),
+                      flags=re.M)
+        text = re.sub(r" Port=\d+ ", lambda _: f" Port={next(ports)} ", text)
+        self.conf.write_text(text)
+
+    def diagnostics(self) -> str:
+        out = [f"exited: {[(p.args[0], p.args[-3:], p.returncode) for p in self.procs if p.poll() is not None]}",
+               "sinfo: " + self.run("sinfo", "-h", "-N", "-o", "%N %t %E", check=False).stdout.strip()]
+        for log in sorted((self.base / "log").glob("slurm*.log")):
+            out.append(f"--- {log.name}: " + "\n".join(log.read_text(errors="replace").splitlines()[-8:]))
+        return "\n".join(out)
+
+    def _start_once(self) -> None:
         key = self.base / "etc" / "munge.key"
         key.write_bytes(os.urandom(128))
         key.chmod(0o600)
+        (self.base / "run" / "munge.sock").unlink(missing_ok=True)
         munge = subprocess.Popen(
             ["munged", "-F", "--force", f"--socket={self.base}/run/munge.sock", f"--key-file={key}",
              f"--pid-file={self.base}/run/munged.pid", f"--log-file={self.base}/log/munged.log",
@@ -142,7 +184,13 @@ class SlurmCluster:
         for n in NODES:
             self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", n, "-f", str(self.conf)], env=self.env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for(lambda: self.idle_nodes() == len(NODES), 60, "slurmd nodes idle")
+        wait_for(lambda: self._alive() and self.idle_nodes() == len(NODES), 90, "slurmd nodes idle")
+
+    def _alive(self) -> bool:
+        dead = [p.args for p in self.procs if p.poll() is not None]
+        if dead:
+            raise AssertionError(f"daemon exited while the cluster came up: {dead}")
+        return True
 
     def idle_nodes(self) -> int:
         out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout
