@@ -114,7 +114,14 @@ class ProbeType(StrEnum):
 
 
 class Probe(Strict):
-    """One probe vocabulary for readiness and health."""
+    """One probe vocabulary for readiness and health.
+
+    As a readiness probe: sampled every ``interval_s`` until it passes, for at most ``timeout_s``.  As a
+    health probe (``health:`` of a version; the host's agent samples the version's running service VMs):
+    one sample every ``interval_s``, each given ``timeout_s`` to answer; ``failures`` failed samples in a
+    row make the VM unhealthy (the leader then restarts it in place, or relocates it past the image's
+    ``ha.max_restarts``).  ``guest_agent``: the guest answers a no-op through its exec channel in time.
+    """
 
     type: ProbeType
     marker: str | None = Field(default=None, pattern=r"^[A-Za-z0-9 _.:=/-]{1,128}$")
@@ -122,6 +129,7 @@ class Probe(Strict):
     command: list[str] | None = None
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
     interval_s: float = Field(default=1.0, gt=0, le=600)
+    failures: int = Field(default=3, ge=1, le=100)
 
     @model_validator(mode="after")
     def _needs(self) -> Probe:
@@ -132,6 +140,10 @@ class Probe(Strict):
         if self.type is ProbeType.EXEC and not self.command:
             raise ValueError("an exec probe needs 'command'")
         return self
+
+
+# One health sample may wait this long at most (a hung guest is found after ``failures`` such waits).
+HEALTH_MAX_TIMEOUT_S = 300.0
 
 
 class ExecMethod(StrEnum):
@@ -171,6 +183,19 @@ class ImageVersion(Strict):
     def _has_source(self) -> ImageVersion:
         if self.disk is None and self.boot is None:
             raise ValueError("a version needs 'disk' or 'boot' (or both)")
+        for what, probe in (("readiness", self.readiness), ("health", self.health)):
+            if (probe is not None and probe.type in (ProbeType.EXEC, ProbeType.GUEST_AGENT)
+                    and self.exec.method is not ExecMethod.SERIAL):
+                raise ValueError(f"{what}.type: a {probe.type.value} probe runs through the serial exec "
+                                 f"channel; this version's exec.method is {self.exec.method.value}")
+        if self.health is not None:
+            h = self.health
+            if h.type is ProbeType.SERIAL_MARKER:
+                raise ValueError("health.type: a serial marker says a guest booted, not that it still "
+                                 "answers; use domain_state, tcp, exec or guest_agent")
+            if h.timeout_s > HEALTH_MAX_TIMEOUT_S:
+                raise ValueError(f"health.timeout_s: at most {HEALTH_MAX_TIMEOUT_S:g} s per sample "
+                                 f"(got {h.timeout_s:g})")
         return self
 
     def artefacts(self) -> list[Artefact]:
