@@ -2,7 +2,9 @@
 
 Slurm: ``squeue -h -a -r -t all -o '%i|%T|%u|%U|%l'`` (id, state, user, uid, time limit; ``-r`` gives one line
 per array task, so a pending array of 500 tasks counts 500).  HTCondor: one schedd query through htcondor2
-(canned ClassAds in tests).  The same reading serves the pool targets (pending jobs) and leak reclaim (every
+(canned ClassAds in tests), in a child process.  Every read has a hard deadline (``pools.read_timeout_s``):
+a hung squeue or a silent collector/schedd is cut off and the cycle fails naming it, deciding nothing.  The
+same reading serves the pool targets (pending jobs) and leak reclaim (every
 job, with its walltime): one call, not one per VM.
 
 The output is untrusted text (user names, and a site's squeue wrapper could print anything): every field is
@@ -14,6 +16,7 @@ schedd recorded from the proxy), never from a job's name, comment or account.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 from collections import Counter
@@ -24,12 +27,12 @@ from typing import Any, Protocol
 from batch_hooks.context import JOB_ID_RE
 from batch_hooks.reclaim import BatchJob
 from provisioner.config import Config
-from provisioner.errors import DynvmError, TransientError, UnavailableError, ValidationError
+from provisioner.errors import DeadlineExceeded, DynvmError, TransientError, UnavailableError, ValidationError
 
 SQUEUE_FORMAT = "%i|%T|%u|%U|%l"
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 MAX_LINE = 512
-SQUEUE_TIMEOUT_S = 60.0
+SQUEUE_TIMEOUT_S = 30.0  # the default of pools.read_timeout_s
 USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 PENDING = "PENDING"
 
@@ -107,6 +110,33 @@ def parse_squeue(text: str) -> Reading:
     return out
 
 
+def run_bounded(argv: list[str], env: Mapping[str, str] | None, timeout_s: float,
+                what: str) -> subprocess.CompletedProcess[bytes]:
+    """Run a batch client with a hard deadline: at the deadline its whole process group is killed (a shell
+    wrapper's children too, which would otherwise hold the output pipe open) and DeadlineExceeded names it."""
+    import os
+    import signal
+
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=dict(env) if env is not None else None, start_new_session=True)
+    except OSError as err:
+        raise UnavailableError(f"{what}: {str(err)[:200]}") from None
+    try:
+        out, err_out = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            proc.communicate(timeout=5)  # reap it; the group is dead, so the pipes close
+        except subprocess.TimeoutExpired:  # something left the group and holds the pipes: stop reading
+            proc.kill()
+            proc.wait()
+        raise DeadlineExceeded(f"{what} did not answer in {timeout_s:g} s; cut off") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err_out)
+
+
 class SlurmSource:
     name = "slurm"
 
@@ -117,11 +147,7 @@ class SlurmSource:
         self.timeout_s = timeout_s
 
     def read(self) -> Reading:
-        try:
-            done = subprocess.run(self.argv, capture_output=True, env=self.env, timeout=self.timeout_s,
-                                  check=False)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise UnavailableError(f"squeue: {str(err)[:200]}") from None
+        done = run_bounded(self.argv, self.env, self.timeout_s, "squeue")
         if done.returncode != 0:
             detail = done.stderr.decode(errors="replace").strip().splitlines()[:1]
             raise UnavailableError(f"squeue exited {done.returncode}: {(detail or [''])[0][:200]}")
@@ -168,13 +194,33 @@ def parse_condor(ads: Iterable[Any]) -> Reading:
     return out
 
 
+# The schedd query runs in a child process killed at the deadline (as batch_hooks.condor_verify does):
+# htcondor2 blocks in C++ holding the GIL, so a silent collector or schedd would stall the whole worker.
+_QUERY_ALL = """
+import json, sys
+import htcondor2
+projection = sys.argv[1].split(",")
+ads = htcondor2.Schedd().query(constraint="true", projection=projection)
+json.dump([{k: v for k in projection if isinstance(v := ad.get(k), (str, int, float, bool))} for ad in ads],
+          sys.stdout)
+"""
+
+
 class CondorSource:
+    """One schedd query per cycle.  ``query``: canned ads (tests, benchmarks), run in-process; without it
+    the real query runs in a child process with a hard deadline (``env``: its HTCondor configuration)."""
+
     name = "htcondor"
 
-    def __init__(self, query: Callable[[], Iterable[Any]] | None = None) -> None:
-        self.query = query or _schedd_query
+    def __init__(self, query: Callable[[], Iterable[Any]] | None = None, env: Mapping[str, str] | None = None,
+                 timeout_s: float = SQUEUE_TIMEOUT_S) -> None:
+        self.query = query
+        self.env = dict(env) if env is not None else None
+        self.timeout_s = timeout_s
 
     def read(self) -> Reading:
+        if self.query is None:
+            return parse_condor(self._child_query())
         try:
             ads = list(self.query())
         except DynvmError:
@@ -183,12 +229,24 @@ class CondorSource:
             raise UnavailableError(f"htcondor schedd: {str(err)[:200]}") from None
         return parse_condor(ads)
 
+    def _child_query(self) -> list[Any]:
+        import json
+        import sys
 
-def _schedd_query() -> Iterable[Any]:
-    import htcondor2
-
-    ads: Iterable[Any] = htcondor2.Schedd().query(constraint="true", projection=CONDOR_PROJECTION)
-    return ads
+        argv = [sys.executable, "-c", _QUERY_ALL, ",".join(CONDOR_PROJECTION)]
+        done = run_bounded(argv, self.env, self.timeout_s, "htcondor schedd query")
+        if done.returncode != 0:
+            last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no detail"])[-1]
+            raise UnavailableError(f"htcondor schedd: {last[:200]}")
+        if len(done.stdout) > MAX_OUTPUT_BYTES:
+            raise TransientError(f"htcondor schedd query printed more than {MAX_OUTPUT_BYTES} bytes; refused")
+        try:
+            ads = json.loads(done.stdout)
+        except ValueError:
+            raise UnavailableError("htcondor schedd: garbled answer from the query") from None
+        if not isinstance(ads, list) or not all(isinstance(a, dict) for a in ads):
+            raise UnavailableError("htcondor schedd: garbled answer from the query")
+        return ads
 
 
 @dataclass(slots=True)
@@ -245,8 +303,10 @@ def count(reading: Reading, resolver: VOResolver) -> Demand:
 
 
 def source_for(config: Config, env: Mapping[str, str] | None = None) -> JobSource | None:
+    """The configured batch system's reader, each read cut off after ``pools.read_timeout_s``."""
+    timeout = config.pools.read_timeout_s
     if config.pools.batch == "slurm":
-        return SlurmSource(env=env)
+        return SlurmSource(env=env, timeout_s=timeout)
     if config.pools.batch == "htcondor":
-        return CondorSource()
+        return CondorSource(env=env, timeout_s=timeout)
     return None

@@ -5,6 +5,10 @@ The sweep walks the jobs that have a VM recorded (``<prefix>:jobvms``); a job wh
 does it when several workers sweep), and an event ``job_requeued`` records it.  The requeued attempt's
 prolog gets a fresh VM (new attempt, new idempotency key).  A VM that went away because the epilog released
 it is ``stopping``/``gone``, never lost, so a job that ended normally is never requeued.
+
+Every control worker of a farm with Slurm runs the loop (``run_forever``); each pass is recorded in the hash
+``<prefix>:requeue`` (last run and last error, by which worker, counts), which ``dynvm status`` shows, STALLED
+when no worker has swept for a few intervals.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from batch_hooks.proto import jobvm_key, jobvms_key
@@ -85,17 +89,34 @@ def _read(rt: Runtime) -> list[JobVM]:
     return out
 
 
-def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer]) -> list[str]:
-    """One pass; returns the job keys this caller requeued."""
+def status_key(prefix: str) -> str:
+    return f"{prefix}:requeue"
+
+
+STALL_INTERVALS = 3
+
+
+@dataclass(slots=True)
+class SweepReport:
+    tracked: int = 0  # jobs with a VM recorded
+    requeued: list[str] = field(default_factory=list)
+    forgotten: int = 0  # records of gone VMs dropped
+
+
+def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer], rep: SweepReport | None = None) -> list[str]:
+    """One pass; returns the job keys this caller requeued (``rep``: filled in as the pass goes)."""
     from batch_hooks.proto import job_acl_user
 
     prefix = rt.store.keys.prefix
-    done = []
+    rep = rep if rep is not None else SweepReport()
+    done = rep.requeued
     jobs = _read(rt)
+    rep.tracked = len(jobs)
     for job in to_forget(jobs):
         rt.store.r.execute_command("ACL", "DELUSER", job_acl_user(prefix, job.job_key))  # type: ignore[no-untyped-call]
         rt.store.r.delete(jobvm_key(prefix, job.job_key))
         rt.store.r.srem(jobvms_key(prefix), job.job_key)
+        rep.forgotten += 1
     for job in to_requeue(jobs):
         requeuer = requeuers.get(job.batch)
         if requeuer is None:
@@ -114,12 +135,66 @@ def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer]) -> list[str]:
     return done
 
 
+def record(rt: Runtime, rep: SweepReport | None, worker: str, interval_s: float, error: str = "") -> None:
+    """The last pass of any worker's loop (last writer wins: each pass is a fact of its own), for
+    ``dynvm status``."""
+    now = rt.store.redis_time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    key = status_key(rt.store.keys.prefix)
+    fields = {"last_run": stamp, "last_run_ts": f"{now:.3f}", "worker": worker,
+              "interval_s": f"{interval_s:g}", "last_error": error[:300]}
+    if rep is not None:
+        fields.update(last_ok=stamp, tracked=str(rep.tracked), last_requeued=str(len(rep.requeued)),
+                      last_forgotten=str(rep.forgotten))
+    pipe = rt.store.r.pipeline(transaction=True)
+    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+    if rep is not None:
+        pipe.hincrby(key, "runs", 1)
+        pipe.hincrby(key, "requeued", len(rep.requeued))
+        pipe.hincrby(key, "forgotten", rep.forgotten)
+    else:
+        pipe.hincrby(key, "errors", 1)
+    pipe.execute()
+
+
 def run_forever(rt: Runtime, requeuers: Mapping[str, Requeuer], stop: threading.Event,
-                interval_s: float = 5.0) -> None:
-    """Sweep until stopped; any exception is logged and the loop goes on."""
+                interval_s: float = 5.0, worker: str = "-") -> None:
+    """Sweep until stopped; any exception is logged and recorded, and the loop goes on."""
     while not stop.is_set():
+        rep = SweepReport()
         try:
-            sweep(rt, requeuers)
-        except Exception:
+            sweep(rt, requeuers, rep)
+            record(rt, rep, worker, interval_s)
+        except Exception as exc:
             log.exception("lost-VM sweep failed")
+            try:
+                # What the pass did before it failed still counts (a requeue done is done).
+                record(rt, None, worker, interval_s, f"{type(exc).__name__}: {exc}")
+                if rep.requeued:
+                    rt.store.r.hincrby(status_key(rt.store.keys.prefix), "requeued", len(rep.requeued))
+            except Exception:
+                log.exception("lost-VM sweep: cannot record the failure")
         stop.wait(interval_s)
+
+
+def describe(raw: dict[str, str], now: float) -> str:
+    """One line about the loop's last pass (pure): STALLED when no worker swept for STALL_INTERVALS."""
+    if not raw:
+        return "never ran"
+    interval = float(raw.get("interval_s") or 5.0)
+    age = now - float(raw.get("last_run_ts") or 0)
+    stalled = age > STALL_INTERVALS * interval
+    head = f"STALLED: no pass for {age:.0f} s (interval {interval:g} s); " if stalled else ""
+    err = f"; last error: {raw['last_error']}" if raw.get("last_error") else ""
+    return (f"{head}last run {raw.get('last_run', '-')} by {raw.get('worker', '-')}, "
+            f"last good {raw.get('last_ok', '-')}, {raw.get('runs', '0')} passes, "
+            f"{raw.get('errors', '0')} errors, "
+            f"{raw.get('tracked', '0')} jobs with a VM, {raw.get('requeued', '0')} requeued{err}")
+
+
+def requeue_line(rt: Runtime) -> str:
+    raw = as_str_dict(rt.store.r.hgetall(status_key(rt.store.keys.prefix)))
+    if rt.config.pools.batch != "slurm":
+        return "not run by the workers (pools.batch is not slurm); " + (describe(raw, rt.store.redis_time())
+                                                                         if raw else "never ran")
+    return describe(raw, rt.store.redis_time())

@@ -158,6 +158,12 @@ class PoolsConfig(Strict):
     batch: Literal["none", "slurm", "htcondor"] = "none"  # where pending jobs are counted
     cluster: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     reclaim_grace_s: float = Field(default=300.0, ge=0, le=86400)
+    # The watcher as a daemon: every control worker runs one when batch is not none, and a Redis lease
+    # (batch_hooks.watcher.WatcherLease) lets exactly one of them run cycles; another takes over within
+    # watcher_lease_s of the holder's death.  False: only `dynvm pool watch` runs it.
+    watcher: bool = True
+    watcher_lease_s: float = Field(default=15.0, ge=0.5, le=3600)
+    read_timeout_s: float = Field(default=30.0, gt=0, le=3600)  # hard deadline of one squeue / schedd read
 
 
 class BreakerConfig(Strict):

@@ -1,5 +1,10 @@
 """``dynvm pool``: warm pools per VO (list, show, set) and the demand watcher (watch).
 
+The control workers run the watcher themselves when ``pools.batch`` is set (one at a time, by lease);
+``pool watch`` competes for the same lease (it stands by while a worker holds it), ``pool watch --once``
+runs one cycle only if no one holds it (exit 4 otherwise).  ``list`` and ``show`` say who holds it and
+when it last ran, STALLED when that is a few cycles ago.
+
 Settings live in Redis (``<prefix>:pool:<vo>``); ``set`` changes only the options given, by compare-and-set
 on the revision it read, so two operators' edits never silently overwrite each other (exit 4 on a race).
 """
@@ -73,22 +78,22 @@ def _rows(ctx: CliContext) -> list[dict[str, Any]]:
 
 
 def _watcher(ctx: CliContext) -> dict[str, Any]:
-    from batch_hooks.watcher import status_key
+    """The watcher's last-run hash, plus who holds the lease and the one-line summary (STALLED...)."""
+    from batch_hooks.watcher import lease_key, status_key, watcher_line
     from provisioner.cli.common import runtime
 
     rt = runtime(ctx)
     raw: dict[str, str] = rt.store.r.hgetall(status_key(rt.store.keys.prefix))  # type: ignore[assignment]
-    return dict(raw)
+    lease = rt.store.r.get(lease_key(rt.store.keys.prefix))
+    return {**raw, "lease_holder": str(lease).partition("|")[0] if lease is not None else None,
+            "summary": watcher_line(rt)}
 
 
 def _cmd_list(ctx: CliContext, args: argparse.Namespace) -> int:
     rows = _rows(ctx)
     ctx.out.table(rows, ["vo", "min", "max", "idle_timeout_s", "warm", "booting", "pending"], title="pools")
-    w = _watcher(ctx)
-    if w and ctx.out.mode == "table":
-        err = f", last error: {w['last_error']}" if w.get("last_error") else ""
-        ctx.out.warning(f"watcher: last run {w.get('last_run', '-')}, last good {w.get('last_ok', '-')}, "
-                        f"{w.get('cycles', 0)} cycles, {w.get('errors', 0)} errors{err}")
+    if ctx.out.mode == "table":
+        ctx.out.warning(f"watcher: {_watcher(ctx)['summary']}")
     return EXIT_OK
 
 
@@ -127,17 +132,30 @@ def _cmd_watch(ctx: CliContext, args: argparse.Namespace) -> int:
     import threading
 
     from batch_hooks.demand import source_for
-    from batch_hooks.watcher import cycle, record, run
+    from batch_hooks.watcher import WatcherLease, cycle, record, run
     from provisioner.cli.common import runtime
-    from provisioner.errors import ConfigError
+    from provisioner.errors import ConfigError, ConflictError
 
     rt = runtime(ctx)
     source = source_for(rt.config)
     if source is None:
         raise ConfigError(f"pools.batch is 'none' in {rt.config.source}: set it to slurm or htcondor")
     if args.once:
-        rep = cycle(rt, source)
-        record(rt, rep)
+        import os
+
+        # One cycle under the lease, so it never runs beside a worker's watcher.
+        lease = WatcherLease(rt.store.r, rt.store.keys.prefix, f"watch-once-{os.getpid()}",
+                             rt.config.pools.watcher_lease_s)
+        token = lease.take()
+        if token is None:
+            held = lease.holder()
+            raise ConflictError(f"the pool watcher runs in {held[0] if held else 'another process'} "
+                                "(it holds the watcher lease): see `dynvm status`")
+        try:
+            rep = cycle(rt, source, lambda: lease.renew(token))
+            record(rt, rep, holder=lease.member, token=token)
+        finally:
+            lease.release(token)
         ctx.out.obj({"pending": rep.pending, "started": rep.started, "released": rep.released,
                      "reclaimed": rep.reclaimed, "rejected_lines": rep.rejected, "unmapped": rep.unmapped,
                      "read_ms": round(rep.read_ms, 1), "cycle_ms": round(rep.total_ms, 1),
