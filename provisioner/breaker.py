@@ -246,6 +246,15 @@ def _event(store: StateStore, image: str, out: Outcome, host: str | None, iid: s
     store.add_event(out.event, f"image {image}: {detail}", instance=iid, host=host)
 
 
+def breaker_gate(rt: Runtime, image: str) -> str | None:
+    """The key create_instance checks for a closed breaker in its own script (None: no breaker can exist
+    for a ref outside the key alphabet; refs are validated elsewhere)."""
+    try:
+        return store_of(rt).key(image)
+    except ValidationError:
+        return None
+
+
 def check_admission(rt: Runtime, image: str) -> None:
     """Raise CircuitOpenError (with an event) if ``image``'s breaker refuses a new boot now."""
     bs = store_of(rt)

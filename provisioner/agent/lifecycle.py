@@ -69,9 +69,18 @@ def boot_instance(
 
 def _fault_hold(rt: Runtime, inst: Instance) -> None:
     """Fault injection for tests (kill the agent mid-boot): while the file named by
-    $DYNVM_FAULT_HOLD_AFTER_START exists, the boot pauses right after the domain was started."""
+    $DYNVM_FAULT_HOLD_AFTER_START exists, the boot pauses right after the domain was started.  A file
+    naming a role (``worker`` or ``service``) holds only that role's boots (a held backlog of workers
+    ahead of an HA start: tests/ha/test_failover_faults.py)."""
     path = os.environ.get("DYNVM_FAULT_HOLD_AFTER_START")
     if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            only = f.read().strip()
+    except OSError:
+        return
+    if only and only != inst.role.value:
         return
     rt.store.add_event("fault_hold", instance=inst.id, host=rt.host, message=f"boot held while {path} exists")
     deadline = time.monotonic() + rt.config.timeouts.provision_s
@@ -103,7 +112,6 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     except ConflictError:
         # Released (or re-placed) while booting: the record's new owner deals with the domain.
         return
-    record_boot(rt, inst, ok=True)  # closes the image's circuit breaker if it was open (issue 9)
     ms = (time.monotonic() - started) * 1000
     rt.store.add_event(
         "ready",
@@ -113,8 +121,9 @@ def _boot(rt: Runtime, inst: Instance) -> None:
         vo=inst.vo,
         duration_s=ms / 1000,
         libvirt_ms=f"{libvirt_ms:.3f}",
+        notify=True,
     )
-    rt.store.notify(inst.id)
+    record_boot(rt, inst, ok=True)  # closes the image's breaker if open (issue 9); after the waiter woke
 
 
 def _fail(rt: Runtime, inst: Instance, reason: str, image_fault: bool = False) -> None:

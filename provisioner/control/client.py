@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from provisioner.breaker import check_admission
+from provisioner.breaker import breaker_gate, check_admission
 from provisioner.catalogue.model import ImageKind, ResolvedImage
 from provisioner.control.sending import redis_unavailable, send_message, send_provision
 from provisioner.errors import (
@@ -17,6 +17,7 @@ from provisioner.errors import (
 )
 from provisioner.model import Instance, InstanceState, Role, Tier
 from provisioner.runtime import Runtime
+from provisioner.state.instances import GateNotClosed
 
 SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
 ENDED = frozenset({InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
@@ -92,9 +93,6 @@ def submit(
             mac = service_mac(service or ip)
     if tier is None:
         tier = Tier.WORKER if role is Role.WORKER else Tier(image.ha.priority.value if image.ha else "normal")
-    if role is Role.WORKER and not (idempotency_key and rt.store.instance_for_key(idempotency_key)):
-        with redis_unavailable(rt):  # it reads Redis directly: a Redis outage is one line, not a traceback
-            check_admission(rt, image.ref)  # issue 9: the image's circuit breaker refuses (CircuitOpenError)
     now = time.time()
     inst = Instance(
         id=new_instance_id(),
@@ -114,7 +112,17 @@ def submit(
         created=now,
         updated=now,
     )
-    inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
+    # Issue 9: a worker boot passes its image's circuit breaker.  The closed breaker (the common case) is
+    # checked inside the create script itself; only a breaker that is not closed costs the full admission
+    # (which may let a half-open probe through, or refuse with CircuitOpenError), then the create again.
+    # An idempotent hit (the job's own VM already exists) is never refused.
+    gate = breaker_gate(rt, image.ref) if role is Role.WORKER else None
+    try:
+        inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key, gate=gate)
+    except GateNotClosed:
+        with redis_unavailable(rt):  # it reads Redis directly: a Redis outage is one line, not a traceback
+            check_admission(rt, image.ref)
+        inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
     # The record is the outbox: it is written first, and a request whose message did not go out (broker
     # down here, or lost later) is sent again by the control workers' sweeper (control/sweeper.py).  A
     # send that fails here is still the caller's error (UnavailableError, one line): a caller retrying with
@@ -134,13 +142,16 @@ def wait(
     """Block until the instance reaches a state in ``until`` (default: ready, failed, gone or lost) or the
     deadline passes.  Use ``until=ENDED`` after a release."""
     deadline = time.monotonic() + timeout_s
+    first = True
     while True:
         inst = rt.store.get_instance(instance_id)
         if inst is None:
             raise NotFoundError(f"instance {instance_id} not found")
         if inst.state in until:
             return inst
-        if inst.state is InstanceState.REQUESTED:
+        if inst.state is InstanceState.REQUESTED and not first:
+            # (not on the first read, which is most often the only one: the check costs a round trip on
+            # Redis's clock, and one notify-wait of at most 1 s later it runs)
             inst = _fail_if_nobody_picks_up(rt, inst)
             if inst.state in until:
                 return inst
@@ -148,6 +159,7 @@ def wait(
         if left <= 0:
             raise DeadlineExceeded(f"instance {instance_id} still {inst.state.value} after {timeout_s:.0f} s")
         rt.store.wait_notified(instance_id, min(left, 1.0))
+        first = False
 
 
 def _fail_if_nobody_picks_up(rt: Runtime, inst: Instance) -> Instance:

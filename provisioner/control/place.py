@@ -8,6 +8,8 @@ its capacity claim back).
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 from provisioner.errors import ConflictError, NoCapacityError
 from provisioner.messaging import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
@@ -47,12 +49,23 @@ def request_for(inst: Instance):  # type: ignore[no-untyped-def]
     )
 
 
-def place_instance(rt: Runtime, instance_id: str, final_attempt: bool = False) -> str | None:
-    """Place a requested instance; returns the host, or None if there is nothing to do.
+class Unread:
+    """place_instance's default: the caller did not read the record."""
+
+
+UNREAD = Unread()
+
+
+def place_instance(
+    rt: Runtime, instance_id: str, final_attempt: bool = False, inst: Instance | Unread | None = UNREAD
+) -> str | None:
+    """Place a requested instance; returns the host, or None if there is nothing to do.  ``inst``: the
+    record as the caller just read it (else it is read here).
 
     Raises NoCapacityError (retried) while capacity may still come; on the final attempt the instance is
     failed with the reason instead, so no request stays ``requested`` forever."""
-    inst = rt.store.get_instance(instance_id)
+    if isinstance(inst, Unread):
+        inst = rt.store.get_instance(instance_id)
     if inst is None or inst.state is not InstanceState.REQUESTED:
         return inst.host if inst is not None else None
     try:
@@ -106,11 +119,25 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
     rt.store.add_event(
         "placed", f"{inst.image} on {host}", instance=inst.id, host=host, vo=inst.vo, duration_s=since(inst)
     )
+    _fault_hold(rt, inst.id, host)
     priority = PRIORITY_HA if inst.tier in (Tier.CRITICAL, Tier.HIGH) else PRIORITY_DEFAULT
     from provisioner.messaging import BOOT
 
     rt.app.send_task(BOOT, args=[inst.id], queue=host_queue(host), priority=priority)
     return host
+
+
+def _fault_hold(rt: Runtime, instance_id: str, host: str) -> None:
+    """Fault injection for tests (kill a control worker between placement and BOOT): while the file named by
+    $DYNVM_FAULT_HOLD_AFTER_PLACE exists, a placement pauses after its record says placed, before the BOOT
+    message is sent.  Unset in production: one environment lookup."""
+    path = os.environ.get("DYNVM_FAULT_HOLD_AFTER_PLACE")
+    if not path or not os.path.exists(path):
+        return
+    rt.store.add_event("fault_hold", f"BOOT held while {path} exists", instance=instance_id, host=host)
+    deadline = time.monotonic() + rt.config.timeouts.provision_s
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _fail(rt: Runtime, inst: Instance, reason: str) -> None:

@@ -14,5 +14,6 @@ def register(app: Any) -> None:
         from provisioner.control.place import place_instance
 
         rt = runtime_of(self)
-        rt.store.mark_picked(instance_id)  # the sweeper re-sends only what no worker is on
-        place_instance(rt, instance_id, final_attempt=self.request.retries >= self.max_retries)
+        # Marked picked (the sweeper re-sends only what no worker is on) and read, in one round trip.
+        inst = rt.store.pick_up(instance_id)
+        place_instance(rt, instance_id, final_attempt=self.request.retries >= self.max_retries, inst=inst)

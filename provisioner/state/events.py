@@ -64,10 +64,13 @@ class EventsMixin(StoreBase):
         host: str | None = None,
         vo: str | None = None,
         duration_s: float | None = None,
+        notify: bool = False,
         **extra: str,
     ) -> str:
         """Append one event; returns its stream id.  It is also logged as one line (:mod:`provisioner.oplog`),
-        first, so the operation is in the process's log even when Redis cannot take the event."""
+        first, so the operation is in the process's log even when Redis cannot take the event.
+        ``notify``: then wake the instance's waiters (notify()), in the same round trip: a waiter that
+        wakes finds the event already there."""
         oplog.event(kind, message, instance=instance, host=host, vo=vo, duration_s=duration_s, extra=extra)
         fields: dict[str, str] = {"ts": _now_iso(), "kind": kind, "message": message[:MAX_MESSAGE]}
         if instance:
@@ -79,8 +82,11 @@ class EventsMixin(StoreBase):
         if duration_s is not None:
             fields["duration_ms"] = str(round(duration_s * 1000))
         fields.update({k: str(v)[:MAX_MESSAGE] for k, v in extra.items() if k not in _CORE})
-        eid = self.r.xadd(self.keys.events, cast(Any, fields), maxlen=self.events_maxlen, approximate=True)
-        return str(eid)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xadd(self.keys.events, cast(Any, fields), maxlen=self.events_maxlen, approximate=True)
+        if notify and instance:
+            self._notify_into(pipe, instance)
+        return str(pipe.execute()[0])
 
     @guarded
     def read_events(self, count: int = 100, since_id: str | None = None) -> list[Event]:
@@ -124,12 +130,15 @@ class EventsMixin(StoreBase):
     @guarded
     def notify(self, instance_id: str) -> None:
         """Wake whoever waits on this instance (clients with --wait); they re-read its record."""
-        key = self.keys.notify(instance_id)
         pipe = self.r.pipeline(transaction=False)
+        self._notify_into(pipe, instance_id)
+        pipe.execute()
+
+    def _notify_into(self, pipe: Any, instance_id: str) -> None:
+        key = self.keys.notify(instance_id)
         pipe.lpush(key, "1")
         pipe.ltrim(key, 0, 0)
         pipe.pexpire(key, 60_000)
-        pipe.execute()
 
     @guarded
     def wait_notified(self, instance_id: str, timeout_s: float) -> bool:

@@ -26,6 +26,10 @@ _ALLOWED_FROM: dict[InstanceState, str] = {
 _CLAIMING_CSV = ",".join(sorted(s.value for s in CLAIMING_STATES))
 
 
+class GateNotClosed(Exception):
+    """create_instance's admission gate (an image's circuit breaker) is not closed: nothing was written."""
+
+
 class AnyHost(Enum):
     """``expected_host`` not checked (None already means "the record has no host")."""
 
@@ -61,14 +65,19 @@ def _conflict_message(
 
 class InstancesMixin(StoreBase):
     @guarded
-    def create_instance(self, inst: Instance, idempotency_key: str | None = None) -> tuple[Instance, bool]:
+    def create_instance(
+        self, inst: Instance, idempotency_key: str | None = None, gate: str | None = None
+    ) -> tuple[Instance, bool]:
         """Store a new instance; with a key, a repeated call returns the first instance and False.
 
+        ``gate``: a circuit-breaker hash key checked in the same script (no extra round trip on the common,
+        closed path); when that breaker is not closed nothing is written and GateNotClosed is raised.
         Raises ConflictError if the id is taken by a different request.
         """
-        keys = [self.keys.inst(inst.id)]
-        if idempotency_key is not None:
-            keys.append(self.keys.idem(idempotency_key))
+        idem = self.keys.idem(idempotency_key) if idempotency_key is not None else ""
+        keys = [self.keys.inst(inst.id), idem]
+        if gate is not None:
+            keys.append(gate)
         if inst.host is not None:
             check_id(inst.host, "host name")
         now = time.time()
@@ -84,6 +93,8 @@ class InstancesMixin(StoreBase):
         code, iid = cast(list[Any], self._run("create_instance", keys, args))
         if int(code) == -1:
             raise ConflictError(f"instance id {inst.id!r} already exists")
+        if int(code) == -2:
+            raise GateNotClosed(str(iid))
         if int(code) == 1:
             return inst, True
         existing = self.get_instance(str(iid))

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from provisioner.state.base import StoreBase, guarded
+from provisioner.model import Instance
+from provisioner.state.base import StoreBase, guarded, pairs_to_dict
+from provisioner.state.codec import instance_from_fields
 from provisioner.state.keys import check_id
 from provisioner.state.retention import run_extra
 
@@ -26,6 +28,13 @@ class OutboxMixin(StoreBase):
     def redis_time(self) -> float:
         sec, usec = self.r.time()
         return sec + usec / 1e6
+
+    @guarded
+    def pick_up(self, instance_id: str) -> Instance | None:
+        """mark_picked and get_instance in one round trip (pick_up.lua): what a control worker does first."""
+        check_id(instance_id, "instance id")
+        raw = pairs_to_dict(cast(list[str], run_extra(self, "pick_up", [instance_id, PICKED_TTL_S])))
+        return instance_from_fields(raw) if raw else None
 
     @guarded
     def mark_picked(self, instance_id: str) -> None:

@@ -134,9 +134,11 @@ def test_farm_network_is_made_inside_a_plain_chroot(tmp_path: Path) -> None:
     root.mkdir()
     sh = tmp_path / "chroot.sh"
     sh.write_text(CHROOT_SH)
-    # the checkout and its venv live wherever the clone is (/work, /check/work, ...): bind their top directories too
-    tops = {Path(p).parts[1] for p in (sys.executable, __file__, *sys.path) if p.startswith("/") and len(Path(p).parts) > 1}
-    extra = " ".join(sorted(tops - {"usr", "etc", "root", "proc", "sys", "dev", "run", "tmp", "bin", "lib", "lib64", "sbin"}))
+    # The checkout and its venv live wherever the clone is (/work, /check/work, ...): bind their tops too.
+    paths = (sys.executable, __file__, *sys.path)
+    tops = {Path(p).parts[1] for p in paths if p.startswith("/") and len(Path(p).parts) > 1}
+    bound = {"usr", "etc", "root", "proc", "sys", "dev", "run", "tmp", "bin", "lib", "lib64", "sbin"}
+    extra = " ".join(sorted(tops - bound))
     p = subprocess.run(
         ["unshare", "-m", "sh", str(sh), str(root), sys.executable, "-c", MAKE_NETNS, str(tmp_path / "f")],
         capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "EXTRA": extra},
