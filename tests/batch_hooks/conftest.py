@@ -10,11 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.batch_hooks.slurm_cluster import REPO, SlurmCluster, ensure_pool_accounts, install_hooks
+from provisioner.farm.slurm import (
+    HOOK_USER,
+    SlurmCluster,
+    install_hooks,
+    missing_programs,
+    trusted_hook_rules,
+)
+from tests.batch_hooks.slurm_cluster import REPO, ensure_pool_accounts
 from tests.control.conftest import Farm, test_farm
 
-__all__ = ["test_farm"]
-HOOK_USER = "dynvm-hook"
+__all__ = ["HOOK_USER", "test_farm", "trusted_hook_rules"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,12 +32,6 @@ def pool_accounts() -> dict[str, int]:
     if os.geteuid() != 0:
         pytest.fail("the batch hook tests create pool accounts: run as root")
     return ensure_pool_accounts()
-
-
-def trusted_hook_rules(prefix: str, password: str) -> list[str]:
-    """What deploy/slurm/README.md gives the controller hooks: push requests, read their replies."""
-    return ["reset", "on", f">{password}", f"~{prefix}:hooks", f"~{prefix}:hookreply:*", "-@all",
-            "+lpush", "+blpop", "+time", "+ping", "+auth"]
 
 
 @pytest.fixture(scope="session")
@@ -65,12 +65,13 @@ def start_slurm(hook_url: str, job_redis: str, wrap_payload: bool) -> Iterator[S
     import sys
     import tempfile
 
-    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
-        pytest.fail("slurm-wlm and munge are not installed (deploy/install.sh installs them)")
+    if missing_programs():
+        pytest.fail(f"slurm-wlm and munge are not installed (missing {missing_programs()}; "
+                    "deploy/install.sh installs them)")
     # Not under pytest's tmp (0700 parents): the pool accounts must reach their job scripts and outputs.
     base = Path(tempfile.mkdtemp(prefix="dynvm-slurm-"))
     base.chmod(0o755)
-    cluster = SlurmCluster(base, {})
+    cluster = SlurmCluster(base)
     common = {"SLURM_CONF": str(cluster.conf)}
     ctld = {**common, "DYNVM_PYTHON": sys.executable, "DYNVM_HOOK_REDIS": hook_url, "DYNVM_PREFIX": "dynvm",
             "DYNVM_PROLOG_TIMEOUT": "8" if not wrap_payload else "240"}
