@@ -59,6 +59,7 @@ class Trial:
     running_s: float
     ready_s: float
     steps: dict[str, float] = field(default_factory=dict)  # recovery step -> seconds after the kill
+    vms: list[dict[str, Any]] = field(default_factory=list)  # per VM: survivor, booting/running/ready times
 
 
 def victim_of(klass: str) -> str:
@@ -86,6 +87,8 @@ def trial(rt: Runtime, layout: FarmLayout, klass: str, size: int, n: int) -> Tri
     conns = {h.name: LibvirtHost(h.uri) for h in rt.config.hosts if h.name != victim}
     running: dict[str, float] = {}
     ready: dict[str, float] = {}
+    booting: dict[str, float] = {}  # the survivor's agent took the boot (record seen booting)
+    where: dict[str, str] = {}
     try:
         t0 = farm_kill(layout, victim)["killed_at"]
         deadline = time.monotonic() + 300
@@ -97,6 +100,9 @@ def trial(rt: Runtime, layout: FarmLayout, klass: str, size: int, n: int) -> Tri
                 if rec.host is None or rec.host == victim:
                     continue
                 now = time.time()
+                where[i.id] = rec.host
+                if i.id not in booting and rec.state is not InstanceState.PLACED:
+                    booting[i.id] = now - t0
                 if i.id not in running and conns[rec.host].state(i.domain_name) is DomainState.RUNNING:
                     running[i.id] = now - t0
                 if i.id not in ready and rec.state is InstanceState.READY:
@@ -114,7 +120,19 @@ def trial(rt: Runtime, layout: FarmLayout, klass: str, size: int, n: int) -> Tri
         release(rt, i.id)
     for i in insts:
         wait(rt, i.id, 120, until=ENDED)
-    return Trial(klass, size, max(running.values()), max(ready.values()), steps)
+    vms = [{"host": where.get(i.id), "booting": round(booting.get(i.id, -1), 3),
+            "running": round(running[i.id], 3), "ready": round(ready[i.id], 3)} for i in insts]
+    return Trial(klass, size, max(running.values()), max(ready.values()), steps, vms)
+
+
+def breakdown(tr: Trial) -> str:
+    """Where a trial's time went: survivors used, and per VM (start order) booting/running/ready."""
+    hosts: dict[str, int] = {}
+    for v in tr.vms:
+        hosts[str(v["host"])] = hosts.get(str(v["host"]), 0) + 1
+    per = ", ".join(f"{v['host']} {v['booting']:.2f}/{v['running']:.2f}/{v['ready']:.2f}"
+                    for v in sorted(tr.vms, key=lambda v: float(v["running"])))
+    return f"    survivors {hosts}; per VM booting/running/ready: {per}"
 
 
 def pacemaker(env_text: str, trials: int) -> list[dict[str, Any]]:
@@ -195,6 +213,7 @@ def main() -> None:
                     print(f"{klass:<8} ({dc.dead_after_s:g} s x{dc.samples}) {size} VM(s) trial {t}: "
                           f"running {tr.running_s:.2f} s, ready {tr.ready_s:.2f} s, steps {tr.steps}"
                           f"{'  (warm-up, not counted)' if warm else ''}", flush=True)
+                    print(breakdown(tr), flush=True)
                     if not warm:
                         results.append(tr)
     finally:
