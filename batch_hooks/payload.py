@@ -7,6 +7,11 @@ take only that VM's run token.  So it accepts only its own job's VM; the VM's ex
 directly (owned by the job's uid since the prolog, see batch_hooks.server._grant_exec) and no queue carries
 the payload, which may run for days.  The run token makes a second start of the same attempt fail.
 
+Output streams: the script's stdout and stderr arrive in chunks while it runs (provisioner.execchan.frames)
+and are written to the wrapper's own stdout/stderr (the job's output files) as they come, byte for byte,
+with no size cap; memory stays bounded (the guest blocks the script when the wrapper falls behind).  No
+output crosses Redis, so the job's ACL user needs nothing new and can read no other job's output.
+
 Exit status: the script's own; dynvm's errors print one line prefixed ``dynvm payload:`` and exit with
 dynvm's codes (2 usage/invalid, 4 already started, 5 unavailable).
 """
@@ -14,9 +19,10 @@ dynvm's codes (2 usage/invalid, 4 already started, 5 unavailable).
 from __future__ import annotations
 
 import binascii
+import codecs
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TextIO
 from urllib.parse import quote, urlsplit
 
@@ -56,10 +62,31 @@ def _read_script(source: TextIO, hex_encoded: bool) -> str:
         raise ValidationError("the wrapped job script is not valid hex") from None
 
 
+def sink(stream: TextIO) -> Callable[[bytes], None]:
+    """Chunks to a text stream: straight to its binary buffer (the job's output file, byte-exact, flushed
+    per chunk so the file grows while the job runs), or decoded for a stream that has none."""
+    buf = getattr(stream, "buffer", None)
+    if buf is not None:
+        stream.flush()
+
+        def write(data: bytes) -> None:
+            buf.write(data)
+            buf.flush()
+
+        return write
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def decode(data: bytes) -> None:
+        stream.write(dec.decode(data))
+        stream.flush()
+
+    return decode
+
+
 def run(env: Mapping[str, str], script: str, out: TextIO, err: TextIO) -> int:
     from batch_hooks.proto import jobvm_key
     from batch_hooks.resp import LightRedis
-    from provisioner.execchan.client import exec_socket, run_in_guest
+    from provisioner.execchan.client import exec_socket, stream_in_guest
     from provisioner.execchan.once import take_run_token
 
     url, pfx, key = _job_redis(env)
@@ -68,9 +95,8 @@ def run(env: Mapping[str, str], script: str, out: TextIO, err: TextIO) -> int:
         if not vm.get("instance"):
             raise ValidationError(f"no VM is recorded for this job ({key})")
         take_run_token(r, pfx, vm["instance"], vm.get("attempt", "0"))
-    res = run_in_guest(exec_socket(vm["shared_dir"], vm["instance"], vm["host"]), script=script, timeout=None)
-    out.write(res.stdout)
-    err.write(res.stderr)
+    res = stream_in_guest(exec_socket(vm["shared_dir"], vm["instance"], vm["host"]), script=script,
+                          timeout=None, out=sink(out), err=sink(err))
     return res.exit_code
 
 

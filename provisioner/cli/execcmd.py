@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from provisioner.cli.argtypes import seconds
@@ -20,7 +21,11 @@ def register(sub: Any) -> None:
         description="Run COMMAND inside VM ID, straight through the VM's exec channel on its host (run this "
         "on the VM's host; no queue is involved). dynvm exits with the command's exit code; dynvm's own "
         "errors (unknown VM, VM not ready, not on its host, timeout, run token taken) are reported on stderr "
-        "with the usual exit codes.",
+        "with the usual exit codes. Output streams while the command runs (no size cap); with --json it is "
+        "collected and returned at the end (capped at 1 MiB per stream). If dynvm exec dies while the "
+        "command runs, the command goes on (blocked once the guest's window is full) and "
+        "`dynvm exec ID --attach CURSOR` resumes its output exactly where it stopped (the cursor is in "
+        "the error line).",
     )
     p.add_argument("id")
     p.add_argument(
@@ -35,6 +40,12 @@ def register(sub: Any) -> None:
         default=None,
         help="start the command at most once for (VM, ATTEMPT); a second start exits 4",
     )
+    p.add_argument(
+        "--attach",
+        metavar="CURSOR",
+        default=None,
+        help="resume the output of a streaming run at RUN:NEXT_OUT:NEXT_ERR (no command)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=exec_cmd)
 
@@ -44,12 +55,14 @@ def _own_options(args: argparse.Namespace, rest: list[str]) -> list[str]:
     back from the front of the remainder, up to ``--``; everything after ``--`` is the command's."""
     from provisioner.errors import UsageError
 
-    while rest and rest[0] in ("--timeout", "--once"):
+    while rest and rest[0] in ("--timeout", "--once", "--attach"):
         if len(rest) < 2:
             raise UsageError(f"exec: {rest[0]} needs a value")
         flag, value, rest = rest[0], rest[1], rest[2:]
         if flag == "--once":
             args.once = value
+        elif flag == "--attach":
+            args.attach = value
         else:
             try:
                 args.timeout = float(value)
@@ -66,10 +79,24 @@ def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
     if args.timeout < 0:
         raise ValidationError(f"--timeout: {args.timeout} is negative (0 = no limit)")
     timeout = None if args.timeout == 0 else args.timeout
-    res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once)
     if ctx.out.json:
+        if args.attach is not None:
+            raise ValidationError("exec: --attach streams; it cannot be combined with --json")
+        res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once)
         ctx.out.obj(res)
-    else:
-        sys.stdout.write(res["stdout"])
-        sys.stderr.write(res["stderr"])
+        return int(res["exit_code"])
+    res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once,
+                     out=_writer(sys.stdout), err=_writer(sys.stderr), attach=args.attach)
     return int(res["exit_code"])
+
+
+def _writer(stream: Any) -> Callable[[bytes], None]:
+    """Each chunk straight to the stream's bytes, flushed: output appears as the command prints it."""
+    stream.flush()
+    buf = stream.buffer
+
+    def write(data: bytes) -> None:
+        buf.write(data)
+        buf.flush()
+
+    return write

@@ -10,6 +10,7 @@ running the payload twice (provisioner.execchan.once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from provisioner.errors import ConflictError, NotFoundError, UnavailableError, ValidationError
@@ -17,6 +18,7 @@ from provisioner.model import InstanceState
 from provisioner.runtime import Runtime
 
 MAX_ARGS = 256
+Sink = Callable[[bytes], None]
 
 
 def exec_in_vm(
@@ -25,13 +27,27 @@ def exec_in_vm(
     argv: list[str],
     timeout_s: float | None = 60.0,
     run_token: str | None = None,
+    *,
+    out: Sink | None = None,
+    err: Sink | None = None,
+    attach: str | None = None,
 ) -> dict[str, Any]:
-    """Returns {exit_code, stdout, stderr, duration_s, host}.  ``timeout_s=None``: no limit (a payload)."""
-    from provisioner.execchan.client import exec_socket, run_in_guest
+    """Returns {exit_code, stdout, stderr, duration_s, host}.  ``timeout_s=None``: no limit (a payload).
 
-    ok = isinstance(argv, list) and 0 < len(argv) <= MAX_ARGS and all(isinstance(a, str) for a in argv)
-    if not ok:
-        raise ValidationError(f"exec: give a command (1..{MAX_ARGS} arguments)")
+    With ``out`` and ``err`` the output streams to them chunk by chunk while the command runs (no size
+    cap; stdout/stderr in the result are then empty, out_bytes/err_bytes/run_id are added); without, it
+    is collected and returned at the end (capped at 1 MiB per stream: short commands).  ``attach`` (with
+    sinks, no argv) resumes a streaming run an earlier client left at cursor ``RUN:NEXT_OUT:NEXT_ERR``."""
+    from provisioner.execchan.client import exec_socket, run_in_guest, stream_in_guest
+
+    streaming = out is not None and err is not None
+    if attach is not None:
+        if not streaming or argv or run_token is not None:
+            raise ValidationError("exec --attach resumes a streaming run: no command and no --once with it")
+    else:
+        ok = isinstance(argv, list) and 0 < len(argv) <= MAX_ARGS and all(isinstance(a, str) for a in argv)
+        if not ok:
+            raise ValidationError(f"exec: give a command (1..{MAX_ARGS} arguments)")
     inst = rt.store.get_instance(instance_id)
     if inst is None:
         raise NotFoundError(f"vm {instance_id!r} not found")
@@ -46,6 +62,19 @@ def exec_in_vm(
         from provisioner.execchan.once import take_run_token
 
         take_run_token(rt.store.r, rt.store.keys.prefix, inst.id, run_token)
+    if out is not None and err is not None:
+        sres = stream_in_guest(path, None if attach else argv, timeout=timeout_s, out=out, err=err,
+                               attach=attach)
+        return {
+            "exit_code": sres.exit_code,
+            "stdout": "",
+            "stderr": "",
+            "duration_s": round(sres.duration_s, 3),
+            "host": inst.host,
+            "run_id": sres.run_id,
+            "out_bytes": sres.out_bytes,
+            "err_bytes": sres.err_bytes,
+        }
     res = run_in_guest(path, argv, timeout=timeout_s)
     return {
         "exit_code": res.exit_code,

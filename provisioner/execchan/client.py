@@ -16,6 +16,11 @@ system's walltime is the limit; a job may run for days) and the longest guest-si
 
 Callers connect to the socket themselves (``dynvm exec``, the batch payload wrapper): no payload ever
 crosses a queue that could redeliver it (DESIGN.md, "No payload in the control plane").
+
+That one-line protocol returns the output only at the end, capped at 1 MiB per stream: it serves probes
+and short commands (``run_in_guest``).  Payloads use the streaming protocol of provisioner.execchan.frames
+(``stream_in_guest``): numbered chunks while the job runs, acknowledged once written, no size cap, bounded
+memory on both sides, and resumable from a cursor after the client died (``attach``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import shlex
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,3 +169,115 @@ def run_in_guest(
     except ValueError:
         raise UnavailableError(f"exec channel {path}: garbled exit code {parts[2]!r}") from None
     return ExecResult(code, _decode(parts[3], path), _decode(parts[4], path), time.monotonic() - started)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    exit_code: int
+    run_id: str
+    out_bytes: int
+    err_bytes: int
+    duration_s: float = 0.0
+    duplicates: int = 0  # chunks received twice (resends) and dropped
+    gaps: int = 0  # times a chunk was missing and a resend was asked for
+
+
+Sink = Callable[[bytes], None]
+
+
+def stream_in_guest(
+    socket_path: str | os.PathLike[str],
+    argv: list[str] | None = None,
+    *,
+    script: str | None = None,
+    timeout: float | None = None,
+    out: Sink,
+    err: Sink,
+    attach: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> StreamResult:
+    """Run argv (or a script) in the guest and hand its stdout/stderr to ``out``/``err`` chunk by chunk
+    while it runs; returns its exit code.  ``attach="RUN:NEXT_OUT:NEXT_ERR"`` instead resumes a run that an
+    earlier client started (the cursor that client last reported through ``on_progress``): the chunks
+    from there on arrive exactly once.  A sink must have written its chunk when it returns (the guest then
+    drops it); ``on_progress`` gets the cursor text after each chunk.  ``timeout=None``: no deadline."""
+    from provisioner.execchan import frames as fr
+
+    if attach is not None:
+        if argv is not None or script is not None:
+            raise ValidationError("stream_in_guest: attach resumes a run; give no command with it")
+        try:
+            cursor = fr.Cursor.parse(attach)
+        except ValueError as e:
+            raise ValidationError(f"--attach: {e}") from None
+        first = fr.attach_line(cursor.run_id, cursor.next_out, cursor.next_err)
+    else:
+        text = build_script(argv, script)
+        cursor = fr.Cursor(secrets.token_hex(8))
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= MAX_TIMEOUT_S
+    ):
+        limit = f"(0, {MAX_TIMEOUT_S:.0f}] s"
+        raise ValidationError(f"stream_in_guest: timeout must be in {limit}, got {timeout!r}")
+    if attach is None:
+        guest_timeout = UNLIMITED_GUEST_S if timeout is None else max(1, int(timeout + 0.999))
+        first = fr.run_line(cursor.run_id, guest_timeout, text.encode())
+    path = Path(socket_path)
+    _check_socket(path)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout + GRACE_S
+    rx = fr.Receiver(cursor)
+    lines = fr.LineSplitter()
+    sizes = {"o": 0, "e": 0}
+    sinks = {"o": out, "e": err}
+
+    def lost(why: str) -> str:
+        return f"exec channel {path}: {why} (resume with --attach {cursor.text()})"
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30.0 if deadline is None else max(0.1, deadline - time.monotonic()))
+        try:
+            sock.connect(str(path))
+            sock.sendall(first)
+        except TimeoutError:
+            raise DeadlineExceeded(f"exec channel {path}: could not send request in time") from None
+        except OSError as e:
+            raise UnavailableError(f"exec channel {path}: {e.strerror or e}") from None
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded(lost(f"run {cursor.run_id} did not end in time"))
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(262144)
+            except TimeoutError:
+                raise DeadlineExceeded(lost(f"run {cursor.run_id} did not end in time")) from None
+            except OSError as e:
+                raise UnavailableError(lost(f"{e.strerror or e}")) from None
+            if not data:
+                raise UnavailableError(lost(f"closed while run {cursor.run_id} streamed (guest gone?)"))
+            for line in lines.feed(data):
+                frame = fr.parse_line(line, cursor.run_id)
+                if frame is None:
+                    continue
+                try:
+                    step = rx.feed(frame, time.monotonic())
+                except fr.ProtocolError as e:
+                    if e.kind == "busy":
+                        from provisioner.errors import ConflictError
+
+                        raise ConflictError(f"exec channel {path}: {e}") from None
+                    raise UnavailableError(f"exec channel {path}: {e}") from None
+                if step.data:
+                    sinks[step.stream](step.data)
+                    sizes[step.stream] += len(step.data)
+                if step.stream and on_progress is not None:
+                    on_progress(cursor.text())
+                if step.reply:
+                    try:
+                        sock.sendall(step.reply)
+                    except OSError as e:
+                        raise UnavailableError(lost(f"{e.strerror or e}")) from None
+                if step.exit_code is not None:
+                    return StreamResult(step.exit_code, cursor.run_id, sizes["o"], sizes["e"],
+                                        time.monotonic() - started, rx.duplicates, rx.gaps)

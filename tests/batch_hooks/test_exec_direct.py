@@ -17,6 +17,7 @@ from provisioner.config import Config, StorageConfig
 from provisioner.control.execjob import exec_in_vm
 from provisioner.errors import ConflictError, UnavailableError, ValidationError
 from provisioner.execchan.client import UNLIMITED_GUEST_S, exec_socket
+from provisioner.execchan.frames import chunk_line, exit_line
 from provisioner.execchan.once import run_key
 from provisioner.model import Instance, InstanceState, Role
 from provisioner.runtime import Runtime
@@ -43,9 +44,17 @@ class Guest:
             except OSError:
                 return
             with conn:
-                _tag, req_id, tmo, payload = conn.makefile("rb").readline().decode().split(" ")
+                f = conn.makefile("rb")
+                tag, req_id, tmo, payload = f.readline().decode().split(" ")
                 script = base64.b64decode(payload).decode()
                 self.requests.append((int(tmo), script))
+                if tag == "DYNVM-RUN":  # the streaming protocol (provisioner.execchan.frames): same answer
+                    frames = [chunk_line(req_id, "o", 0, script.encode()), chunk_line(req_id, "e", 0, b"e\n"),
+                              exit_line(req_id, 3, 1, 1)]
+                    conn.sendall(b"".join(frames))
+                    while (line := f.readline()) and not line.startswith(b"DYNVM-DONE"):
+                        pass
+                    continue
                 out = base64.b64encode(script.encode()).decode()
                 err = base64.b64encode(b"e\n").decode()
                 conn.sendall(f"DYNVM-RESULT {req_id} 3 {out} {err}\n".encode())
