@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 from provisioner.errors import DeadlineExceeded, UnavailableError
 
-PROJECTION = ["Owner", "GlobalJobId", "NumJobStarts", "JobStatus", "x509UserProxyVOName", "RequestCpus"]
+PROJECTION = ["Owner", "GlobalJobId", "NumJobStarts", "JobStatus", "x509UserProxyVOName", "RequestCpus",
+              "RequestMemory", "NumShadowStarts", "JobRunCount", "RemoteHost"]
 
 
 class ScheddLookup(Protocol):
@@ -31,7 +32,12 @@ try:
 except htcondor2.HTCondorException:
     s = htcondor2.Schedd(htcondor2.Collector().locate(htcondor2.DaemonType.Schedd, schedd_name))
 ads = s.query(constraint="GlobalJobId == " + classad2.quote(global_id), projection=projection)
-out = {k: ads[0].get(k) for k in projection} if ads else None
+def value(ad, k):
+    try:
+        return ad.eval(k) if k in ad else None  # RequestMemory is often an expression
+    except Exception:
+        return None
+out = {k: value(ads[0], k) for k in projection} if ads else None
 json.dump({"ad": {k: v for k, v in out.items() if isinstance(v, (str, int, float, bool))} if out else None},
           sys.stdout)
 """

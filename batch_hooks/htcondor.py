@@ -1,13 +1,20 @@
-"""HTCondor starter hooks (``STARTER_JOB_HOOK_KEYWORD = DYNVM``; deploy/htcondor/).
+"""HTCondor starter hooks (``STARTER_JOB_HOOK_KEYWORD = DYNVM``; deploy/htcondor/) and the job wrapper.
 
-Both run with the job's own privileges, so everything they send is a *claim*: the trusted daemon looks the
-job up in the schedd by GlobalJobId and takes the owner (-> pool-account group -> VO) from the schedd's
-copy (batch_hooks.condor_verify), never from the ad on stdin.  They authenticate to Redis as the starter
-ACL user, which may only push onto ``<prefix>:hooks:condor`` and read replies.
+All of them run with the job's own privileges, so everything they send is a *claim*.  Two routes:
 
-PREPARE_JOB: job ad on stdin -> request -> on success print attributes for the job ad
-             (``DynvmVM = "..."``, ``DynvmVMHost = "..."``) and exit 0; on failure one line on stderr and
-             exit 1 (the starter puts the job on hold, HoldReasonCode 19 HookPrepareJobFailure).
+* **node daemon** (``DYNVM_CONDOR_SOCKET`` set; what deploy/htcondor ships): the hooks and the
+  USER_JOB_WRAPPER (batch_hooks.condor_wrapper) ask the execute node's root daemon
+  (batch_hooks.condor_daemon) over a unix socket; it identifies the caller by the kernel (uid, pid,
+  process ancestry under a condor_starter) and checks the job against the schedd's copy, so the wrapper
+  may receive its own job's credential and the payload runs inside the job's VM.
+* **Redis starter user** (older): the hooks push onto ``<prefix>:hooks:condor`` as an ACL user that may
+  do nothing else; the trusted side checks the owner against the schedd; no credential comes back, so
+  this route provisions and releases but cannot run the payload inside the VM.
+
+PREPARE_JOB: job ad on stdin -> on success print ``DynvmVM = "..."``, ``DynvmVMHost = "..."`` and exit 0.
+             On failure one line on stderr and exit 1; through the daemon also ``HookStatusCode`` /
+             ``HookStatusMessage``: permanent (no VO, no image, over a limit, not this job's caller) ->
+             190, the job is held with dynvm's reason; transient -> 300, the job goes back to idle.
 JOB_EXIT:    ``exit|remove|hold|evict`` as argument, final ad on stdin -> release; exit 0 (ignored anyway).
 """
 
@@ -83,10 +90,103 @@ def context_from_ad(ad: Any) -> tuple[JobContext, str]:
     return ctx, str(global_id)
 
 
+# PREPARE_JOB's HookStatusCode (HTCondor >= 10): 1..299 puts the job on hold with HookStatusMessage as
+# the hold reason, >= 300 sends it back to idle (a new attempt later).
+HOLD_STATUS = 190
+IDLE_STATUS = 300
+
+
+def ask_daemon(socket_path: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """One request to the node's trusted daemon (batch_hooks.condor_daemon); errors as DynvmErrors."""
+    import json
+    import socket
+
+    from batch_hooks.proto import decode_reply
+    from provisioner.errors import DeadlineExceeded, UnavailableError
+
+    if not socket_path.startswith("/") or "\0" in socket_path:
+        raise ValidationError("DYNVM_CONDOR_SOCKET must be an absolute path")
+    buf = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(socket_path)
+            sock.sendall(json.dumps(body).encode() + b"\n")
+            while b"\n" not in buf and len(buf) < 64 * 1024:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise DeadlineExceeded(f"the dynvm node daemon did not answer in {timeout_s:.0f} s") from None
+        except OSError as exc:
+            raise UnavailableError(f"dynvm node daemon {socket_path}: {exc.strerror or exc}") from None
+    if b"\n" not in buf:
+        raise UnavailableError("the dynvm node daemon closed the connection without an answer")
+    try:
+        return decode_reply(buf.split(b"\n", 1)[0])
+    except ValueError:
+        raise UnavailableError("the dynvm node daemon sent a garbled answer") from None
+
+
+GLOBAL_ID_LINE = re.compile(r'^[ \t]*GlobalJobId[ \t]*=[ \t]*"([^"\\\n]{1,200})"[ \t]*$', re.I | re.M)
+
+
+def read_global_id(source: TextIO) -> str:
+    """The GlobalJobId of a job ad as the starter writes it (stdin of a hook, ``_CONDOR_JOB_AD``), without
+    classad2: the job's side runs on the node's plain python3.  Only a claim, checked by the daemon."""
+    text = source.read(MAX_AD_BYTES + 1)
+    if len(text) > MAX_AD_BYTES:
+        raise ValidationError(f"job ad is longer than {MAX_AD_BYTES} bytes")
+    found = GLOBAL_ID_LINE.findall(text)
+    if len(found) != 1:
+        raise ValidationError("job ad: no single GlobalJobId = \"...\" line")
+    split_global_id(found[0])
+    return str(found[0])
+
+
+def ad_string(text: str) -> str:
+    """A ClassAd string literal of printable ASCII."""
+    clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+    return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def prepare_job_daemon(env: Mapping[str, str], stdin: TextIO, out: TextIO, err: TextIO) -> int:
+    """PREPARE_JOB through the node daemon: the VM is provisioned before the job starts; a permanent
+    failure holds the job with dynvm's reason, a transient one sends it back to idle."""
+    from batch_hooks.hookcfg import prolog_timeout
+    from provisioner.errors import PermanentError
+
+    try:
+        body = {"op": "prepare", "global_id": read_global_id(stdin)}
+        vm = ask_daemon(env.get("DYNVM_CONDOR_SOCKET", ""), body, prolog_timeout(env) + 15)
+        out.write(f"DynvmVM = {ad_string(str(vm['instance']))}\nDynvmVMHost = {ad_string(str(vm['host']))}\n")
+        return 0
+    except DynvmError as exc:
+        code = HOLD_STATUS if isinstance(exc, PermanentError) else IDLE_STATUS
+        out.write(f"HookStatusCode = {code}\nHookStatusMessage = {ad_string(f'dynvm: {exc}'[:400])}\n")
+        err.write(f"dynvm prepare_job: {exc}\n")
+        return 1
+
+
+def job_exit_daemon(reason: str, env: Mapping[str, str], stdin: TextIO, err: TextIO) -> int:
+    try:
+        if reason not in EXIT_REASONS:
+            known = ", ".join(EXIT_REASONS)
+            raise ValidationError(f"job_exit: unknown reason {reason[:16]!r} (expected {known})")
+        body = {"op": "exit", "global_id": read_global_id(stdin), "reason": reason}
+        ask_daemon(env.get("DYNVM_CONDOR_SOCKET", ""), body, 60.0)
+    except DynvmError as exc:
+        err.write(f"dynvm job_exit: {exc}\n")
+    return 0
+
+
 def prepare_job(env: Mapping[str, str], stdin: TextIO, out: TextIO, err: TextIO) -> int:
     from batch_hooks.hookcfg import connect, prefix, prolog_timeout
     from batch_hooks.proto import call
 
+    if env.get("DYNVM_CONDOR_SOCKET"):
+        return prepare_job_daemon(env, stdin, out, err)
     try:
         ctx, global_id = context_from_ad(read_ad(stdin))
         with connect(env) as r:
@@ -102,6 +202,8 @@ def job_exit(reason: str, env: Mapping[str, str], stdin: TextIO, err: TextIO) ->
     from batch_hooks.hookcfg import connect, prefix
     from batch_hooks.proto import call
 
+    if env.get("DYNVM_CONDOR_SOCKET"):
+        return job_exit_daemon(reason, env, stdin, err)
     try:
         if reason not in EXIT_REASONS:
             known = ", ".join(EXIT_REASONS)
@@ -119,5 +221,10 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
         return prepare_job(env, sys.stdin, sys.stdout, sys.stderr)
     if argv[:1] == ["job-exit"] and len(argv) == 2:
         return job_exit(argv[1], env, sys.stdin, sys.stderr)
-    sys.stderr.write("usage: python -m batch_hooks htcondor prepare-job | job-exit REASON\n")
+    if argv[:1] == ["wrap"] and len(argv) >= 2:
+        from batch_hooks.condor_wrapper import wrap
+
+        return wrap(argv[1:], env, sys.stdout, sys.stderr)
+    sys.stderr.write("usage: python -m batch_hooks htcondor prepare-job | job-exit REASON | wrap EXE [ARG...]"
+                     "\n")
     return 2

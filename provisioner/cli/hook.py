@@ -5,6 +5,7 @@
   dynvm hook slurm prolog-slurmctld|epilog-slurmctld|task-prolog
   dynvm hook generic prolog|epilog --job-id J --user U [--cpus N ...]   LSF, PBS/Torque, Grid Engine
   dynvm hook payload [--script FILE]       run a job's script inside its own VM (the job's privileges)
+  dynvm hook condor-daemon [--socket PATH]  HTCondor execute node's root daemon (hooks + job wrapper)
 
 Hook processes start for every job: deploy/ ships scripts that run ``python -m batch_hooks ...`` (no
 pydantic, Celery or catalogue import); these commands are the same code behind the full CLI.
@@ -44,6 +45,18 @@ def register(sub: Any) -> None:
     for name in ("attempt", "cpus", "memory-mib", "walltime-s"):
         g.add_argument(f"--{name}", type=int, default=None)
     g.set_defaults(func=generic)
+    cd = hs.add_parser("condor-daemon", help="HTCondor execute node: the root daemon that the starter hooks "
+                       "and the USER_JOB_WRAPPER ask for their own job's VM (see deploy/htcondor)")
+    cd.add_argument("--socket", default="/run/dynvm/condor.sock", help="unix socket (default %(default)s)")
+    cd.add_argument("--startd-name", default=None,
+                    help="the startd's name as the schedd's RemoteHost spells it (default: the FQDN)")
+    cd.add_argument("--node", default=None, help="this node's dynvm host name when it is a hypervisor too "
+                    "(WNoDeS: the job's VM goes here)")
+    cd.add_argument("--starter-exe", default=None,
+                    help="require callers' starter to run this binary (e.g. /usr/sbin/condor_starter)")
+    cd.add_argument("--schedd-timeout", type=float, default=10.0, help="seconds per schedd query")
+    cd.add_argument("--max-clients", type=int, default=256, help="requests served at once (default 256)")
+    cd.set_defaults(func=condor_daemon)
     pay = hs.add_parser("payload", help="run the job's script inside its own VM, straight through the VM's "
                         "exec channel (uses DYNVM_JOB_CRED; exits with the script's exit code)")
     pay.add_argument("--script", default="-", help="script file (default: stdin)")
@@ -99,3 +112,28 @@ def payload(ctx: CliContext, args: argparse.Namespace) -> int:
     from batch_hooks import payload as payload_hook
 
     return payload_hook.main(["--script", args.script], os.environ, sys.stdout, sys.stderr)
+
+
+def condor_daemon(ctx: CliContext, args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import socket
+    import threading
+
+    from batch_hooks.condor_daemon import CondorNodeDaemon, DaemonSettings
+    from batch_hooks.condor_verify import Htcondor2Schedd
+    from provisioner.errors import ValidationError
+
+    if not 0.5 <= args.schedd_timeout <= 120:
+        raise ValidationError("--schedd-timeout must be in 0.5..120 s")
+    if not args.socket.startswith("/"):
+        raise ValidationError("--socket must be an absolute path")
+    settings = DaemonSettings(args.socket, args.startd_name or socket.getfqdn(), dict(os.environ),
+                              node=args.node, starter_exe=args.starter_exe, max_clients=args.max_clients)
+    daemon = CondorNodeDaemon(settings, Htcondor2Schedd(args.schedd_timeout))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        daemon.serve(stop)
+    return 0
