@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 from ha.detection import Observation, Timing, Verdict, judge
 from ha.fencing import restart_allowed_after
-from ha.keeper import Declared, Start, decide
+from ha.health import Health
+from ha.keeper import Declared, Hung, Start, decide, decide_hung
 from ha.plan import FailoverPlan, plan_failover
 from ha.recovery import Recovery, RecoveryStore, Step
 from provisioner.model import HostState, InstanceState
@@ -86,8 +87,15 @@ class World(Protocol):
     def declared(self) -> Declared:
         """Declared services, each one's current instance record, restart times and restart limits."""
 
-    def start_service(self, start: Start, fence: int) -> None:
-        """Start a declared service (pinned to ``start.host`` or anywhere) and remember it as its VM."""
+    def start_service(self, start: Start, fence: int) -> bool:
+        """Start a declared service (pinned to ``start.host`` or anywhere) and remember it as its VM;
+        False if nothing could be started this round (a re-placement that found no room: next round)."""
+
+    def health(self, ids: list[str]) -> dict[str, Health]:
+        """The health marks of these instance records (ha/health.py)."""
+
+    def mark_hung(self, hung: Hung, fence: int) -> bool:
+        """Mark a hung VM for its agent to stop (restart in place counted); False if it moved on."""
 
 
 @dataclass
@@ -156,15 +164,20 @@ class Engine:
         recovering = frozenset(r.host for r in self.recs.open_records())
         states = {name: v.state for name, v in views.items()}
         insts = [i for i in current.values() if i is not None]
-        starts, problems = decide(declared, insts, states, restarts, limits, now, recovering)
+        health = self.world.health([i.id for i in insts])
+        starts, problems = decide(declared, insts, states, restarts, limits, now, recovering, health)
         for text in problems:
             if text not in self._reported:
                 self._reported.add(text)
                 self.world.event("service_duplicate", None, text)
         for st in starts:
-            self.world.start_service(st, fence)
+            if self.world.start_service(st, fence) is False:
+                continue  # no room for the re-placement this round: tried again next round
             report.started_services.append(st.service)
             self.world.event("service_start", st.host, f"{st.service}: {st.why}")
+        for hung in decide_hung(declared, insts, states, restarts, limits, now, health):
+            if self.world.mark_hung(hung, fence):
+                self.world.event("service_hung", hung.host, f"{hung.service}: {hung.why}")
 
     def _declare_dead(self, h: HostView, now: float, fence: int, report: RoundReport) -> bool:
         silence = now - h.last_seen

@@ -2,9 +2,14 @@
 records each round and starts what is missing — in place first (the host it last ran on, while that host
 is up and the service is under its image's restart limit), elsewhere after that.
 
-Pure decision (``decide``) over the declarations, the live and ended records and the restart history; the
-engine's World does the starting.  A service whose host is dead is the failover engine's business, not
-the keeper's: the keeper waits until that host's recovery is closed.
+A hung service is handled the same way (``decide_hung``): its host's agent marks its VM ``unhealthy`` by
+the image's health probe (ha/health.py); the keeper marks it ``restart`` (counted against the limit) or,
+past the limit, ``relocate``; the agent destroys it and records it lost; ``decide`` then re-places that same
+record (its id, MAC, address and disks) on the same host or, for a relocation, on another one.
+
+Pure decisions (``decide``, ``decide_hung``) over the declarations, the live and ended records, their
+health marks and the restart history; the engine's World does the starting.  A service whose host is dead
+is the failover engine's business, not the keeper's: the keeper waits until that host's recovery is closed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ha.health import Health, Mark
 from ha.services import Service
 from provisioner.model import HostState, Instance, InstanceState
 
@@ -22,6 +28,20 @@ ENDED = frozenset({InstanceState.GONE, InstanceState.FAILED, InstanceState.LOST}
 class Start:
     service: str
     host: str | None  # pinned (restart in place) or None (relocate: the scheduler chooses)
+    why: str
+    instance: str | None = None  # re-place this lost record (a hung VM the agent stopped) instead of a new VM
+    avoid: str | None = None  # a relocation: not back on this host unless nowhere else fits
+
+
+@dataclass(frozen=True, slots=True)
+class Hung:
+    """Ask the agent of ``host`` to stop the hung VM (``instance`` at ``epoch``) for ``mark``."""
+
+    service: str
+    instance: str
+    host: str
+    epoch: int
+    mark: Mark  # RESTART (counted against the restart limit) or RELOCATE
     why: str
 
 
@@ -43,8 +63,12 @@ def decide(
     limits: Mapping[str, Limits],
     now: float,
     recovering: frozenset[str] = frozenset(),
+    health: Mapping[str, Health] | None = None,
 ) -> tuple[list[Start], list[str]]:
-    """Which declared services to start (and where), and problems to report (duplicates)."""
+    """Which declared services to start (and where), and problems to report (duplicates).
+
+    ``health``: the health marks by instance id; a lost record marked ``restart``/``relocate`` at its
+    epoch is a hung VM its agent stopped for the keeper: that record is re-placed, not a new VM made."""
     starts: list[Start] = []
     problems: list[str] = []
     by_service: dict[str, list[Instance]] = {}
@@ -63,6 +87,16 @@ def decide(
             continue  # its host's failover will bring it back
         lim = limits.get(svc.name, Limits())
         recent = [t for t in restarts.get(svc.name, ()) if now - t <= lim.window_s]
+        mark = _mark(last, health)
+        if last is not None and last.state is InstanceState.LOST and mark in (Mark.RESTART, Mark.RELOCATE):
+            if mark is Mark.RESTART and last.host and hosts.get(last.host) is HostState.UP:
+                starts.append(Start(svc.name, last.host, f"hung on {last.host}: restarting in place",
+                                    instance=last.id))
+            else:
+                where = last.host or "-"
+                starts.append(Start(svc.name, None, f"hung on {where}: relocating", instance=last.id,
+                                    avoid=last.host))
+            continue
         if last is None:
             starts.append(Start(svc.name, None, "declared, no VM yet"))
         elif last.host and hosts.get(last.host) is HostState.UP and len(recent) < lim.max_restarts:
@@ -74,3 +108,52 @@ def decide(
             where = f"on {last.host}" if last.host else "unplaced"
             starts.append(Start(svc.name, None, f"{last.state.value} {where}: relocating"))
     return starts, problems
+
+
+def _mark(inst: Instance | None, health: Mapping[str, Health] | None) -> Mark:
+    h = (health or {}).get(inst.id) if inst is not None else None
+    return h.current(inst.epoch) if h is not None and inst is not None else Mark.HEALTHY
+
+
+def decide_hung(
+    declared: Sequence[Service],
+    instances: Sequence[Instance],
+    hosts: Mapping[str, HostState],
+    restarts: Mapping[str, Sequence[float]],
+    limits: Mapping[str, Limits],
+    now: float,
+    health: Mapping[str, Health],
+) -> list[Hung]:
+    """Which hung service VMs (ready, marked ``unhealthy`` by their agent at their current epoch) to stop:
+    for a restart in place while the host is up and the service is under its restart limit, else for a
+    relocation.  A host draining sends its hung services elsewhere; on a host in maintenance (HA
+    disarmed), suspect, dead or fenced nothing is decided here (the failover engine owns dead hosts)."""
+    out: list[Hung] = []
+    by_service: dict[str, list[Instance]] = {}
+    for inst in instances:
+        if inst.service and inst.state not in ENDED:
+            by_service.setdefault(inst.service, []).append(inst)
+    for svc in declared:
+        live = by_service.get(svc.name, [])
+        if len(live) != 1:
+            continue  # none (decide starts one) or duplicates (reported by decide)
+        inst = live[0]
+        h = health.get(inst.id)
+        if inst.state is not InstanceState.READY or inst.host is None:
+            continue
+        if _mark(inst, health) is not Mark.UNHEALTHY:
+            continue
+        hs = hosts.get(inst.host)
+        lim = limits.get(svc.name, Limits())
+        recent = [t for t in restarts.get(svc.name, ()) if now - t <= lim.window_s]
+        seen = f"unhealthy on {inst.host}" + (f" ({h.failures} failed probes: {h.detail})" if h else "")
+        if hs is HostState.UP and len(recent) < lim.max_restarts:
+            out.append(Hung(svc.name, inst.id, inst.host, inst.epoch, Mark.RESTART,
+                            f"{seen}: restart in place ({len(recent) + 1}/{lim.max_restarts})"))
+        elif hs in (HostState.UP, HostState.DRAINING):
+            why = (f"{len(recent)} restarts in place within {lim.window_s:g} s (limit {lim.max_restarts})"
+                   if hs is HostState.UP else f"{inst.host} is draining")
+            out.append(
+                Hung(svc.name, inst.id, inst.host, inst.epoch, Mark.RELOCATE, f"{seen}: relocating, {why}")
+            )
+    return out

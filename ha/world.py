@@ -8,7 +8,8 @@ from collections.abc import Mapping
 
 from ha.detection import Timing
 from ha.engine import FenceResult, HostView
-from ha.keeper import Declared, Limits, Start
+from ha.health import Health, HealthStore, Mark
+from ha.keeper import Declared, Hung, Limits, Start
 from ha.plan import FailoverPlan
 from ha.services import ServiceStore
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
@@ -27,6 +28,8 @@ class RedisWorld:
         self.store = rt.store
         self.paused_key = f"{rt.store.keys.prefix}:ha:paused"
         self.services = ServiceStore(rt.store.r, rt.store.keys.prefix)
+        self.marks = HealthStore(rt.store.r, rt.store.keys.prefix)
+        self._unplaced: set[tuple[str, int]] = set()  # re-placements already reported as finding no room
 
     def now(self) -> float:
         sec, usec = self.store.r.time()
@@ -182,9 +185,11 @@ class RedisWorld:
             limits[svc.name] = Limits(ha.max_restarts, ha.restart_window_s) if ha else Limits()
         return services, current, restarts, limits
 
-    def start_service(self, start: Start, fence: int) -> None:
+    def start_service(self, start: Start, fence: int) -> bool:
         from provisioner.control.client import service_mac, submit
 
+        if start.instance is not None:
+            return self._replace(start, fence)
         svc = self.services.require(start.service)
         image = current_catalogue(self.rt).resolve(svc.image)
         inst, _ = submit(
@@ -192,6 +197,81 @@ class RedisWorld:
             tier=svc.priority, host=start.host,
         )
         self.services.set_current(svc.name, inst.id, restarted=start.host is not None)
+        return True
+
+    def health(self, ids: list[str]) -> dict[str, Health]:
+        return self.marks.get_many(ids)
+
+    def mark_hung(self, hung: Hung, fence: int) -> bool:
+        """The keeper's decision on a hung VM, by compare-and-set (fenced) on the record and its
+        ``unhealthy`` mark; a restart in place is counted against the service's limit once marked."""
+        h = self.marks.get(hung.instance)
+        try:
+            self.marks.set(
+                hung.instance, state=InstanceState.READY, host=hung.host, epoch=hung.epoch,
+                expect=frozenset({Mark.UNHEALTHY}), new=hung.mark, failures=h.failures if h else 0,
+                detail=hung.why, fence=fence,
+            )
+        except (ConflictError, NotFoundError) as err:
+            log.info("hung %s: not marked %s: %s", hung.instance, hung.mark.value, err)
+            return False
+        if hung.mark is Mark.RESTART:
+            self.services.set_current(hung.service, hung.instance, restarted=True)
+        return True
+
+    def _replace(self, start: Start, fence: int) -> bool:
+        """Re-place the lost record of a hung VM its agent destroyed (same id, MAC, address, disks):
+        pinned to ``start.host`` (restart in place) or through the scheduler away from ``start.avoid``
+        (back there only if nowhere else fits).  Compare-and-set all the way: lost -> requested (host
+        cleared), the claim, then requested -> placed on the chosen host; booted at HA priority.  A
+        claim refused meanwhile hands the requested record to the control workers' normal placement."""
+        from ha.plan import without_host
+        from provisioner.control.sending import send_provision
+        from provisioner.runtime import try_claim
+        from provisioner.scheduler import PlacementRequest, SchedulerPolicy, schedule
+
+        assert start.instance is not None
+        inst = self.store.get_instance(start.instance)
+        if inst is None or inst.state is not InstanceState.LOST:
+            return False
+        target = start.host
+        if target is None:
+            snap = self.store.snapshot()
+            policy = SchedulerPolicy.from_config(self.rt.config)
+            req = PlacementRequest.for_instance(inst)
+            for view in ([without_host(snap, start.avoid)] if start.avoid else []) + [snap]:
+                found = schedule([req], view, policy)
+                if inst.id in found.placements and not found.preemptions:
+                    target = found.placements[inst.id]
+                    break
+        if target is None:
+            if (inst.id, inst.epoch) not in self._unplaced:
+                self._unplaced.add((inst.id, inst.epoch))
+                self.event("service_unplaced", inst.host,
+                           f"{start.service}: no host takes {inst.id} now; tried again every round")
+            return False
+        try:
+            rec = self.store.transition_from(inst, InstanceState.REQUESTED, host=None)
+        except (ConflictError, NotFoundError) as err:
+            log.info("re-placing %s: %s", inst.id, err)
+            return False
+        code = try_claim(self.rt, target, rec)
+        if code != "ok":
+            self.event("service_replace", target, f"{start.service}: claim on {target} refused ({code}); "
+                       "the control workers place it")
+            send_provision(self.rt, rec.id)
+            self.services.set_current(start.service, rec.id, restarted=False)
+            return True
+        try:
+            self.store.transition_from(rec, InstanceState.PLACED, bump_epoch=True, host=target)
+        except (ConflictError, NotFoundError) as err:
+            log.warning("re-placing %s: %s; giving its claim on %s back", rec.id, err, target)
+            self.store.release_claim(target, rec.id)
+            return False
+        self.store.add_event("placed", instance=rec.id, host=target, message=start.why)
+        self.start({rec.id: target})
+        self.services.set_current(start.service, rec.id, restarted=False)
+        return True
 
     def paused(self) -> str | None:
         value = self.store.r.get(self.paused_key)

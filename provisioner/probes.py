@@ -15,8 +15,11 @@ the QEMU farm (root) has.
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import math
 import os
+import secrets
 import socket
 import threading
 import time
@@ -26,7 +29,7 @@ from typing import Protocol
 
 from provisioner.catalogue.model import Probe, ProbeType
 from provisioner.errors import DeadlineExceeded, DynvmError, UnavailableError, ValidationError
-from provisioner.execchan import run_in_guest
+from provisioner.execchan.client import MAX_TIMEOUT_S, build_script
 from provisioner.interfaces import DomainState
 
 CLONE_NEWNET = 0x40000000
@@ -154,8 +157,56 @@ class DomainStateProbe:
             return False
 
 
+MAX_PROBE_REPLY = 1024 * 1024
+
+
+def exec_within(socket_path: str | os.PathLike[str], argv: list[str], timeout: float) -> int:
+    """Run ``argv`` through the guest's serial exec channel and return its exit code, all within ``timeout``
+    seconds on the host's clock (``run_in_guest`` adds a grace period for payloads; a probe must not: a
+    guest that does not answer in time is the very thing it measures).  The guest's own ``timeout`` ends
+    the command at the same deadline.  Raises DeadlineExceeded (no answer in time), UnavailableError (no
+    channel, closed before the answer) or ValidationError (a bad argv)."""
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ValidationError(f"exec probe: timeout {timeout!r} out of (0, {MAX_TIMEOUT_S:.0f}]")
+    text = build_script(argv, None)
+    path = Path(socket_path)
+    req = secrets.token_hex(8)
+    line = f"DYNVM-EXEC {req} {max(1, math.ceil(timeout))} {base64.b64encode(text.encode()).decode()}\n"
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(line.encode())
+            buf = b""
+            while True:
+                while (nl := buf.find(b"\n")) >= 0:
+                    parts, buf = buf[:nl].split(b" "), buf[nl + 1 :]
+                    if len(parts) >= 3 and parts[0] == b"DYNVM-RESULT" and parts[1] == req.encode():
+                        try:
+                            return int(parts[2])
+                        except ValueError:
+                            raise UnavailableError(f"exec channel {path}: garbled exit code") from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"exec channel {path}: no answer within {timeout:g} s")
+                sock.settimeout(remaining)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise UnavailableError(f"exec channel {path}: closed before the answer")
+                buf += chunk
+                if len(buf) > MAX_PROBE_REPLY:  # a probe's command prints nothing worth 1 MiB
+                    raise UnavailableError(f"exec channel {path}: answer longer than {MAX_PROBE_REPLY} bytes")
+    except TimeoutError:
+        raise DeadlineExceeded(f"exec channel {path}: no answer within {timeout:g} s") from None
+    except FileNotFoundError:
+        raise UnavailableError(f"exec channel {path}: no such socket (guest not running here?)") from None
+    except OSError as e:
+        raise UnavailableError(f"exec channel {path}: {e.strerror or e}") from None
+
+
 class ExecProbe:
-    """Passes when the command, run through the guest's serial exec channel, exits 0."""
+    """Passes when the command, run through the guest's serial exec channel, exits 0 within the timeout."""
 
     def __init__(
         self, socket_path: str | os.PathLike[str], command: list[str], timeout: float = 10.0
@@ -164,12 +215,27 @@ class ExecProbe:
             raise ValidationError("exec probe: empty command")
         self.socket_path, self.command, self.timeout = Path(socket_path), command, timeout
         self.what = f"exec {' '.join(command)!r} via {self.socket_path}"
+        self.last_error = ""
 
     def check(self) -> bool:
         try:
-            return run_in_guest(self.socket_path, self.command, timeout=self.timeout).exit_code == 0
-        except (UnavailableError, DeadlineExceeded):
+            code = exec_within(self.socket_path, self.command, self.timeout)
+        except (UnavailableError, DeadlineExceeded) as err:
+            self.last_error = str(err)
             return False
+        self.last_error = "" if code == 0 else f"exit code {code}"
+        return code == 0
+
+
+class GuestAgentProbe(ExecProbe):
+    """The guest agent answers: a no-op run through the exec channel (the farm guests' agent, the exec
+    runner) comes back within the timeout.  A paused, hung or crashed guest, or one whose agent died,
+    fails it; a busy but live guest passes.  Production images with qemu-guest-agent would answer a
+    ``guest-ping`` instead; this vocabulary entry is the same."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], timeout: float = 5.0) -> None:
+        super().__init__(socket_path, ["true"], timeout)
+        self.what = f"guest agent via {self.socket_path}"
 
 
 def make_probe(
@@ -181,19 +247,24 @@ def make_probe(
     ip: str | None = None,
     netns: str | None = None,
     exec_socket: str | os.PathLike[str] | None = None,
+    sample_timeout: float | None = None,
 ) -> ProbeRunner:
-    """The runner for a catalogue probe; the keyword arguments are what the agent knows of the instance."""
+    """The runner for a catalogue probe; the keyword arguments are what the agent knows of the instance.
+
+    ``sample_timeout``: how long one sample may wait for an answer.  Health probes give the probe's
+    ``timeout_s`` (each sample is a verdict); readiness leaves it None: short samples (1 s TCP connect, at
+    most 30 s per exec) polled until the readiness deadline."""
     t = spec.type
     if t is ProbeType.DOMAIN_STATE and domain_state is not None:
         return DomainStateProbe(domain_state)
     if t is ProbeType.SERIAL_MARKER and serial_log is not None and spec.marker:
         return SerialMarkerProbe(serial_log, spec.marker, serial_offset)
     if t is ProbeType.TCP and ip is not None and spec.port is not None:
-        return TcpProbe(ip, spec.port, netns)
+        return TcpProbe(ip, spec.port, netns, connect_timeout=sample_timeout or 1.0)
     if t is ProbeType.EXEC and exec_socket is not None and spec.command:
-        return ExecProbe(exec_socket, spec.command, timeout=min(spec.timeout_s, 30.0))
-    if t is ProbeType.GUEST_AGENT:
-        raise ValidationError("probe type guest_agent is not supported yet")
+        return ExecProbe(exec_socket, spec.command, timeout=sample_timeout or min(spec.timeout_s, 30.0))
+    if t is ProbeType.GUEST_AGENT and exec_socket is not None:
+        return GuestAgentProbe(exec_socket, timeout=sample_timeout or min(spec.timeout_s, 30.0))
     raise ValidationError(f"probe type {t.value}: needs a domain state, serial log, ip or exec socket")
 
 

@@ -158,9 +158,14 @@ def run_agent(config: Config, host: str, concurrency: int = 8) -> None:
         raise
     keeper, loop = start_background(rt, on_renewed=fencing.on_renewed)
     fencing.lease_stats = keeper.stats
+    from provisioner.agent.health import HealthLoop
+
+    health = HealthLoop(rt)  # service VMs' health probes; stops hung VMs for the leader's keeper
+    health.start()
     try:
         serve(rt, host_queue(host), f"agent-{host}", concurrency)
     finally:
+        health.close()
         loop.stop.set()
         fencing.close()  # the watchdog keeps running: a successor pets it, else it fences the HA guests
         keeper.close()
