@@ -46,6 +46,13 @@ def register(sub: Any) -> None:
         default=None,
         help="resume the output of a streaming run at RUN:NEXT_OUT:NEXT_ERR (no command)",
     )
+    p.add_argument(
+        "--cursor-file",
+        metavar="PATH",
+        default=None,
+        help="keep the streaming run's cursor in PATH (rewritten after each chunk): what --attach needs "
+        "when dynvm exec itself was killed",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=exec_cmd)
 
@@ -55,7 +62,7 @@ def _own_options(args: argparse.Namespace, rest: list[str]) -> list[str]:
     back from the front of the remainder, up to ``--``; everything after ``--`` is the command's."""
     from provisioner.errors import UsageError
 
-    while rest and rest[0] in ("--timeout", "--once", "--attach"):
+    while rest and rest[0] in ("--timeout", "--once", "--attach", "--cursor-file"):
         if len(rest) < 2:
             raise UsageError(f"exec: {rest[0]} needs a value")
         flag, value, rest = rest[0], rest[1], rest[2:]
@@ -63,6 +70,8 @@ def _own_options(args: argparse.Namespace, rest: list[str]) -> list[str]:
             args.once = value
         elif flag == "--attach":
             args.attach = value
+        elif flag == "--cursor-file":
+            args.cursor_file = value
         else:
             try:
                 args.timeout = float(value)
@@ -85,8 +94,18 @@ def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
         res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once)
         ctx.out.obj(res)
         return int(res["exit_code"])
+    progress = None
+    if args.cursor_file is not None:
+        from provisioner.execchan.frames import Cursor
+
+        path = args.cursor_file
+
+        def progress(text: str) -> None:
+            Cursor.parse(text).save(path)
+
     res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once,
-                     out=_writer(sys.stdout), err=_writer(sys.stderr), attach=args.attach)
+                     out=_writer(sys.stdout), err=_writer(sys.stderr), attach=args.attach,
+                     on_progress=progress)
     return int(res["exit_code"])
 
 

@@ -31,6 +31,7 @@ def exec_in_vm(
     out: Sink | None = None,
     err: Sink | None = None,
     attach: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Returns {exit_code, stdout, stderr, duration_s, host}.  ``timeout_s=None``: no limit (a payload).
 
@@ -64,7 +65,7 @@ def exec_in_vm(
         take_run_token(rt.store.r, rt.store.keys.prefix, inst.id, run_token)
     if out is not None and err is not None:
         sres = stream_in_guest(path, None if attach else argv, timeout=timeout_s, out=out, err=err,
-                               attach=attach)
+                               attach=attach, on_progress=on_progress)
         return {
             "exit_code": sres.exit_code,
             "stdout": "",

@@ -200,7 +200,8 @@ def stream_in_guest(
     while it runs; returns its exit code.  ``attach="RUN:NEXT_OUT:NEXT_ERR"`` instead resumes a run that an
     earlier client started (the cursor that client last reported through ``on_progress``): the chunks
     from there on arrive exactly once.  A sink must have written its chunk when it returns (the guest then
-    drops it); ``on_progress`` gets the cursor text after each chunk.  ``timeout=None``: no deadline."""
+    drops it); ``on_progress`` gets the cursor text once the run is asked for and after each chunk.
+    ``timeout=None``: no deadline."""
     from provisioner.execchan import frames as fr
 
     if attach is not None:
@@ -243,6 +244,8 @@ def stream_in_guest(
             raise DeadlineExceeded(f"exec channel {path}: could not send request in time") from None
         except OSError as e:
             raise UnavailableError(f"exec channel {path}: {e.strerror or e}") from None
+        if on_progress is not None:
+            on_progress(cursor.text())  # the run id, before any output: enough to resume from the start
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
