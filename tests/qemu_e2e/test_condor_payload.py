@@ -82,3 +82,35 @@ def test_unmodified_executable_runs_inside_its_vos_vm(qnode: Node, qfarm: QFarm,
     assert len(owned) == 1 and owned[0].vo == vo and owned[0].host == qnode.node
     iid = owned[0].id
     wait_for(lambda: qfarm.rt.store.require_instance(iid).state is InstanceState.GONE, 120, "released")
+
+
+def test_a_job_cannot_exec_into_another_jobs_vm(qnode: Node, qfarm: QFarm) -> None:
+    """Both VMs up: cms001 reaches its own VM's exec channel and is refused at the atlas VM's (the
+    channel belongs to the atlas job's uid, mode 0600) and at its run token (its Redis credential)."""
+    import json
+    import subprocess
+
+    from tests.batch_hooks.slurm_cluster import REPO
+    from tests.batch_hooks.test_condor_daemon import answer, probe
+
+    cms = starter(qnode, "cms001", "slot1_1", ADS[CMS], [hook(qnode.libexec, "condor-prepare-job"),
+                                                         probe(CMS)])
+    atlas = starter(qnode, "atlas001", "slot1_2", ADS[ATLAS], [hook(qnode.libexec, "condor-prepare-job")])
+    assert cms["steps"]["prepare"]["rc"] == 0 and atlas["steps"]["prepare"]["rc"] == 0, (cms, atlas)
+    mine = answer(cms)
+    theirs = json.loads(atlas["steps"]["prepare"]["stdout"].split("DynvmVM = ", 1)[1].splitlines()[0])
+    shared = qfarm.rt.config.storage.shared_dir
+    code = ("import json, sys\nfrom provisioner.execchan.client import exec_socket, run_in_guest\n"
+            "for iid in sys.argv[1:]:\n"
+            f"    path = exec_socket({str(shared)!r}, iid, {qnode.node!r})\n"
+            "    try:\n        print(json.dumps(run_in_guest(path, ['cat', '/etc/vo'], timeout=60).stdout))\n"
+            "    except Exception as e:\n        print(json.dumps(type(e).__name__ + ': ' + str(e)))\n")
+    as_cms = ["setpriv", "--reuid=cms001", "--regid=cms", "--init-groups", "--"]
+    out = subprocess.run([*as_cms, "/usr/bin/python3", "-c", code, mine["instance"], theirs],
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"}, capture_output=True, text=True,
+                         timeout=180, check=True).stdout.splitlines()
+    own, other = (json.loads(line) for line in out)
+    assert own == "cms\n", own
+    assert "Permission denied" in other and "atlas" not in other, other
+    for user, slot, gid in (("cms001", "slot1_1", CMS), ("atlas001", "slot1_2", ATLAS)):
+        assert answer(starter(qnode, user, slot, ADS[gid], [probe(gid, "exit")]))["released"] is True
