@@ -20,6 +20,7 @@ believes only the kernel and the schedd:
 Operations (one JSON line in, one JSON line out):
   prepare     (PREPARE_JOB hook)      provision and wait; answer the VM (no credential)
   credential  (USER_JOB_WRAPPER)      the same, idempotent; answer the VM and the per-job credential
+                                      (refused, transient, if the VM PREPARE_JOB got is gone meanwhile)
   exit        (JOB_EXIT hook)         release the job's VM
 
 A caller can therefore get only its own job's VM: another job's GlobalJobId fails the RemoteHost or the
@@ -107,6 +108,10 @@ class CondorNodeDaemon:
         self.status = DaemonStatus()
         self._slots = threading.BoundedSemaphore(settings.max_clients)
         self._lock = threading.Lock()
+        # job key -> the VM its PREPARE_JOB got: the wrapper's credential must name the same VM (a VM lost
+        # in between is not silently replaced under a running attempt).  Memory only: after a daemon
+        # restart the check is skipped.
+        self._prepared: dict[str, str] = {}
 
     # -- the checks (decide) ------------------------------------------------------------------------
     def job_context(self, uid: int, starter: Starter, global_id: str, op: str) -> JobContext:
@@ -185,10 +190,17 @@ class CondorNodeDaemon:
                 if op == "exit":
                     done = call(r, prefix(env), "epilog", ctx, 60.0)
                     reply: dict[str, Any] = {"released": bool(done.get("released"))}
+                    self._remember(ctx.key, None)
                 else:
                     vm = call(r, prefix(env), "prolog", ctx, prolog_timeout(env))
                     reply = {k: vm.get(k, "") for k in ("instance", "host", "vo", "attempt")}
-                    if op == "credential":
+                    if op == "prepare":
+                        self._remember(ctx.key, str(vm["instance"]))
+                    else:
+                        was = self._prepared.get(ctx.key)
+                        if was is not None and was != vm["instance"]:
+                            raise TransientError(f"job {global_id[:80]}: its VM {was} is gone (now "
+                                                 f"{vm['instance']}); this attempt goes back to idle")
                         reply["cred"] = f"{vm['job_user']}:{vm['job_password']}"
             log.info("%s %s for uid %d (pid %d, %s): ok", op, global_id, peer.uid, peer.pid, starter.slot)
             with self._lock:
@@ -201,6 +213,14 @@ class CondorNodeDaemon:
             log.exception("condor daemon request failed")
             self._note(f"internal error: {err}")
             return {"error": "internal", "transient": True, "message": f"internal error: {err}"[:200]}
+
+    def _remember(self, key: str, instance: str | None) -> None:
+        with self._lock:
+            self._prepared.pop(key, None)
+            if instance is not None:
+                self._prepared[key] = instance
+                while len(self._prepared) > 100_000:  # jobs whose JOB_EXIT never came
+                    self._prepared.pop(next(iter(self._prepared)))
 
     def _note(self, text: str) -> None:
         log.warning("%s", text[:300])

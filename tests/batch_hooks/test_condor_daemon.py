@@ -217,6 +217,26 @@ def test_the_job_credential_reaches_only_its_own_vm(node: Node, test_farm: Farm,
         assert answer(starter(node, user, slot, ADS[gid], [probe(gid, "exit")]))["released"] is True
 
 
+def test_a_vm_lost_between_prepare_and_wrapper_is_not_silently_replaced(node: Node, test_farm: Farm,
+                                                                         pool_accounts: object) -> None:
+    from provisioner.control.client import release
+
+    rt = test_farm.rt
+    res = starter(node, "cms001", "slot1_1", ADS[CMS], [hook(node.libexec, "condor-prepare-job")])
+    first = json.loads(res["steps"]["prepare"]["stdout"].split("DynvmVM = ", 1)[1].splitlines()[0])
+    release(rt, first)  # lost under the job (here: released behind its back)
+    wait_for(lambda: rt.store.require_instance(first).state is InstanceState.GONE, 60, "first VM gone")
+    res = starter(node, "cms001", "slot1_1", ADS[CMS], [
+        hook(node.libexec, "condor-job-wrapper", "{scratch}/job.sh"), probe(CMS, "exit", name="exit")],
+        files={"job.sh": JOB})
+    job = res["steps"]["job"]
+    assert job["rc"] == 1 and f"its VM {first} is gone" in job["wrapper_error"], job
+    assert answer(res, "exit")["released"] is True  # JOB_EXIT releases whatever VM the attempt has now
+    live = [i for i in rt.store.list_instances() if i.owner == "htcondor:ce01.example.org:21.0.1764539990"
+            and i.state not in (InstanceState.STOPPING, InstanceState.GONE)]
+    assert live == []
+
+
 def test_a_process_of_the_same_uid_outside_that_jobs_starter_is_refused(node: Node,
                                                                         pool_accounts: object) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "DYNVM_CONDOR_SOCKET": node.socket}
