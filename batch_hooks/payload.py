@@ -11,6 +11,9 @@ Output streams: the script's stdout and stderr arrive in chunks while it runs (p
 and are written to the wrapper's own stdout/stderr (the job's output files) as they come, byte for byte,
 with no size cap; memory stays bounded (the guest blocks the script when the wrapper falls behind).  No
 output crosses Redis, so the job's ACL user needs nothing new and can read no other job's output.
+With DYNVM_PAYLOAD_CURSOR=PATH the wrapper keeps its cursor there; a wrapper started again after one died
+finds it, takes no run token (nothing starts twice) and resumes the same run's output exactly where the
+job's output files stand (provisioner.execchan.resume).
 
 Exit status: the script's own; dynvm's errors print one line prefixed ``dynvm payload:`` and exit with
 dynvm's codes (2 usage/invalid, 4 already started, 5 unavailable).
@@ -90,13 +93,26 @@ def run(env: Mapping[str, str], script: str, out: TextIO, err: TextIO) -> int:
     from provisioner.execchan.once import take_run_token
 
     url, pfx, key = _job_redis(env)
+    out_sink, err_sink = sink(out), sink(err)
+    progress: Callable[[str], None] | None = None
+    attach = cf = None
+    if env.get("DYNVM_PAYLOAD_CURSOR"):
+        from provisioner.execchan.resume import CursorFile
+
+        cf = CursorFile(env["DYNVM_PAYLOAD_CURSOR"], out.fileno(), err.fileno())
+        attach = cf.load()  # a cursor: this wrapper restarts after an earlier one died mid-run
+        out_sink, err_sink, progress = cf.wrap("o", out_sink), cf.wrap("e", err_sink), cf.save
     with LightRedis(url) as r:
         vm = r.hgetall(jobvm_key(pfx, key))
         if not vm.get("instance"):
             raise ValidationError(f"no VM is recorded for this job ({key})")
-        take_run_token(r, pfx, vm["instance"], vm.get("attempt", "0"))
-    res = stream_in_guest(exec_socket(vm["shared_dir"], vm["instance"], vm["host"]), script=script,
-                          timeout=None, out=sink(out), err=sink(err))
+        if attach is None:
+            take_run_token(r, pfx, vm["instance"], vm.get("attempt", "0"))
+    sock = exec_socket(vm["shared_dir"], vm["instance"], vm["host"])
+    res = stream_in_guest(sock, script=None if attach else script, timeout=None, out=out_sink, err=err_sink,
+                          attach=attach, on_progress=progress)
+    if cf is not None:
+        cf.remove()
     return res.exit_code
 
 

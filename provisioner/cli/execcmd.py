@@ -50,8 +50,8 @@ def register(sub: Any) -> None:
         "--cursor-file",
         metavar="PATH",
         default=None,
-        help="keep the streaming run's cursor in PATH (rewritten after each chunk): what --attach needs "
-        "when dynvm exec itself was killed",
+        help="keep the streaming run's cursor in PATH (rewritten around each chunk); given without a "
+        "command, resume that run exactly where the killed dynvm exec left its output files",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=exec_cmd)
@@ -94,18 +94,19 @@ def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
         res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once)
         ctx.out.obj(res)
         return int(res["exit_code"])
+    out, err = _writer(sys.stdout), _writer(sys.stderr)
     progress = None
     if args.cursor_file is not None:
-        from provisioner.execchan.frames import Cursor
+        from provisioner.execchan.resume import CursorFile
 
-        path = args.cursor_file
-
-        def progress(text: str) -> None:
-            Cursor.parse(text).save(path)
-
-    res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once,
-                     out=_writer(sys.stdout), err=_writer(sys.stderr), attach=args.attach,
-                     on_progress=progress)
+        cf = CursorFile(args.cursor_file, sys.stdout.fileno(), sys.stderr.fileno())
+        if not argv and args.attach is None:  # no command: resume where the cursor file says, exactly
+            args.attach = cf.load()
+            if args.attach is None:
+                raise ValidationError(f"exec: no command, and no cursor in {args.cursor_file} to resume")
+        out, err, progress = cf.wrap("o", out), cf.wrap("e", err), cf.save
+    res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once, out=out, err=err,
+                     attach=args.attach, on_progress=progress)
     return int(res["exit_code"])
 
 

@@ -200,15 +200,6 @@ class Cursor:
         _seq(self.next_out)
         _seq(self.next_err)
 
-    def save(self, path: str) -> None:
-        """Write the cursor text to ``path`` atomically (a resuming client reads it back)."""
-        import os
-
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(self.text() + "\n")
-        os.replace(tmp, path)
-
     def text(self) -> str:
         return f"{self.run_id}:{self.next_out}:{self.next_err}"
 

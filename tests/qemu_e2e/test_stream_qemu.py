@@ -56,7 +56,7 @@ def test_output_file_grows_while_the_payload_runs_and_a_killed_client_resumes(qf
     # A second exec on the same channel while the payload still runs (one-shot protocol) lets it go on.
     assert exec_in_vm(qfarm.rt, vm.id, ["touch", "/tmp/go"], 60)["exit_code"] == 0
     with out.open("ab") as o, err.open("ab") as e:
-        argv = dynvm_exec(qfarm, vm, "--attach", cursor.read_text().strip(), "--cursor-file", str(cursor))
+        argv = dynvm_exec(qfarm, vm, "--cursor-file", str(cursor))  # no command: resume from the file
         again = subprocess.run(argv, stdout=o, stderr=e, timeout=600)
     assert again.returncode == 3
     data = out.read_bytes()
