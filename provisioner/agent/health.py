@@ -126,7 +126,11 @@ class HealthLoop:
         for iid in [i for i in self._unprobed if i not in seen]:
             del self._unprobed[iid]
         for iid in [i for i, f in self._stopping.items() if f.done()]:
-            del self._stopping[iid]
+            err = self._stopping.pop(iid).exception()
+            if err is not None:  # e.g. libvirt unreachable: counted, shown, tried again next tick
+                self.stats.errors += 1
+                self.stats.last_error = f"stopping {iid}: {type(err).__name__}: {err}"[:300]
+                log.warning("health %s: stopping hung %s failed: %s", self.host, iid, err)
 
     # -- sampling ----------------------------------------------------------------------------------
 
