@@ -8,6 +8,7 @@ from typing import Any
 
 from provisioner.cli.argtypes import int_range, seconds
 from provisioner.cli.context import CliContext
+from provisioner.cli.demo_jobs import Say, play_hook_pair, play_slurm, side_by_side, slurm_unavailable
 from provisioner.cli.farm import farm_dir_arg
 from provisioner.errors import EXIT_CONFLICT, EXIT_OK
 
@@ -16,12 +17,21 @@ MAX_PER_VO = 20  # a demo, not a load test (benchmarks/bench_provision.py is one
 
 
 def register(sub: Any) -> None:
-    d = sub.add_parser("demo", help="bring up the local farm and provision VMs of three VOs on it")
+    d = sub.add_parser(
+        "demo",
+        help="bring up the local farm; jobs of three VOs (through a private Slurm when installed) get VMs "
+        "of their own images; a warm-pool hit beside a cold start",
+    )
     d.add_argument("--hosts", type=int_range(1, 64), default=3, help="hypervisor hosts (1..64, default 3)")
     d.add_argument("--driver", choices=["test", "qemu"], default="test")
     d.add_argument("--dir", type=farm_dir_arg, default=None, help="farm directory (as for `dynvm farm up`)")
     d.add_argument(
-        "--per-vo", type=int_range(1, MAX_PER_VO), default=2, help=f"VMs per VO (1..{MAX_PER_VO}, default 2)"
+        "--per-vo", type=int_range(1, MAX_PER_VO), default=1,
+        help=f"Slurm jobs (or, without Slurm, VMs) per VO (1..{MAX_PER_VO}, default 1)",
+    )
+    d.add_argument(
+        "--no-slurm", action="store_true",
+        help="request the VMs directly even when slurm-wlm and munge are installed",
     )
     d.add_argument("--timeout", type=seconds(), default=300.0)
     d.add_argument(
@@ -32,9 +42,8 @@ def register(sub: Any) -> None:
 
 
 def demo(ctx: CliContext, args: argparse.Namespace) -> int:
-    from provisioner.cli.common import instance_row, runtime
+    from provisioner.cli.common import runtime
     from provisioner.configload import load_config
-    from provisioner.control.client import choose_image, submit, wait
     from provisioner.farm.local import default_layout, farm_up
 
     t0 = time.monotonic()
@@ -60,6 +69,56 @@ def demo(ctx: CliContext, args: argparse.Namespace) -> int:
     say(
         "farm up: " + ", ".join(f"{h.name} ({h.capacity.vcpus} vCPU)" for h in rt.store.list_hosts())
     )
+    why_not = slurm_unavailable(args.no_slurm)
+    if why_not is None:
+        failed = _jobs(ctx, rt, layout, say, args)
+    else:
+        say(why_not)
+        failed = _direct(ctx, rt, say, args)
+    if not ctx.out.json:
+        ctx.out.message(
+            "The farm keeps running: try `dynvm vm list`, `dynvm events`, `dynvm pool list`; "
+            "stop it with `dynvm farm down`."
+        )
+    if args.failover:
+        from provisioner.cli.demo_failover import play
+
+        if args.hosts < 2:
+            ctx.out.message("--failover needs at least 2 hosts (a survivor)")
+            return EXIT_CONFLICT
+        if not play(ctx, rt, layout, say, args.timeout):
+            return EXIT_CONFLICT
+    return EXIT_CONFLICT if failed else EXIT_OK
+
+
+def _jobs(ctx: CliContext, rt: Any, layout: Any, say: Say, args: argparse.Namespace) -> bool:
+    """Slurm: one sbatch job per VO (and --per-vo) from its pool account, a warm pool for cms; True if
+    anything failed."""
+    runs, cold, warm = play_slurm(rt, layout.base, say, DEMO_VOS, args.per_vo, args.timeout)
+    bad = [r for r in runs if r.problem]
+    for r in bad:
+        say(f"job {r.job} ({r.vo}) FAILED: {r.problem}")
+    if not warm:
+        say("no job took the warm-pool VM")
+    say(side_by_side(cold, warm))
+    say("  (from Slurm starting the job, when its PrologSlurmctld asks dynvm, to the job's VM handed over; "
+        "sbatch -> RUNNING per job in the table)")
+    rows = [r.row() for r in runs]
+    if ctx.out.json:
+        ctx.out.obj({"mode": "slurm", "jobs": rows, "latency_s": {"cold": dict(cold), "warm": dict(warm)}})
+    else:
+        cols = ["job", "user", "vo", "vm", "image", "host", "node", "start", "vm_ready_ms",
+                "sbatch_to_running_ms", "state", "exit"]
+        ctx.out.table(rows, cols, title="demo jobs (plain sbatch by each VO's pool account)")
+    return bool(bad) or not warm
+
+
+def _direct(ctx: CliContext, rt: Any, say: Say, args: argparse.Namespace) -> bool:
+    """No Slurm: VMs of each VO requested through the client, then the warm/cold pair through the hook
+    path; True if anything failed."""
+    from provisioner.cli.common import instance_row
+    from provisioner.control.client import choose_image, submit, wait
+
     pending = []
     for vo in DEMO_VOS:
         image, vo_ = choose_image(rt, None, vo)
@@ -72,23 +131,17 @@ def demo(ctx: CliContext, args: argparse.Namespace) -> int:
         inst = wait(rt, iid, args.timeout)
         done.append(inst)
         say(f"{iid}: {inst.state.value} on {inst.host} {inst.reason}".rstrip())
+    pair = play_hook_pair(rt, say, args.timeout)
+    if pair is not None:
+        say(side_by_side(pair["cold"], pair["warm"]))
     rows = [instance_row(i.to_dict()) for i in done]
-    ctx.out.table(rows, ["id", "state", "vo", "image", "host"], title="demo VMs")
-    if not ctx.out.json:
-        ctx.out.message(
-            "The farm keeps running: try `dynvm vm list`, `dynvm events`, `dynvm host list`; "
-            "stop it with `dynvm farm down`."
-        )
+    if ctx.out.json:
+        latency = None if pair is None else {"cold": dict(pair["cold"]), "warm": dict(pair["warm"])}
+        ctx.out.obj({"mode": "direct", "vms": rows, "latency_s": latency})
+    else:
+        ctx.out.table(rows, ["id", "state", "vo", "image", "host"], title="demo VMs")
     failed = [i for i in done if i.state.value != "ready"]
-    if args.failover:
-        from provisioner.cli.demo_failover import play
-
-        if args.hosts < 2:
-            ctx.out.message("--failover needs at least 2 hosts (a survivor)")
-            return EXIT_CONFLICT
-        if not play(ctx, rt, layout, say, args.timeout):
-            return EXIT_CONFLICT
-    return EXIT_CONFLICT if failed else EXIT_OK
+    return bool(failed) or (pair is not None and not pair["warm"])
 
 
 def plural(n: int, word: str) -> str:
