@@ -201,8 +201,9 @@ import json, sys
 import htcondor2
 projection = sys.argv[1].split(",")
 ads = htcondor2.Schedd().query(constraint="true", projection=projection)
-json.dump([{k: v for k in projection if isinstance(v := ad.get(k), (str, int, float, bool))} for ad in ads],
-          sys.stdout)
+def plain(v):  # an expression (not a literal) becomes its text: parse_condor then refuses it, as before
+    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+json.dump([{k: plain(ad.get(k)) for k in projection} for ad in ads], sys.stdout)
 """
 
 

@@ -38,7 +38,7 @@ from batch_hooks.watcher import (
     status_key,
 )
 from provisioner.config import PoolsConfig
-from provisioner.errors import ConflictError, DeadlineExceeded
+from provisioner.errors import ConflictError, DeadlineExceeded, UnavailableError
 from provisioner.model import InstanceState, Tier
 from provisioner.runtime import Runtime
 from tests.batch_hooks.slurm_cluster import SlurmCluster
@@ -237,6 +237,14 @@ def test_a_silent_collector_is_cut_off_and_recorded_naming_htcondor(pool_rt: Run
     err = str(rt.store.r.hget(status_key(rt.store.keys.prefix), "last_error"))
     assert err.startswith("ReadFailed: htcondor read failed: DeadlineExceeded: htcondor schedd query")
     assert rt.store.r.hget(status_key(rt.store.keys.prefix), "errors") == "1"
+
+
+def test_condor_source_with_no_pool_is_one_line_from_the_child() -> None:
+    """The real query path (child process, real htcondor2) with no HTCondor pool here: a clear error at
+    once, not a deadline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_CONDOR_")}
+    with pytest.raises(UnavailableError, match=r"htcondor schedd: .*Unable to locate local daemon"):
+        CondorSource(env={**env, "CONDOR_CONFIG": "/dev/null"}, timeout_s=120).read()
 
 
 @pytest.mark.parametrize(
