@@ -228,8 +228,10 @@ class HealthLoop:
                 or h.current(now.epoch) is not mark
             ):
                 return
+            t_destroy = time.monotonic()
             hv.destroy(read.domain_name)
             hv.undefine(read.domain_name)  # its overlay and data disk stay: the same record starts again
+            took = time.monotonic() - t_destroy
             what = "a restart in place" if mark is Mark.RESTART else "a relocation"
             try:
                 self.rt.store.transition_from(now, InstanceState.LOST, reason=f"hung, stopped for {what}")
@@ -239,7 +241,8 @@ class HealthLoop:
         self.stats.stops.append(read.id)
         self.rt.store.add_event(
             "service_stopped",
-            f"{read.service or read.id}: hung VM destroyed on {self.host} for {what} ({why})"[:500],
+            f"{read.service or read.id}: hung VM destroyed on {self.host} in {took:.2f} s for {what} "
+            f"({why})"[:500],
             instance=read.id,
             host=self.host,
         )

@@ -8,7 +8,9 @@ every host's libvirt the whole time: never two running copies.  The events show 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import libvirt
@@ -65,6 +67,7 @@ class Copies:
     """Counts, every 0.2 s, on how many hosts the service's domain is active (running or paused)."""
 
     def __init__(self, farm: HAFarm, domain: str) -> None:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # "no domain" is an answer here
         self.conns = {h.name: libvirt.open(h.uri) for h in farm.rt.config.hosts}
         self.domain = domain
         self.max_seen = 0
@@ -118,13 +121,17 @@ def ready_again(farm: HAFarm, iid: str, after_epoch: int) -> Instance:
     return found
 
 
-def steps(farm: HAFarm, iid: str, since: str) -> list[str]:
-    """The health steps of our service, in order, from the events after ``since``."""
+def steps(farm: HAFarm, iid: str, since: str, t0: float | None = None) -> list[str]:
+    """The health steps of our service, in order, from the events after ``since``; with ``t0`` (when the
+    guest was suspended) the timeline is printed with each step's offset (run with -s to see it)."""
     wanted = {"service_unhealthy", "service_hung", "service_stopped", "service_start", "placed", "ready"}
     out = []
     for e in farm.rt.store.read_events(count=1000, since_id=since):
         if e.kind in wanted and (e.instance == iid or NAME in e.message):
             out.append(f"{e.kind}@{e.host}")
+            if t0 is not None:
+                at = datetime.fromisoformat(e.ts.replace("Z", "+00:00")).timestamp() - t0
+                print(f"  +{at:6.2f} s  {e.kind:18} {e.host or '-':5} {e.message[:90]}")
     return out
 
 
@@ -146,6 +153,7 @@ def test_a_hung_service_is_restarted_in_place_then_relocated(hafarm: HAFarm, qui
         since = rt.store.last_event_id()
 
         # Hang 1: restarted in place (same host, same record and address, a new boot).
+        t0 = time.time()
         copies.suspend(first.host)
         second = ready_again(hafarm, iid, first.epoch)
         assert second.host == first.host and (second.mac, second.ip) == (first.mac, first.ip)
@@ -154,13 +162,15 @@ def test_a_hung_service_is_restarted_in_place_then_relocated(hafarm: HAFarm, qui
         assert "ce data disk" in http_get(hafarm, ADDRESS)  # its own data disk, on its address
         assert len(services.restarts(NAME)) == 1
         h = f"@{first.host}"
-        assert steps(hafarm, iid, since) == [
+        print(f"\nhang 1 (suspended at +0), restart in place on {first.host}:")
+        assert steps(hafarm, iid, since, t0) == [
             f"service_unhealthy{h}", f"service_hung{h}", f"service_stopped{h}", f"placed{h}",
             f"service_start{h}", f"ready{h}",
         ]
         since = rt.store.last_event_id()
 
         # Hang 2, past the limit of one restart in place: relocated to another host.
+        t0 = time.time()
         copies.suspend(first.host)
         third = ready_again(hafarm, iid, second.epoch)
         assert third.host not in (None, first.host) and (third.mac, third.ip) == (first.mac, first.ip)
@@ -169,7 +179,8 @@ def test_a_hung_service_is_restarted_in_place_then_relocated(hafarm: HAFarm, qui
         assert "ce data disk" in http_get(hafarm, ADDRESS)  # the same disk, now served from elsewhere
         assert len(services.restarts(NAME)) == 1  # a relocation is not a restart in place
         t = f"@{third.host}"
-        assert steps(hafarm, iid, since) == [
+        print(f"hang 2 (suspended at +0), past the limit: relocated {first.host} -> {third.host}:")
+        assert steps(hafarm, iid, since, t0) == [
             f"service_unhealthy{h}", f"service_hung{h}", f"service_stopped{h}", f"placed{t}",
             "service_start@None", f"ready{t}",
         ]
