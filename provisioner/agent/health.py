@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ha.health import Counter, Health, HealthStore, Mark, sample
+from ha.health import Counter, Health, HealthStore, Mark, loop_key, sample
 from provisioner.catalogue.model import Probe
 from provisioner.config import DomainType
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
@@ -73,7 +73,7 @@ class HealthLoop:
         self.marks = HealthStore(rt.store.r, rt.store.keys.prefix)
         self.stop = threading.Event()
         self.stats = LoopStats()
-        self.stats_key = f"{rt.store.keys.prefix}:health:loop:{self.host}"
+        self.stats_key = loop_key(rt.store.keys.prefix, self.host)
         self._pool = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix=f"health-{self.host}")
         self._watch: dict[str, _Watch] = {}
         self._stopping: dict[str, Future[None]] = {}

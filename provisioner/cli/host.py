@@ -106,6 +106,9 @@ def host_show(ctx: CliContext, args: argparse.Namespace) -> int:
     row["lease_refusals"] = health.refusals
     row["lease_losses"] = health.losses
     row["lease_last_error"] = health.last_error
+    from ha.health import loop_stats  # the agent's service-health loop: last run, passes, errors
+
+    row.update(loop_stats(rt.store.r, rt.store.keys.prefix, h.name))
     if args.inventory:
         from provisioner.control.inventory import host_inventory
 

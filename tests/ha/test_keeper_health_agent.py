@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ha.health import HealthStore, Mark
+from ha.health import HealthStore, Mark, loop_stats
 from ha.keeper import Hung, Start
 from ha.leader import LeaderLease
 from ha.services import Service, ServiceStore
@@ -205,8 +205,9 @@ def test_hung_vm_found_restarted_in_place_then_relocated(
     kinds = events(store, "h1")
     assert kinds.count("service_stopped") == 2 and kinds.count("service_unhealthy") == 3
     assert loop.stats.errors == 0, loop.stats.last_error
-    stats = store.r.hgetall(f"{store.keys.prefix}:health:loop:hv1")
-    assert int(stats["passes"]) > 0 and stats["errors"] == "0"
+    stats = loop_stats(store.r, store.keys.prefix, "hv1")  # what `dynvm host show hv1` adds
+    assert int(stats["health_loop_passes"]) > 0 and stats["health_loop_errors"] == "0"
+    assert float(stats["health_loop_last_run"]) > 0
 
 
 def test_a_vm_without_a_health_probe_is_never_judged(agent: Agent) -> None:
