@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,15 +22,12 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's tests/ (redisproc)
+
 from provisioner.config import checkout_images_dir
 from provisioner.hypervisor.testdriver import write_test_host_xml
 from provisioner.state import StateStore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.redisproc import PrivateRedis
 
 
 def agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -74,11 +70,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0, help="seconds between a restart and the next kill")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-agent-restart-"))
-    port = free_port()
-    red = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--dir", str(tmp)], stdout=subprocess.DEVNULL
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    red = PrivateRedis(tmp).start()
+    url = red.url
     uri = write_test_host_xml(tmp / "hv1.xml", cpus=8, memory_mib=8192)
     cfg = tmp / "dynvm.yaml"
     cfg.write_text(
@@ -124,7 +117,6 @@ def main() -> None:
         proc.wait(timeout=20)
     finally:
         red.kill()
-        red.wait()
         print(f"logs: {log}") if "--keep" in sys.argv else shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,48 +33,12 @@ from provisioner.hypervisor.testdriver import write_test_host_xml  # noqa: E402
 from provisioner.model import Capacity, Host, Instance, InstanceState, Role  # noqa: E402
 from provisioner.runtime import Runtime  # noqa: E402
 from provisioner.state import StateStore  # noqa: E402
+from tests.redisproc import PrivateRedis  # noqa: E402
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis(d: Path) -> tuple[subprocess.Popen[bytes], str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server is not installed")
-    port = free_port()
-    args = [
-        exe,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(d),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            StateStore(url).ping()
-            return proc, url
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def build_world(d: Path, url: str, vms: int) -> Runtime:
@@ -143,7 +105,8 @@ def main() -> None:
     from provisioner.agent.reconcile import reconcile_host
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_redis(Path(tmp))
+        server = PrivateRedis(Path(tmp)).start()
+        url = server.url
         try:
             rt = build_world(Path(tmp), url, args.vms)
             if args.compare_rev:
@@ -171,8 +134,7 @@ def main() -> None:
             assert rt.hypervisor is not None
             rt.hypervisor.close()
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            server.stop()
 
 
 if __name__ == "__main__":

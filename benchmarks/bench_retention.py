@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,52 +23,16 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH (another checkout) wins
 
-import redis
 
 import provisioner
 from provisioner.model import Capacity, Host, Instance, InstanceState, Role, Tier
 from provisioner.scheduler import PlacementRequest, SchedulerPolicy, schedule
 from provisioner.state import StateStore
 from provisioner.state.codec import instance_to_fields
+from tests.redisproc import PrivateRedis
 
 HOSTS = 100
 S = InstanceState
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis(d: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    exe = shutil.which("redis-server") or "redis-server"
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(d),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def populate(store: StateStore, n_live: int, n_ended: int, seed: int = 7) -> None:
@@ -160,7 +121,8 @@ def main() -> int:
     a = ap.parse_args()
     print(f"code: {Path(provisioner.__file__).resolve().parent.parent}")
     with tempfile.TemporaryDirectory(prefix="bench-retention-") as d:
-        proc, url = start_redis(Path(d))
+        server = PrivateRedis(Path(d)).start()
+        url = server.url
         try:
             stores: dict[str, StateStore] = {}
             for db, (label, ended) in enumerate(
@@ -181,8 +143,7 @@ def main() -> int:
             for store in stores.values():
                 store.close()
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            server.stop()
     labels = list(results)
     print(f"\n{'ms (median / p95)':<32}" + "".join(f"{lb:>34}" for lb in labels))
     for metric in results[labels[0]]:

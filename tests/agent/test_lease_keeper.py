@@ -4,19 +4,17 @@ that is being renewed."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from provisioner.agent.lease import LeaseKeeper, acquire
 from provisioner.errors import ConflictError
 from provisioner.model import Capacity, Host
 from provisioner.state import StateStore
-from tests.conftest import free_port, wait_until
+from tests.conftest import wait_until
+from tests.redisproc import PrivateRedis, free_port
 
 pytestmark = pytest.mark.redis
 TTL = 0.6
@@ -25,39 +23,9 @@ TTL = 0.6
 @pytest.fixture()
 def own_redis(tmp_path: Path) -> Iterator[str]:
     """A Redis of this test alone: the tests turn it into a read-only replica and back."""
-    exe = shutil.which("redis-server")
-    assert exe is not None, "redis-server is not installed"
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(tmp_path),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.exceptions.ConnectionError:
-            return False
-
-    wait_until(answers, 10, what="redis-server to answer")
-    client.close()
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = PrivateRedis(tmp_path).start(timeout_s=10)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture()
