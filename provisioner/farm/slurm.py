@@ -260,7 +260,7 @@ class SlurmCluster:
         except (SlurmStartError, DeadlineExceeded) as first:
             if all(p.poll() is None for p in self.procs):
                 self._fail(f"{first}\n{self.diagnostics()}")
-            self.stop()
+            self.stop(cancel=False)
             self._fresh_ports()
             try:
                 self._start_once()
@@ -268,7 +268,7 @@ class SlurmCluster:
                 self._fail(f"{second} (second try)\n{self.diagnostics()}")
 
     def _fail(self, message: str) -> None:
-        self.stop()
+        self.stop(cancel=False)
         raise SlurmStartError(f"slurm in {self.base} did not come up: {message}")
 
     def _fresh_ports(self) -> None:
@@ -331,8 +331,12 @@ class SlurmCluster:
     def pids(self) -> dict[str, int]:
         return {n: p.pid for n, p in zip(self.names, self.procs, strict=True) if p.poll() is None}
 
-    def stop(self) -> None:
-        """SIGTERM each daemon this object started (slurmd first), then wait; SIGKILL after 15 s."""
+    def stop(self, cancel: bool = True) -> None:
+        """Cancel the cluster's jobs (``cancel`` and slurmctld up), SIGTERM each daemon this object started
+        (slurmd first), then wait; SIGKILL after 15 s; then the job steps of this cluster that are left."""
+        ctld = [p for n, p in zip(self.names, self.procs, strict=True) if n == "slurmctld"]
+        if cancel and ctld and ctld[0].poll() is None:
+            cancel_jobs(self.conf)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -342,8 +346,68 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
+        if self.procs:
+            stop_steps(self.conf)
         self.procs.clear()
         self.names.clear()
+
+
+def cancel_jobs(conf: Path, timeout_s: float = 15.0) -> None:
+    """scancel every job of the cluster whose config is ``conf`` and wait (up to ``timeout_s``) until none
+    runs: a job step's slurmstepd is nobody's child (slurmd double-forks it), stopping the daemons does
+    not stop it, and a cancelled job's EpilogSlurmctld releases its VM while dynvm still answers."""
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+
+    def live() -> list[str]:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-t", "PD,CF,R,CG,S"], env=env, capture_output=True,
+                             text=True, timeout=30, check=False)
+        ids = [j for j in out.stdout.split() if re.fullmatch(r"[0-9_]{1,24}", j)]
+        return ids if out.returncode == 0 else []
+
+    try:
+        jobs = live()
+        if not jobs:
+            return
+        subprocess.run(["scancel", "--quiet", *jobs], env=env, capture_output=True, timeout=30, check=False)
+        deadline = time.monotonic() + timeout_s
+        while live() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    except (OSError, subprocess.SubprocessError):
+        pass  # slurmctld gone or hung: stop_steps is the backstop
+
+
+def steps_of(conf: Path) -> list[int]:
+    """slurmstepd processes of the cluster whose config is ``conf``: those whose environment names it
+    (slurmd hands its own SLURM_CONF on); another cluster's steps on this machine are never matched."""
+    want = f"SLURM_CONF={conf}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{entry.name}/comm").read_text().strip() != "slurmstepd":
+                continue
+            env = Path(f"/proc/{entry.name}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in env:
+            found.append(int(entry.name))
+    return found
+
+
+def stop_steps(conf: Path, timeout_s: float = 5.0) -> list[int]:
+    """SIGKILL what is left of the cluster's job steps once its daemons are gone (a step whose job could
+    not be cancelled keeps retrying a dead slurmctld); returns their pids."""
+    from provisioner.farm.qemu.procs import pid_alive
+
+    steps = steps_of(conf)
+    for pid in steps:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while any(pid_alive(p) for p in steps) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return steps
 
 
 # -- a farm's cluster (dynvm demo): started beside the farm, recorded, stopped by `dynvm farm down` --------
@@ -469,6 +533,9 @@ def stop_farm_slurm(farm: Path, timeout_s: float = 15.0) -> list[int]:
         return []
     pids, idents = doc.get("pids") or {}, doc.get("idents") or {}
     ours = [int(p) for n, p in pids.items() if isinstance(p, int) and is_ours(p, idents.get(n))]
+    conf = Path(str(doc.get("conf", "")))
+    if conf.is_absolute() and is_ours(pids.get("slurmctld"), idents.get("slurmctld")):
+        cancel_jobs(conf)
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         for pid in ours:
             if pid_alive(pid):
@@ -477,6 +544,8 @@ def stop_farm_slurm(farm: Path, timeout_s: float = 15.0) -> list[int]:
         deadline = time.monotonic() + wait_s
         while any(pid_alive(p) for p in ours) and time.monotonic() < deadline:
             time.sleep(0.05)
+    if conf.is_absolute():
+        ours += stop_steps(conf)
     base = Path(str(doc.get("base", "")))
     if base.is_absolute() and (base == farm / "slurm" or (doc.get("remove_base") and
                                                           base.name.startswith("dynvm-slurm-"))):

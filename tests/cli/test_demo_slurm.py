@@ -19,7 +19,7 @@ import pytest
 from provisioner.cli.demo_jobs import prolog_spans, side_by_side, slurm_unavailable
 from provisioner.farm.layout import FarmLayout
 from provisioner.farm.qemu.procs import pid_alive
-from provisioner.farm.slurm import STATE_FILE, missing_programs, recorded
+from provisioner.farm.slurm import STATE_FILE, missing_programs, recorded, steps_of
 from provisioner.state.store import StateStore
 
 pytestmark = [pytest.mark.redis, pytest.mark.libvirt, pytest.mark.slow]
@@ -142,6 +142,8 @@ def test_farm_down_stops_every_slurm_daemon_by_its_recorded_pid(demo: Demo) -> N
     down = dynvm("farm", "down", "--dir", str(demo.dir), timeout=180)
     assert down.returncode == 0, down.stderr
     assert not [p for p in pids if pid_alive(p)]
+    # Job steps are nobody's child (slurmd double-forks them): none of either cluster may be left either.
+    assert not steps_of(Path(demo.slurm["conf"])) and not steps_of(Path(last["conf"]))
     assert not (demo.dir / STATE_FILE).exists() and not Path(last["base"]).exists()
 
 
