@@ -21,6 +21,12 @@ def main(argv: list[str]) -> int:
             from batch_hooks import generic
 
             return generic.run(argv[1], generic.parse_flags(argv[2:]), os.environ, None)
+        if argv[:2] == ["htcondor", "wrap"] and len(argv) >= 3:  # USER_JOB_WRAPPER (deploy/htcondor)
+            import os
+
+            from batch_hooks.condor_wrapper import wrap
+
+            return wrap(argv[2:], os.environ, sys.stdout, sys.stderr)
         if argv[:1] == ["htcondor"]:
             import os
 

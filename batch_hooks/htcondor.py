@@ -221,10 +221,6 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
         return prepare_job(env, sys.stdin, sys.stdout, sys.stderr)
     if argv[:1] == ["job-exit"] and len(argv) == 2:
         return job_exit(argv[1], env, sys.stdin, sys.stderr)
-    if argv[:1] == ["wrap"] and len(argv) >= 2:
-        from batch_hooks.condor_wrapper import wrap
-
-        return wrap(argv[1:], env, sys.stdout, sys.stderr)
     sys.stderr.write("usage: python -m batch_hooks htcondor prepare-job | job-exit REASON | wrap EXE [ARG...]"
                      "\n")
     return 2

@@ -15,7 +15,7 @@ from provisioner import oplog
 from provisioner.agent.domain import instance_disks, remove_instance_files, spec_for
 from provisioner.agent.ready import wait_ready
 from provisioner.breaker import record_boot
-from provisioner.errors import ConflictError, DynvmError, InvalidTransition, PermanentError
+from provisioner.errors import ConflictError, DynvmError, InvalidTransition, NotFoundError, PermanentError
 from provisioner.model import Instance, InstanceState, Role
 from provisioner.runtime import Runtime, resolve_image
 
@@ -43,15 +43,9 @@ def boot_instance(
     if not _claim_boot(rt, instance_id):
         return
     try:
-        read = rt.store.get_instance(instance_id)
-        if read is None or read.host != rt.host or read.state not in BOOTABLE:
-            return  # released, moved elsewhere, or already booted: nothing to do
-        if expected_epoch is not None and read.epoch != expected_epoch:
+        inst = _start_booting(rt, instance_id, expected_epoch)
+        if inst is None:
             return
-        try:
-            inst = rt.store.transition_from(read, InstanceState.BOOTING)
-        except ConflictError:
-            return  # someone else moved it on in the meantime
         try:
             _boot(rt, inst)
         except PermanentError as err:
@@ -65,6 +59,29 @@ def boot_instance(
     finally:
         with rt.lock:
             rt.booting.discard(instance_id)
+
+
+def _start_booting(rt: Runtime, instance_id: str, expected_epoch: int | None) -> Instance | None:
+    """The record moved to booting, or None when there is nothing to boot (released, moved elsewhere,
+    already booted, or placed anew since ``expected_epoch``).  The common case, a placed record on this
+    host, is one compare-and-set (placed, this host[, epoch]) with no read before it; anything else
+    (a re-driven boot of a booting record, a conflict) reads the record and decides on what it read."""
+    try:
+        return rt.store.transition(
+            instance_id, InstanceState.BOOTING, InstanceState.PLACED, expected_host=rt.host,
+            expected_epoch=expected_epoch,
+        )
+    except (ConflictError, NotFoundError):
+        pass
+    read = rt.store.get_instance(instance_id)
+    if read is None or read.host != rt.host or read.state not in BOOTABLE:
+        return None  # released, moved elsewhere, or already booted: nothing to do
+    if expected_epoch is not None and read.epoch != expected_epoch:
+        return None
+    try:
+        return rt.store.transition_from(read, InstanceState.BOOTING)
+    except ConflictError:
+        return None  # someone else moved it on in the meantime
 
 
 def _fault_hold(rt: Runtime, inst: Instance) -> None:
@@ -95,7 +112,8 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     disks = instance_disks(rt, inst, image)
     xml = spec_for(rt, inst, image, disks)
     t_virt = time.monotonic()
-    rt.hypervisor.define_and_start(inst.domain_name, xml)
+    if not _define_and_start(rt, inst, xml):
+        return  # moved on while its disk was still held by its old copy
     libvirt_ms = (time.monotonic() - t_virt) * 1000
     oplog.event(
         "boot",
@@ -124,6 +142,42 @@ def _boot(rt: Runtime, inst: Instance) -> None:
         notify=True,
     )
     record_boot(rt, inst, ok=True)  # closes the image's breaker if open (issue 9); after the waiter woke
+
+
+# A service's disk still held by its old copy (QEMU's image lock, a virtlockd lease): in a failover on a
+# loaded machine the dead host's self-fence or watchdog may still be tearing that copy down when the
+# monitor's restart deadline passes (seen: a self-fence destroy took 3.6 s).  The lock is the storage
+# fencing layer doing its job; the new copy waits for it (bounded) instead of failing the service.
+DISK_BUSY = ("is locked", 'failed to get "write" lock', "resource busy")
+DISK_BUSY_WAIT_S = 60.0
+
+
+def _define_and_start(rt: Runtime, inst: Instance, xml: str) -> bool:
+    """Start the domain; a service whose disk is busy is retried (backing off to 1 s) for up to
+    DISK_BUSY_WAIT_S while its record stays this boot's.  False: the record moved on meanwhile."""
+    from provisioner.errors import HypervisorPermanentError
+
+    assert rt.hypervisor is not None
+    deadline = time.monotonic() + DISK_BUSY_WAIT_S
+    delay = 0.1
+    waiting = False
+    while True:
+        try:
+            rt.hypervisor.define_and_start(inst.domain_name, xml)
+            return True
+        except HypervisorPermanentError as err:
+            busy = any(t in str(err).lower() for t in DISK_BUSY)
+            if inst.role is not Role.SERVICE or not busy or time.monotonic() + delay > deadline:
+                raise
+            if not waiting:
+                waiting = True
+                why = f"{err}; waiting up to {DISK_BUSY_WAIT_S:g} s for the old copy to let go"
+                rt.store.add_event("disk_busy", why, instance=inst.id, host=rt.host)
+        time.sleep(delay)
+        delay = min(2 * delay, 1.0)
+        now = rt.store.get_instance(inst.id)
+        if now is None or (now.state, now.host, now.epoch) != (inst.state, inst.host, inst.epoch):
+            return False
 
 
 def _fail(rt: Runtime, inst: Instance, reason: str, image_fault: bool = False) -> None:
