@@ -117,6 +117,7 @@ def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer], rep: SweepReport | Non
         rt.store.r.delete(jobvm_key(prefix, job.job_key))
         rt.store.r.srem(jobvms_key(prefix), job.job_key)
         rep.forgotten += 1
+    failed: Exception | None = None
     for job in to_requeue(jobs):
         requeuer = requeuers.get(job.batch)
         if requeuer is None:
@@ -125,14 +126,31 @@ def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer], rep: SweepReport | Non
             continue  # another sweeper took it
         try:
             requeuer.requeue(job.cluster, job.job_id)
-        except Exception:
+        except Exception as err:
             # Give the mark back: a requeue that did not happen must be tried again, or the job is lost.
+            # The other jobs still get theirs in this pass (one bad schedd holds nobody else up); the
+            # first failure is raised at the end, for the loop's record.
             rt.store.r.hdel(jobvm_key(prefix, job.job_key), "requeued")
-            raise
+            failed = failed or err
+            continue
         rt.store.add_event("job_requeued", instance=job.instance,
                            message=f"{job.batch}:{job.cluster}:{job.job_id}: its VM is {job.state}")
         done.append(job.job_key)
+    if failed is not None:
+        raise failed
     return done
+
+
+def requeuers_for(batch: str) -> dict[str, Requeuer]:
+    """The requeuer of the site's batch system (``pools.batch``): Slurm's ``scontrol requeue``, HTCondor's
+    vacate; none for the rest (their jobs are requeued by their own prolog/epilog semantics)."""
+    if batch == "slurm":
+        return {"slurm": SlurmRequeue()}
+    if batch == "htcondor":
+        from batch_hooks.condor_requeue import CondorVacate
+
+        return {"htcondor": CondorVacate()}
+    return {}
 
 
 def record(rt: Runtime, rep: SweepReport | None, worker: str, interval_s: float, error: str = "") -> None:

@@ -80,13 +80,13 @@ def serve(ctx: CliContext, args: argparse.Namespace) -> int:
 def watch_lost(ctx: CliContext, args: argparse.Namespace) -> int:
     import threading
 
-    from batch_hooks.requeue import SlurmRequeue, run_forever, sweep
+    from batch_hooks.requeue import requeuers_for, run_forever, sweep
     from provisioner.cli.common import runtime
     from provisioner.errors import ValidationError
 
     if not 0.5 <= args.interval <= 3600:
         raise ValidationError("--interval must be in 0.5..3600 s")
-    requeuers = {"slurm": SlurmRequeue()}
+    requeuers = {**requeuers_for("slurm"), **requeuers_for("htcondor")}  # each job by its own batch system
     if args.once:
         for key in sweep(runtime(ctx), requeuers):
             print(key)

@@ -39,7 +39,7 @@ def run_worker(config: Config, concurrency: int = 8) -> None:
 def start_batch_loops(rt: Runtime, member: str, stop: threading.Event) -> list[threading.Thread]:
     """The batch side's long-lived loops of a control worker (each survives any error and records its last
     run in Redis for ``dynvm status``): with ``pools.batch`` set, the demand watcher (run by one worker of
-    the farm at a time, by lease; the others stand by); with Slurm, the lost-VM requeue."""
+    the farm at a time, by lease; the others stand by); with Slurm or HTCondor, the lost-VM requeue."""
     pools = rt.config.pools
     threads = []
     if pools.batch != "none" and pools.watcher:
@@ -49,11 +49,11 @@ def start_batch_loops(rt: Runtime, member: str, stop: threading.Event) -> list[t
         source = source_for(rt.config)
         threads.append(threading.Thread(target=serve_watcher, args=(rt, source, member, stop),
                                         name="pool-watcher", daemon=True))
-    if pools.batch == "slurm":
-        # Jobs whose worker VM was lost (host death, preemption, crash) are requeued by dynvm itself.
-        from batch_hooks.requeue import SlurmRequeue, run_forever
+    from batch_hooks.requeue import requeuers_for, run_forever
 
-        requeuers = {"slurm": SlurmRequeue()}
+    requeuers = requeuers_for(pools.batch)
+    if requeuers:
+        # Jobs whose worker VM was lost (host death, preemption, crash) are requeued by dynvm itself.
         threads.append(threading.Thread(target=run_forever, args=(rt, requeuers, stop),
                                         kwargs={"worker": member}, name="lost-vm-requeue", daemon=True))
     for t in threads:

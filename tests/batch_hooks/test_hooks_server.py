@@ -203,3 +203,33 @@ def test_a_requeue_that_failed_is_tried_again_never_lost(farm: Farm, hook_url: s
     assert sweep(farm.rt, {"slurm": flaky}) == [ctx.key]  # the mark was given back: requeued now
     assert sweep(farm.rt, {"slurm": flaky}) == []  # and only once
     assert flaky.calls == ["7070", "7070"]
+
+
+def test_one_failing_requeue_holds_no_other_job_up(farm: Farm, hook_url: str) -> None:
+    """A schedd/slurmctld refusing one job's requeue: the others of the same pass are requeued; the failure
+    is still raised (the loop records it) and that job keeps no mark, so it is tried again."""
+    from batch_hooks.requeue import sweep
+
+    class RefusesOne:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def requeue(self, cluster: str, job_id: str) -> None:
+            self.calls.append(job_id)
+            if job_id == "8080":
+                raise RuntimeError("Invalid job id specified")
+
+    keys = {}
+    with LightRedis(hook_url) as r:
+        for job in ("8080", "8081"):
+            ctx = ctx_for("cms001", job)
+            vm = call(r, "dynvm", "prolog", ctx, 60)
+            farm.rt.store.transition(vm["instance"], InstanceState.LOST, reason="test: VM lost under its job")
+            keys[job] = ctx.key
+    req = RefusesOne()
+    with pytest.raises(RuntimeError, match="Invalid job id"):
+        sweep(farm.rt, {"slurm": req})
+    assert sorted(req.calls) == ["8080", "8081"]  # 8081 was not held up behind 8080
+    with pytest.raises(RuntimeError, match="Invalid job id"):
+        sweep(farm.rt, {"slurm": req})  # 8080 again (no mark kept), 8081 not again (requeued once)
+    assert sorted(req.calls) == ["8080", "8080", "8081"]
