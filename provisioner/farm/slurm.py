@@ -531,10 +531,13 @@ def stop_farm_slurm(farm: Path, timeout_s: float = 15.0) -> list[int]:
     if doc is None:
         (farm / STATE_FILE).unlink(missing_ok=True)
         return []
-    pids, idents = doc.get("pids") or {}, doc.get("idents") or {}
-    ours = [int(p) for n, p in pids.items() if isinstance(p, int) and is_ours(p, idents.get(n))]
+    pids, idents = doc.get("pids"), doc.get("idents")
+    if not isinstance(pids, dict) or not isinstance(idents, dict):
+        pids, idents = {}, {}  # unreadable: nothing is proven ours (the steps below still are, by config)
+    live = {n: p for n, p in pids.items() if isinstance(p, int) and is_ours(p, str(idents.get(n, "")))}
+    ours = list(live.values())
     conf = Path(str(doc.get("conf", "")))
-    if conf.is_absolute() and is_ours(pids.get("slurmctld"), idents.get("slurmctld")):
+    if conf.is_absolute() and "slurmctld" in live:
         cancel_jobs(conf)
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         for pid in ours:

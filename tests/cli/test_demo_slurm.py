@@ -178,3 +178,25 @@ def test_side_by_side_line() -> None:
     line = side_by_side([("atlas job 2", 0.81), ("lhcb job 3", 0.79)], [("cms job 1", 0.06)])
     assert line == ("cold start: job → VM ready 800 ms (atlas job 2 810, lhcb job 3 790)  vs  "
                     "warm-pool hit: 60 ms")
+
+
+def test_farm_slurm_stop_signals_only_recorded_processes_that_are_still_themselves(tmp_path: Path) -> None:
+    from provisioner.farm.qemu.procs import identity
+    from provisioner.farm.slurm import stop_farm_slurm
+
+    mine = subprocess.Popen(["sleep", "60"])
+    keep = tmp_path / "elsewhere"  # not the record's to remove: neither <farm>/slurm nor a dynvm-slurm- temp
+    keep.mkdir()
+    try:
+        doc = {"base": str(keep), "remove_base": True, "conf": str(tmp_path / "etc" / "slurm.conf"),
+               "pids": {"slurmctld": 1, "munged": os.getpid(), "slurmd-n1": mine.pid},
+               "idents": {"slurmctld": "another-boot:1", "munged": "x:0", "slurmd-n1": identity(mine.pid)}}
+        (tmp_path / STATE_FILE).write_text(json.dumps(doc))
+        assert stop_farm_slurm(tmp_path) == [mine.pid]  # init and this test (wrong identities) untouched
+        assert mine.wait(timeout=30) == -15 and pid_alive(1)
+        assert keep.is_dir() and not (tmp_path / STATE_FILE).exists()
+        (tmp_path / STATE_FILE).write_text('{"pids": "nonsense", "conf": 7}')
+        assert stop_farm_slurm(tmp_path) == [] and not (tmp_path / STATE_FILE).exists()
+    finally:
+        mine.kill()
+        mine.wait()
