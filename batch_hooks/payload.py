@@ -65,7 +65,7 @@ def _read_script(source: TextIO, hex_encoded: bool) -> str:
         raise ValidationError("the wrapped job script is not valid hex") from None
 
 
-def sink(stream: TextIO) -> Callable[[bytes], None]:
+def sink(stream: TextIO) -> Callable[[bytes], object]:
     """Chunks to a text stream: straight to its binary buffer (the job's output file, byte-exact, flushed
     per chunk so the file grows while the job runs), or decoded for a stream that has none."""
     buf = getattr(stream, "buffer", None)
@@ -86,10 +86,17 @@ def sink(stream: TextIO) -> Callable[[bytes], None]:
     return decode
 
 
+def _fd(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.StringIO: UnsupportedOperation is an OSError
+        return None
+
+
 def run(env: Mapping[str, str], script: str, out: TextIO, err: TextIO) -> int:
     from batch_hooks.proto import jobvm_key
     from batch_hooks.resp import LightRedis
-    from provisioner.execchan.client import exec_socket, stream_in_guest
+    from provisioner.execchan.client import exec_socket, same_file, stream_in_guest
     from provisioner.execchan.once import take_run_token
 
     url, pfx, key = _job_redis(env)
@@ -109,8 +116,11 @@ def run(env: Mapping[str, str], script: str, out: TextIO, err: TextIO) -> int:
         if attach is None:
             take_run_token(r, pfx, vm["instance"], vm.get("attempt", "0"))
     sock = exec_socket(vm["shared_dir"], vm["instance"], vm["host"])
+    # One output file for both (Slurm's default): the script gets one descriptor for both, as on the node.
+    fo, fe = _fd(out), _fd(err)
+    merge = fo is not None and fe is not None and same_file(fo, fe)
     res = stream_in_guest(sock, script=None if attach else script, timeout=None, out=out_sink, err=err_sink,
-                          attach=attach, on_progress=progress)
+                          attach=attach, on_progress=progress, merge=merge)
     if cf is not None:
         cf.remove()
     return res.exit_code

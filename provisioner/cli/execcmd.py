@@ -105,12 +105,16 @@ def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
             if args.attach is None:
                 raise ValidationError(f"exec: no command, and no cursor in {args.cursor_file} to resume")
         out, err, progress = cf.wrap("o", out), cf.wrap("e", err), cf.save
+    from provisioner.execchan.client import same_file
+
+    # stdout and stderr on one file or terminal: the command gets one descriptor for both (print order).
+    merge = same_file(sys.stdout.fileno(), sys.stderr.fileno())
     res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once, out=out, err=err,
-                     attach=args.attach, on_progress=progress)
+                     attach=args.attach, on_progress=progress, merge=merge)
     return int(res["exit_code"])
 
 
-def _writer(stream: Any) -> Callable[[bytes], None]:
+def _writer(stream: Any) -> Callable[[bytes], object]:
     """Each chunk straight to the stream's bytes, flushed: output appears as the command prints it."""
     stream.flush()
     buf = stream.buffer

@@ -18,7 +18,7 @@ from provisioner.model import InstanceState
 from provisioner.runtime import Runtime
 
 MAX_ARGS = 256
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes], object]
 
 
 def exec_in_vm(
@@ -32,6 +32,7 @@ def exec_in_vm(
     err: Sink | None = None,
     attach: str | None = None,
     on_progress: Callable[[str], None] | None = None,
+    merge: bool = False,
 ) -> dict[str, Any]:
     """Returns {exit_code, stdout, stderr, duration_s, host}.  ``timeout_s=None``: no limit (a payload).
 
@@ -65,7 +66,7 @@ def exec_in_vm(
         take_run_token(rt.store.r, rt.store.keys.prefix, inst.id, run_token)
     if out is not None and err is not None:
         sres = stream_in_guest(path, None if attach else argv, timeout=timeout_s, out=out, err=err,
-                               attach=attach, on_progress=on_progress)
+                               attach=attach, on_progress=on_progress, merge=merge)
         return {
             "exit_code": sres.exit_code,
             "stdout": "",

@@ -182,7 +182,7 @@ class StreamResult:
     gaps: int = 0  # times a chunk was missing and a resend was asked for
 
 
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes], object]
 
 
 def stream_in_guest(
@@ -195,13 +195,15 @@ def stream_in_guest(
     err: Sink,
     attach: str | None = None,
     on_progress: Callable[[str], None] | None = None,
+    merge: bool = False,
 ) -> StreamResult:
     """Run argv (or a script) in the guest and hand its stdout/stderr to ``out``/``err`` chunk by chunk
     while it runs; returns its exit code.  ``attach="RUN:NEXT_OUT:NEXT_ERR"`` instead resumes a run that an
     earlier client started (the cursor that client last reported through ``on_progress``): the chunks
     from there on arrive exactly once.  A sink must have written its chunk when it returns (the guest then
     drops it); ``on_progress`` gets the cursor text once the run is asked for and after each chunk.
-    ``timeout=None``: no deadline."""
+    ``timeout=None``: no deadline.  ``merge=True``: the job's stderr goes to its stdout in the guest (one
+    stream, in print order: for output that ends up in one file, see ``same_file``)."""
     from provisioner.execchan import frames as fr
 
     if attach is not None:
@@ -222,7 +224,7 @@ def stream_in_guest(
         raise ValidationError(f"stream_in_guest: timeout must be in {limit}, got {timeout!r}")
     if attach is None:
         guest_timeout = UNLIMITED_GUEST_S if timeout is None else max(1, int(timeout + 0.999))
-        first = fr.run_line(cursor.run_id, guest_timeout, text.encode())
+        first = fr.run_line(cursor.run_id, guest_timeout, text.encode(), merge)
     path = Path(socket_path)
     _check_socket(path)
     started = time.monotonic()
@@ -284,3 +286,13 @@ def stream_in_guest(
                 if step.exit_code is not None:
                     return StreamResult(step.exit_code, cursor.run_id, sizes["o"], sizes["e"],
                                         time.monotonic() - started, rx.duplicates, rx.gaps)
+
+
+def same_file(a: int, b: int) -> bool:
+    """Whether descriptors ``a`` and ``b`` write to the same file (a batch job's merged output file, a
+    terminal): then a payload's stdout and stderr should reach it in print order (``merge``)."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

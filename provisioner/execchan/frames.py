@@ -2,7 +2,8 @@
 
 A payload's stdout and stderr come back while it runs, as numbered chunks, one line per frame:
 
-    host  -> guest: DYNVM-RUN <id> <timeout_s> <base64 script>   start (the guest runs one at a time)
+    host  -> guest: DYNVM-RUN <id> <timeout_s> <base64 script> [merge]   start (one run at a time; merge:
+                                                                  stderr joins stdout, in print order)
                     DYNVM-ACK <id> <o|e> <seq>                    the host holds that stream up to seq
                     DYNVM-ATTACH <id> <next_o> <next_e>           (re)send from these (reconnect, gap)
                     DYNVM-DONE <id>                               the exit arrived: forget the run
@@ -82,8 +83,12 @@ def _seq(value: int) -> int:
     return value
 
 
-def run_line(run_id: str, timeout_s: int, script: bytes) -> bytes:
-    return b"DYNVM-RUN %s %d %s\n" % (check_run_id(run_id).encode(), timeout_s, base64.b64encode(script))
+def run_line(run_id: str, timeout_s: int, script: bytes, merge: bool = False) -> bytes:
+    """``merge``: the guest gives the job one descriptor for stdout and stderr (as a batch system does when
+    both go to one file), so that file gets them in print order; everything comes on stream o."""
+    tail = b" merge\n" if merge else b"\n"
+    head = b"DYNVM-RUN %s %d " % (check_run_id(run_id).encode(), timeout_s)
+    return head + base64.b64encode(script) + tail
 
 
 def ack_line(run_id: str, stream: str, seq: int) -> bytes:

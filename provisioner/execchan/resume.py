@@ -18,7 +18,7 @@ from collections.abc import Callable
 from provisioner.errors import ValidationError
 from provisioner.execchan.frames import Cursor
 
-Sink = Callable[[bytes], None]
+Sink = Callable[[bytes], object]
 
 
 def _size(fd: int) -> int | None:

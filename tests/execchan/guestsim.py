@@ -52,6 +52,9 @@ class GuestSim:
         self._listener.bind(str(self.path))
         self._listener.listen()
         self._client: socket.socket | None = None
+        self.drop_chunks: set[int] = set()  # indices (from 0) of DYNVM-OUT lines to lose on the way out
+        self._chunks_seen = 0
+        self._partial = b""
         self._lock = threading.Lock()
         self._stop = False
         threading.Thread(target=self._serve, daemon=True).start()
@@ -90,9 +93,21 @@ class GuestSim:
                     data = self._port.recv(65536)
                     if not data:
                         return
-                    conn.sendall(data)
+                    conn.sendall(self._lose(data) if self.drop_chunks else data)
             except OSError:
                 return
+
+    def _lose(self, data: bytes) -> bytes:
+        """Whole lines only; the DYNVM-OUT lines listed in drop_chunks vanish (a lost chunk message)."""
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        kept = []
+        for line in lines:
+            if line.startswith(b"DYNVM-OUT "):
+                self._chunks_seen += 1
+                if self._chunks_seen - 1 in self.drop_chunks:
+                    continue
+            kept.append(line + b"\n")
+        return b"".join(kept)
 
     def drop_client(self) -> None:
         with self._lock:

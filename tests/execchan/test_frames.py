@@ -36,6 +36,7 @@ def test_control_frames_parse() -> None:
     assert fr.ack_line("r1", "o", 3) == b"DYNVM-ACK r1 o 3\n"
     assert fr.attach_line("r1", 2, 0) == b"DYNVM-ATTACH r1 2 0\n"
     assert fr.run_line("r1", 60, b"echo hi\n") == b"DYNVM-RUN r1 60 ZWNobyBoaQo=\n"
+    assert fr.run_line("r1", 60, b"echo hi\n", merge=True) == b"DYNVM-RUN r1 60 ZWNobyBoaQo= merge\n"
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "a;b", "x" * 33, "ü"])

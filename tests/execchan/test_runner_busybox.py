@@ -5,6 +5,7 @@ The same checks on a real TCG guest are in tests/qemu_e2e/test_stream_qemu.py.""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from provisioner.errors import ConflictError, UnavailableError
-from provisioner.execchan.client import StreamResult, run_in_guest, stream_in_guest
+from provisioner.execchan.client import StreamResult, run_in_guest, same_file, stream_in_guest
 from tests.execchan.guestsim import BUSYBOX, GuestSim
 
 pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox (the test images' shell)")
@@ -140,3 +141,25 @@ def test_a_second_run_while_one_runs_is_refused_and_one_shot_exec_still_works(gu
     except UnavailableError as e:
         assert "knows no run" in str(e)
     assert bytes(c.out) == b"up\n"
+
+
+def test_lost_chunk_messages_are_sent_again_and_the_output_stays_exact(guest: GuestSim) -> None:
+    guest.drop_chunks = {1, 2, 5}  # three chunk messages vanish on the way (first a run of two)
+    c = Collect()
+    script = "i=0; while [ $i -lt 30 ]; do echo out-$i; echo err-$i >&2; i=$((i+1)); sleep 0.02; done; exit 9"
+    res = stream_in_guest(guest.path, script=script, out=c.out.extend, err=c.err.extend, timeout=120)
+    assert res.exit_code == 9
+    assert bytes(c.out) == "".join(f"out-{i}\n" for i in range(30)).encode()
+    assert bytes(c.err) == "".join(f"err-{i}\n" for i in range(30)).encode()
+    assert res.gaps >= 1  # the losses were noticed (and mended by resends), not lucky
+
+
+def test_merged_output_keeps_print_order_across_stdout_and_stderr(guest: GuestSim, tmp_path: Path) -> None:
+    c = Collect()
+    script = "i=0; while [ $i -lt 50 ]; do echo out-$i; echo err-$i >&2; i=$((i+1)); done; exit 2"
+    res = stream_in_guest(guest.path, script=script, out=c.out.extend, err=c.err.extend, timeout=120,
+                          merge=True)
+    assert res.exit_code == 2 and bytes(c.err) == b""
+    assert bytes(c.out) == "".join(f"out-{i}\nerr-{i}\n" for i in range(50)).encode()
+    with (tmp_path / "f").open("w") as f, (tmp_path / "g").open("w") as g:
+        assert same_file(f.fileno(), os.dup(f.fileno())) and not same_file(f.fileno(), g.fileno())

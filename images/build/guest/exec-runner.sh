@@ -6,7 +6,8 @@
 #   host  -> guest: DYNVM-EXEC <id> <timeout_s> <base64 script>
 #   guest -> host : DYNVM-RESULT <id> <exit_code> <base64 stdout> <base64 stderr>
 # streaming (payloads that run for days; no cap, bounded memory):
-#   host  -> guest: DYNVM-RUN <id> <timeout_s> <base64 script>    start (one run at a time)
+#   host  -> guest: DYNVM-RUN <id> <timeout_s> <base64 script> [merge]  start (one run at a time);
+#                                                   merge: stderr joins stdout (one stream, print order)
 #                   DYNVM-ACK <id> <o|e> <seq>                     host holds that stream up to seq
 #                   DYNVM-ATTACH <id> <next_o> <next_e>            (re)send from these seqs (reconnect, gap)
 #                   DYNVM-DONE <id>                                exit received: forget the run
@@ -63,7 +64,7 @@ pump() {  # $1 stream (o|e), $2 run id; stdin is the stream's FIFO.  Chunks it i
     done
     echo "$n" > "$R/$1.n"
 }
-start_run() {  # $1 id, $2 timeout, $3 base64 script
+start_run() {  # $1 id, $2 timeout, $3 base64 script, $4 "merge": stderr into stdout (one stream, print order)
     mkdir -p "$R"
     echo -1 > "$R/o.ack"
     echo -1 > "$R/e.ack"
@@ -79,12 +80,18 @@ start_run() {  # $1 id, $2 timeout, $3 base64 script
     (
         pump o "$1" < "$R/o.fifo" &
         po=$!
-        pump e "$1" < "$R/e.fifo" &
-        pe=$!
-        (cd /tmp && exec timeout "$2" sh "$R/job.sh" </dev/null >"$R/o.fifo" 2>"$R/e.fifo" 4>&-)
-        rc=$?
+        if [ "$4" = merge ]; then
+            echo 0 > "$R/e.n"
+            (cd /tmp && exec timeout "$2" sh "$R/job.sh" </dev/null >"$R/o.fifo" 2>&1 4>&-)
+            rc=$?
+        else
+            pump e "$1" < "$R/e.fifo" &
+            pe=$!
+            (cd /tmp && exec timeout "$2" sh "$R/job.sh" </dev/null >"$R/o.fifo" 2>"$R/e.fifo" 4>&-)
+            rc=$?
+            wait $pe
+        fi
         wait $po
-        wait $pe
         num "$R/o.n"
         nout=$v
         num "$R/e.n"
@@ -162,7 +169,10 @@ while true; do
                 else
                     echo "gone" >&4
                     rm -rf "$R"
-                    start_run "$id" "$a" "$b"
+                    case "$b" in
+                        *" merge") start_run "$id" "$a" "${b% merge}" merge ;;
+                        *) start_run "$id" "$a" "$b" ;;
+                    esac
                 fi ;;
             DYNVM-ACK)
                 case "$a" in o|e) ;; *) continue ;; esac

@@ -1,0 +1,75 @@
+"""Through real Slurm and the shipped wrapper (deploy/slurm's job_submit.lua + payload): an unmodified job's
+output file grows while the job still runs inside its VM (more than 2 MiB of it, byte-exact), and a
+cancelled job's VM is still released."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provisioner.farm.slurm import HOOK_USER, install_hooks, missing_programs, trusted_hook_rules
+from provisioner.model import InstanceState
+from tests.batch_hooks.conftest import redis_host_port
+from tests.batch_hooks.slurm_cluster import REPO, SlurmCluster, ensure_pool_accounts, wait_for
+from tests.qemu_e2e.conftest import QFarm
+
+pytestmark = [pytest.mark.qemu, pytest.mark.redis, pytest.mark.libvirt]
+CLUSTER = "dynvmstream"  # not test_slurm_payload's name: its job ids restart at 1 and jobs are keyed by both
+
+
+@pytest.fixture(scope="module")
+def qslurm(qfarm: QFarm) -> Iterator[SlurmCluster]:
+    """tests.batch_hooks.conftest.start_slurm's cluster (deploy/slurm's hooks as shipped, the payload
+    wrapped), under a cluster name of its own."""
+    if missing_programs():
+        pytest.fail(f"slurm-wlm and munge are not installed (missing {missing_programs()})")
+    ensure_pool_accounts()
+    r = qfarm.rt.store.r
+    password = secrets.token_hex(16)
+    r.execute_command("ACL", "SETUSER", HOOK_USER, *trusted_hook_rules("dynvm", password))  # type: ignore[no-untyped-call]
+    host, port = redis_host_port(r)
+    base = Path(tempfile.mkdtemp(prefix="dynvm-slurm-"))
+    base.chmod(0o755)  # the pool accounts reach their job scripts and outputs
+    cluster = SlurmCluster(base, name=CLUSTER)
+    common = {"SLURM_CONF": str(cluster.conf)}
+    ctld = {**common, "DYNVM_PYTHON": sys.executable, "DYNVM_PREFIX": "dynvm", "DYNVM_PROLOG_TIMEOUT": "240",
+            "DYNVM_HOOK_REDIS": f"redis://{HOOK_USER}:{password}@{host}:{port}/0"}
+    task = {**common, "DYNVM_PYTHON": "/usr/bin/python3", "PYTHONPATH": str(REPO),
+            "DYNVM_JOB_REDIS": f"redis://{host}:{port}/0"}
+    cluster.write_files(*install_hooks(base / "hooks", ctld, task), wrap_payload=True)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        if not os.environ.get("DYNVM_KEEP_SLURM"):
+            shutil.rmtree(base, ignore_errors=True)
+        r.execute_command("ACL", "DELUSER", HOOK_USER)  # type: ignore[no-untyped-call]
+
+
+def test_job_output_file_grows_while_the_job_runs_in_its_vm(qslurm: SlurmCluster, qfarm: QFarm) -> None:
+    # The job never ends by itself within the test (it waits for a file nobody creates; 5 min at most):
+    # whatever is in its output file arrived while it ran.
+    script = ("#!/bin/bash\necho first-line\nhead -c 2500000 /dev/zero | tr '\\0' y\necho\n"
+              "echo err-line >&2\ni=0\nwhile [ ! -e /tmp/never ] && [ $i -lt 3000 ]; do\n"
+              "  sleep 0.1; i=$((i+1))\ndone\n")
+    job = qslurm.sbatch("lhcb001", script)
+    out = qslurm.base / "jobs" / f"{job}.out"
+    # One output file for both streams (Slurm's default): the wrapper has the guest merge them, so the file
+    # has them in print order, as on the node.
+    expected = ("first-line\n" + "y" * 2500000 + "\n" + "err-line\n").encode()
+    wait_for(lambda: out.exists() and out.read_bytes() == expected, 300, f"job {job}'s output while it runs")
+    assert qslurm.job(job)["JobState"] == "RUNNING"
+    qslurm.run("scancel", job)
+    wait_for(lambda: qslurm.job(job).get("JobState") == "CANCELLED", 120, "cancelled")
+    owned = [i for i in qfarm.rt.store.list_instances(ended=True) if i.owner == f"slurm:{CLUSTER}:{job}"]
+    assert len(owned) == 1 and owned[0].vo == "lhcb"
+    vm_id = owned[0].id
+    wait_for(lambda: qfarm.rt.store.require_instance(vm_id).state is InstanceState.GONE, 120, "released")
