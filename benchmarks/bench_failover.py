@@ -9,7 +9,9 @@ started on the victim (the host of the class under test) and become ready; ``far
 watchdog, libvirtd, virtlockd and guests at t = 0; the clock stops when every one of them is *running* in
 libvirt on a survivor (polled every 20 ms, as the Pacemaker harness polls every 50 ms) and when every one
 is *ready* (its readiness probe passed, as recorded by its agent).  The host is then revived and rejoined
-by the operator path, the VMs released.  A warm-up trial per class is not counted.
+by the operator path, the VMs released.  Sizes alternate trial by trial (the same load for both); the
+first trial of each class and size is a warm-up, not counted.  Each trial also prints where its time went:
+the survivors used and, per VM, when its agent took the boot, when it ran, when it was ready.
 
 Then the Pacemaker peer (/work/shared/peers/pacemaker/run.sh: 3 nodes, Corosync + VirtualDomain, real
 fencing, nodes killed the same way) runs in this session with the profiles and guest counts given, and one
@@ -34,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ha.recovery import RecoveryStore
+from ha.recovery import RecoveryStore, Step
 from provisioner.configload import load_config
 from provisioner.control.client import ENDED, choose_image, client_runtime, release, submit, wait
 from provisioner.farm.hostkill import farm_kill, farm_revive
@@ -70,6 +72,23 @@ def rejoin(rt: Runtime, host: str) -> None:
     cur = rt.store.require_host(host)
     if cur.state in (HostState.DEAD, HostState.FENCED):
         rt.store.set_host_state(host, HostState.UP, expected=cur.state, reason="bench rejoin", operator=True)
+
+
+def settle(rt: Runtime, recs: RecoveryStore, host: str, timeout_s: float = 120) -> None:
+    """Before the next trial: the host is up with its lease and its recovery closed (the engine closes it
+    as cancelled once the operator rejoined the host; a trial that started before that could find the
+    host fenced again by the still-open record's next step)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rejoin(rt, host)
+        rec = recs.get(host)
+        closed = rec is None or rec.step is Step.CLOSED
+        if closed and rt.store.require_host(host).state is HostState.UP and rt.store.lease_alive(host):
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{host} did not settle after the trial: recovery {rec and rec.step}, "
+                             f"state {rt.store.require_host(host).state.value}")
+        time.sleep(0.1)
 
 
 def trial(rt: Runtime, layout: FarmLayout, klass: str, size: int, n: int) -> Trial:
@@ -116,6 +135,7 @@ def trial(rt: Runtime, layout: FarmLayout, klass: str, size: int, n: int) -> Tri
             c.close()
     farm_revive(layout, victim, timeout_s=120)
     rejoin(rt, victim)
+    settle(rt, recs, victim)
     for i in insts:
         release(rt, i.id)
     for i in insts:
@@ -205,11 +225,15 @@ def main() -> None:
     try:
         for klass in classes:
             dc = rt.config.detection_classes[klass]
-            for size in sizes:
-                for t in range(a.trials + (1 if size == sizes[0] else 0)):
+            # Sizes interleaved (1, 5, 1, 5, ...): the machine's load drifts (other farms come and go), so
+            # consecutive blocks of one size would compare different conditions.  Round 0 of every size is
+            # a warm-up: the first start on a libvirtd host pays its capabilities cache (~4 s), and a
+            # 1-VM warm-up touches one survivor only, so the 5-VM warm-up warms the others.
+            for t in range(a.trials + 1):
+                for size in sizes:
                     n += 1
                     tr = trial(rt, layout, klass, size, n)
-                    warm = size == sizes[0] and t == 0
+                    warm = t == 0
                     print(f"{klass:<8} ({dc.dead_after_s:g} s x{dc.samples}) {size} VM(s) trial {t}: "
                           f"running {tr.running_s:.2f} s, ready {tr.ready_s:.2f} s, steps {tr.steps}"
                           f"{'  (warm-up, not counted)' if warm else ''}", flush=True)
