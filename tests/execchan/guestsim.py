@@ -34,12 +34,13 @@ def busybox_bin(dest: Path) -> Path:
 
 
 class GuestSim:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, path: Path | None = None) -> None:
         if shutil.which(str(BUSYBOX)) is None and not BUSYBOX.exists():
             raise RuntimeError(f"no busybox at {BUSYBOX}")
         self.state = tmp / "guest"
         self.state.mkdir()
-        self.path = tmp / "exec.sock"
+        self.path = path or tmp / "exec.sock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._port, theirs = socket.socketpair()
         env = {"PATH": str(busybox_bin(tmp / "bin")), "DYNVM_EXEC_STATE": str(self.state), "HOME": "/"}
         # The port arrives as stdin and becomes fd 3; a session of its own so close() ends every process
