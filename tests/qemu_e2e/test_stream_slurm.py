@@ -1,10 +1,12 @@
 """Through real Slurm and the shipped wrapper (deploy/slurm's job_submit.lua + payload): an unmodified job's
-output file grows while the job still runs inside its VM (more than 2 MiB of it, byte-exact), and a
-cancelled job's VM is still released."""
+output file grows while the job still runs inside its VM (more than 2 MiB of it, byte-exact, stdout and
+stderr in print order), another pool account cannot reach that output, and a cancelled job's VM is still
+released."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import shutil
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.execchan.client import exec_socket
 from provisioner.farm.slurm import HOOK_USER, install_hooks, missing_programs, trusted_hook_rules
 from provisioner.model import InstanceState
 from tests.batch_hooks.conftest import redis_host_port
@@ -67,9 +70,18 @@ def test_job_output_file_grows_while_the_job_runs_in_its_vm(qslurm: SlurmCluster
     expected = ("first-line\n" + "y" * 2500000 + "\n" + "err-line\n").encode()
     wait_for(lambda: out.exists() and out.read_bytes() == expected, 300, f"job {job}'s output while it runs")
     assert qslurm.job(job)["JobState"] == "RUNNING"
+    owned = [i for i in qfarm.rt.store.list_instances(ended=True) if i.owner == f"slurm:{CLUSTER}:{job}"]
+    assert len(owned) == 1 and owned[0].vo == "lhcb" and owned[0].host is not None
+    # The output never crosses Redis: it comes over the VM's own exec socket, which only the job's uid may
+    # open.  Another pool account can neither start anything there nor attach to the run's output.
+    sock = exec_socket(qfarm.rt.config.storage.shared_dir, owned[0].id, owned[0].host)
+    st = sock.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam("lhcb001").pw_uid, 0o600)
+    probe = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1])\n"
+             "except PermissionError:\n    sys.exit(13)\n")
+    other = qslurm.run("/usr/bin/python3", "-c", probe, str(sock), user="cms001", check=False)
+    assert other.returncode == 13, other.stderr
     qslurm.run("scancel", job)
     wait_for(lambda: qslurm.job(job).get("JobState") == "CANCELLED", 120, "cancelled")
-    owned = [i for i in qfarm.rt.store.list_instances(ended=True) if i.owner == f"slurm:{CLUSTER}:{job}"]
-    assert len(owned) == 1 and owned[0].vo == "lhcb"
     vm_id = owned[0].id
     wait_for(lambda: qfarm.rt.store.require_instance(vm_id).state is InstanceState.GONE, 120, "released")
