@@ -16,12 +16,13 @@ the writer read):
   health.py``) and moves ``healthy <-> unhealthy`` after ``failures`` failed samples in a row;
 - the leader's keeper (``ha/keeper.py``) moves ``unhealthy -> restart`` (under the image's restart limit,
   the restart counted) or ``-> relocate`` (past it), with its fencing token;
-- the agent then destroys the VM and moves the record ``ready -> lost`` (the mark stays with that epoch),
-  and the keeper re-places the same record (same id, MAC, address, disks): on the same host for a
-  restart, elsewhere for a relocation.  The re-placement bumps the epoch, so the old mark no longer counts.
+- the agent then moves the record ``ready -> stopping``, destroys the VM, and moves it ``stopping -> lost``
+  (the mark stays with that epoch), and the keeper re-places the same record (same id, MAC, address,
+  disks): on the same host for a restart, elsewhere for a relocation.  The re-placement bumps the epoch,
+  so the old mark no longer counts.
 
-Nothing is ever started while the old domain may run: the agent destroys first, and the record only
-leaves ``ready`` (and can only be re-placed) after that.
+Nothing is ever started while the old domain may run: the record becomes ``lost`` (and can only then be
+re-placed) after the agent destroyed the domain.
 """
 
 from __future__ import annotations

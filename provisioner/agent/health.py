@@ -8,8 +8,10 @@ health marks, and
   (``ha.health.sample``) and writes ``unhealthy`` / ``healthy`` by compare-and-set when the verdict
   changes, with an event;
 - carries out what the leader's keeper asked of a hung VM (mark ``restart`` or ``relocate``): holding the
-  instance's boot slot it re-reads the record, destroys the domain (its disks stay), and only then moves the
-  record ``ready -> lost`` by compare-and-set on what it read.  The keeper re-places that same record.
+  instance's boot slot it re-reads the record, moves it ``ready -> stopping`` (the reconciler leaves a
+  stopping VM to its stopper), destroys the domain (its disks stay), and only then moves the record
+  ``stopping -> lost``, each by compare-and-set on what it read.  A stop left halfway (agent restarted,
+  libvirt error) is finished from the record.  The keeper re-places that same record.
 
 On the libvirt test driver (no guest network, no exec channel) every health probe is the domain state.
 A paused (``virsh suspend``) domain fails every kind: domain state, TCP, exec and guest agent.
@@ -38,6 +40,7 @@ from provisioner.runtime import Runtime, resolve_image
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+STOPPING_WHY = "hung, stopping for "  # the reason of a record this loop is stopping for the keeper
 STATS_EVERY_S = 1.0
 POOL_SIZE = 4
 STATS_TTL_S = 86400
@@ -108,8 +111,12 @@ class HealthLoop:
 
     def step(self) -> None:
         """One tick: read this host's ready service VMs and their marks; sample, judge, act."""
-        insts = self.rt.store.list_instances(host=self.host, state=InstanceState.READY, role=Role.SERVICE)
-        insts = [i for i in insts if i.host == self.host]
+        store = self.rt.store
+        insts = store.list_instances(host=self.host, state=InstanceState.READY, role=Role.SERVICE)
+        # A stop this loop began (before an agent restart, or a failed destroy) is finished from its record.
+        stopping = store.list_instances(host=self.host, state=InstanceState.STOPPING, role=Role.SERVICE)
+        halfway = [i for i in stopping if i.reason.startswith(STOPPING_WHY)]
+        insts = [i for i in insts + halfway if i.host == self.host]
         marks = self.marks.get_many([i.id for i in insts])
         now = time.monotonic()
         for inst in insts:
@@ -119,7 +126,8 @@ class HealthLoop:
                 self._watch.pop(inst.id, None)
                 self._stop_for_keeper(inst, mark, h)
                 continue
-            self._probe(inst, mark, now)
+            if inst.state is InstanceState.READY:
+                self._probe(inst, mark, now)
         seen = {i.id for i in insts}
         for iid in [i for i in self._watch if i not in seen]:
             del self._watch[iid]  # moved, released or lost: its in-flight sample (if any) is dropped
@@ -228,11 +236,20 @@ class HealthLoop:
                 or h.current(now.epoch) is not mark
             ):
                 return
+            what = "a restart in place" if mark is Mark.RESTART else "a relocation"
+            if now.state is InstanceState.READY:
+                # Stopping first: the reconciler keeps a stopping record's (absent) domain, where it would
+                # take a ready record whose domain just went for a ghost and mark it lost under us.
+                try:
+                    why_now = f"{STOPPING_WHY}{what}"
+                    now = self.rt.store.transition_from(now, InstanceState.STOPPING, reason=why_now)
+                except ConflictError as err:  # released or moved meanwhile: not ours to stop
+                    log.info("health %s: not stopping %s: %s", self.host, read.id, err)
+                    return
             t_destroy = time.monotonic()
             hv.destroy(read.domain_name)
             hv.undefine(read.domain_name)  # its overlay and data disk stay: the same record starts again
             took = time.monotonic() - t_destroy
-            what = "a restart in place" if mark is Mark.RESTART else "a relocation"
             try:
                 self.rt.store.transition_from(now, InstanceState.LOST, reason=f"hung, stopped for {what}")
             except ConflictError as err:

@@ -226,3 +226,37 @@ def test_a_vm_without_a_health_probe_is_never_judged(agent: Agent) -> None:
     finally:
         loop.close()
     assert HealthStore(store.r, store.keys.prefix).get("n1") is None and loop.stats.errors == 0
+
+
+def test_a_stop_left_halfway_is_finished_and_a_release_is_not_mistaken_for_one(agent: Agent) -> None:
+    """An agent that died between ``ready -> stopping`` and the destroy: its successor's loop finishes the
+    stop from the record (reason + mark).  A stopping record of an operator's release is not touched."""
+    from provisioner.agent.health import STOPPING_WHY
+
+    a, store = agent, agent.rt.store
+    marks = HealthStore(store.r, store.keys.prefix)
+    rec = ready_service(store, "s1", "hv1", a.image, service="ce-01")
+    start_domain(a, rec)
+    ready = {"state": S.READY, "host": "hv1", "epoch": rec.epoch}
+    marks.set("s1", **ready, expect=frozenset({Mark.HEALTHY}), new=Mark.UNHEALTHY)
+    marks.set("s1", **ready, expect=frozenset({Mark.UNHEALTHY}), new=Mark.RESTART, fence=a.lead)
+    store.transition_from(rec, S.STOPPING, reason=f"{STOPPING_WHY}a restart in place")
+    other = ready_service(store, "s2", "hv1", a.image, service="ce-02")  # being released by an operator
+    start_domain(a, other)
+    marks.set("s2", state=S.READY, host="hv1", epoch=other.epoch, expect=frozenset({Mark.HEALTHY}),
+              new=Mark.UNHEALTHY)
+    marks.set("s2", state=S.READY, host="hv1", epoch=other.epoch, expect=frozenset({Mark.UNHEALTHY}),
+              new=Mark.RESTART, fence=a.lead)
+    store.transition_from(other, S.STOPPING)
+    loop = HealthLoop(a.rt, tick_s=0.05)
+    loop.start()
+    try:
+        done = wait_until(lambda: (r := store.require_instance("s1")).state is S.LOST and r, timeout=30,
+                          what="the halfway stop to be finished")
+        wait_until(lambda: loop.stats.passes > 20, timeout=30, what="more passes")
+    finally:
+        loop.close()
+    assert done.reason == "hung, stopped for a restart in place" and done.epoch == rec.epoch
+    assert a.hv.state(rec.domain_name) is DomainState.MISSING and "service_stopped" in events(store, "s1")
+    assert store.require_instance("s2").state is S.STOPPING  # the release's, left to the release task
+    assert a.hv.state(other.domain_name) is DomainState.RUNNING
