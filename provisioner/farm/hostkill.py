@@ -127,3 +127,137 @@ def _wait_agent(layout: FarmLayout, host: str, deadline: float) -> None:
         store.r.close()
     log = layout.logs / f"agent-{host}.log"
     raise DeadlineExceeded(f"farm revive {host}: its agent holds no lease yet (see {log})")
+
+
+# ---- network isolation (issue 10: a host cut off from Redis AND its peers while its guests keep running) --
+#
+# A farm's agents, monitors and Redis are the supervisor's children and share its network namespace (the
+# root one, for `farm up` run by hand), talking over loopback; so a host is cut off by what its agent's
+# packets carry, with iptables rules in a chain of its own (one chain per farm and host, in the agents'
+# namespace, matching only that agent's traffic):
+#   - the agent (with its threads and children) moves into a cgroup v2 group of its own and every packet of a
+#     socket it creates from then on is dropped (``-m cgroup --path``: new Redis connections never open);
+#   - the TCP connections it already holds are black-holed by their exact 4-tuple, both directions (a real
+#     cut: its calls hang until their socket timeout, nothing is reset);
+#   - its UDP peer heartbeats are dropped both ways by its peer port (it hears nobody, nobody hears it).
+# libvirtd, virtlockd and the guests are untouched: the guests keep running and the agent still reaches its
+# libvirtd over a unix socket, so whatever happens to the guests next is the agent's own doing (self-fence).
+# ``farm_rejoin_network`` removes the chain and moves the processes back.
+
+ISOLATE_TOOLS = ("iptables", "nsenter")
+
+
+def _iso_names(layout: FarmLayout, host: str) -> tuple[str, str]:
+    """(iptables chain, cgroup v2 group) of ``host``'s isolation; the farm's path in both keeps two farms
+    on one machine apart.  A chain name is at most 28 characters."""
+    import hashlib
+
+    tag = hashlib.sha256(str(layout.base.resolve()).encode()).hexdigest()[:8]
+    return f"DVISO-{tag}-{host}"[:28], f"dynvm-isolate-{tag}-{host}"
+
+
+def _cgroup2_root() -> Path:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup2":
+            return Path(parts[1])
+    raise UnavailableError("farm isolate: no cgroup v2 hierarchy is mounted (it marks the agent's sockets)")
+
+
+def _netns_of(st: FarmState, verb: str) -> str:
+    """The network namespace of the farm's agents: the supervisor's (they are its children)."""
+    if not st.supervisor_up() or st.supervisor_pid is None:
+        raise UnavailableError(f"farm {verb}: the farm's supervisor is not running")
+    return f"/proc/{st.supervisor_pid}/ns/net"
+
+
+def _iptables(netns: str, *args: str, check: bool = True) -> bool:
+    import subprocess
+
+    argv = ["nsenter", f"--net={netns}", "--", "iptables", "-w", "5", *args]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if check and p.returncode != 0:
+        raise UnavailableError(f"farm isolate: iptables {' '.join(args)}: {p.stderr.strip() or p.returncode}")
+    return p.returncode == 0
+
+
+def _tcp_connections(pid: int) -> list[tuple[str, int, str, int]]:
+    """The established TCP connections (local ip, port, remote ip, port) of process ``pid``'s sockets,
+    read from its own view of its network namespace (IPv4; the farm uses 127.0.0.1)."""
+    inodes: set[str] = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+
+    def addr(text: str) -> tuple[str, int]:
+        ip_hex, port_hex = text.split(":")
+        ip = ".".join(str(b) for b in reversed(bytes.fromhex(ip_hex)))
+        return ip, int(port_hex, 16)
+
+    out = []
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) > 9 and f[9] in inodes and f[3] == "01":  # 01 = ESTABLISHED
+            out.append((*addr(f[1]), *addr(f[2])))
+    return out
+
+
+def farm_isolate(layout: FarmLayout, host: str) -> dict[str, Any]:
+    """Cut ``host`` off from Redis and from its peers while its guests keep running (see above).
+    Idempotent: an isolated host's chain is rebuilt."""
+    st = _running(layout, host)
+    netns = _netns_of(st, "isolate")
+    name = f"agent-{host}"
+    pid = st.children.get(name)
+    if pid is None or not st.ours(name, pid):
+        raise UnavailableError(f"farm isolate {host}: its agent is not running")
+    if os.readlink(f"/proc/{pid}/ns/net") != os.readlink(netns):
+        raise UnavailableError(f"farm isolate {host}: its agent is not in its supervisor's network namespace")
+    from provisioner.configload import load_config
+
+    hc = load_config(layout.config_file).host(host)
+    peer_port = int(hc.peer_address.rsplit(":", 1)[1]) if hc is not None and hc.peer_address else None
+    chain, group = _iso_names(layout, host)
+    cg = _cgroup2_root() / group
+    cg.mkdir(exist_ok=True)
+    (cg / "cgroup.procs").write_text(f"{pid}\n")  # the whole process; its later children follow
+    conns = _tcp_connections(pid)
+    if not _iptables(netns, "-N", chain, check=False):
+        _iptables(netns, "-F", chain)
+    rules: list[list[str]] = [["-m", "cgroup", "--path", group]]
+    for lip, lport, rip, rport in conns:
+        rules.append(["-p", "tcp", "-s", lip, "--sport", str(lport), "-d", rip, "--dport", str(rport)])
+        rules.append(["-p", "tcp", "-s", rip, "--sport", str(rport), "-d", lip, "--dport", str(lport)])
+    if peer_port is not None:
+        rules += [["-p", "udp", "--sport", str(peer_port)], ["-p", "udp", "--dport", str(peer_port)]]
+    for rule in rules:
+        _iptables(netns, "-A", chain, *rule, "-j", "DROP")
+    if not _iptables(netns, "-C", "OUTPUT", "-j", chain, check=False):
+        _iptables(netns, "-I", "OUTPUT", "1", "-j", chain)
+    return {"host": host, "isolated_at": time.time(), "agent": pid, "connections": len(conns),
+            "peer_port": peer_port, "chain": chain}
+
+
+def farm_rejoin_network(layout: FarmLayout, host: str) -> dict[str, Any]:
+    """Undo :func:`farm_isolate`: the chain goes, the processes move back to the root cgroup.  Idempotent."""
+    st = _running(layout, host)
+    netns = _netns_of(st, "rejoin-network")
+    chain, group = _iso_names(layout, host)
+    while _iptables(netns, "-D", "OUTPUT", "-j", chain, check=False):
+        pass
+    _iptables(netns, "-F", chain, check=False)
+    _iptables(netns, "-X", chain, check=False)
+    root = _cgroup2_root()
+    cg = root / group
+    moved = 0
+    if cg.is_dir():
+        for line in (cg / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                (root / "cgroup.procs").write_text(f"{line}\n")
+                moved += 1
+        with contextlib.suppress(OSError):
+            cg.rmdir()
+    return {"host": host, "rejoined_at": time.time(), "moved_back": moved}
