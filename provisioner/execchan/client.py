@@ -261,6 +261,9 @@ def stream_in_guest(
                 raise UnavailableError(lost(f"{e.strerror or e}")) from None
             if not data:
                 raise UnavailableError(lost(f"closed while run {cursor.run_id} streamed (guest gone?)"))
+            # One ACK per stream for what this read delivered (the latest covers the earlier ones): the
+            # guest's reading loop handles fewer lines.  Any other reply goes out after the ACKs before it.
+            acks: dict[str, bytes] = {}
             for line in lines.feed(data):
                 frame = fr.parse_line(line, cursor.run_id)
                 if frame is None:
@@ -278,14 +281,23 @@ def stream_in_guest(
                     sizes[step.stream] += len(step.data)
                 if step.stream and on_progress is not None:
                     on_progress(cursor.text())
-                if step.reply:
-                    try:
-                        sock.sendall(step.reply)
-                    except OSError as e:
-                        raise UnavailableError(lost(f"{e.strerror or e}")) from None
+                if step.stream:
+                    acks[step.stream] = step.reply
+                elif step.reply:
+                    _send(sock, b"".join(acks.values()) + step.reply, lost)
+                    acks.clear()
                 if step.exit_code is not None:
                     return StreamResult(step.exit_code, cursor.run_id, sizes["o"], sizes["e"],
                                         time.monotonic() - started, rx.duplicates, rx.gaps)
+            if acks:
+                _send(sock, b"".join(acks.values()), lost)
+
+
+def _send(sock: socket.socket, data: bytes, lost: Callable[[str], str]) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as e:
+        raise UnavailableError(lost(f"{e.strerror or e}")) from None
 
 
 def same_file(a: int, b: int) -> bool:
