@@ -21,7 +21,7 @@ from ha.detection import Observation, Timing, Verdict, judge
 from ha.fencing import restart_allowed_after
 from ha.health import Health
 from ha.keeper import Declared, Hung, Start, decide, decide_hung
-from ha.plan import FailoverPlan, plan_failover
+from ha.plan import FailoverPlan, plan_failover, services_on
 from ha.recovery import Recovery, RecoveryStore, Step
 from provisioner.model import HostState, InstanceState
 from provisioner.scheduler import SchedulerPolicy, Snapshot
@@ -117,6 +117,7 @@ class Engine:
         self.counts: dict[str, int] = {}
         self._reported: set[str] = set()
         self._storm_held: set[str] = set()  # hosts held by the storm that paused HA (resume confirms them)
+        self._settled: set[str] = set()  # dead/fenced hosts found without service VMs to recover
 
     def round(self, fence: int) -> RoundReport:
         """One monitor round as the leader holding ``fence``."""
@@ -151,6 +152,7 @@ class Engine:
         for name in out.dead:
             if self._declare_dead(views[name], now, fence, report):
                 views[name] = dataclasses.replace(views[name], state=HostState.DEAD)
+        self._adopt(views, fence, report)
         for rec in self.recs.open_records():
             self._drive(rec, views.get(rec.host), now, fence, report)
         self._keep(views, now, fence, report)
@@ -178,6 +180,26 @@ class Engine:
         for hung in decide_hung(declared, insts, states, restarts, limits, now, health):
             if self.world.mark_hung(hung, fence):
                 self.world.event("service_hung", hung.host, f"{hung.service}: {hung.why}")
+
+    def _adopt(self, views: Mapping[str, HostView], fence: int, report: RoundReport) -> None:
+        """A dead or fenced host that no record recovers (an operator's ``dynvm host fence``, or a leader
+        that died between declaring a host dead and opening its record) still has its service VMs brought
+        back: a record is opened for it.  Checked once per stay of a host in that state (one snapshot)."""
+        self._settled &= {n for n, v in views.items() if v.state in (HostState.DEAD, HostState.FENCED)}
+        open_hosts = {r.host for r in self.recs.open_records()}
+        todo = [v for n, v in sorted(views.items()) if v.state in (HostState.DEAD, HostState.FENCED)
+                and n not in open_hosts and n not in self._settled]
+        if not todo:
+            return
+        snap = self.world.snapshot()
+        for h in todo:
+            if not services_on(snap, h.name):
+                self._settled.add(h.name)
+                continue
+            why = f"host {h.state.value} with service VMs and no recovery (operator fence or interrupted)"
+            if self.recs.open(h.name, fence, why):
+                report.opened.append(h.name)
+                self.world.event("recovery_adopted", h.name, why)
 
     def _declare_dead(self, h: HostView, now: float, fence: int, report: RoundReport) -> bool:
         silence = now - h.last_seen
@@ -246,6 +268,14 @@ class Engine:
     def _fenced(self, h: HostView, now: float) -> bool:
         """The old copies are provably gone: the self-fence / watchdog deadline has passed, and the
         external fence command (when configured) succeeded."""
+        if h.lease_alive:
+            # Its agent still renews (an operator fenced a live host, or a host declared dead came back):
+            # only its own agent's word proves the old copies gone.  On seeing its host dead or fenced it
+            # destroys its HA guests and marks their records lost (provisioner.agent.fencing); until every
+            # service record there says so, nothing starts elsewhere.
+            snap = self.world.snapshot()
+            left = [i.id for i in services_on(snap, h.name) if i.state is not InstanceState.LOST]
+            return not left and self.world.fence_host(h.name) is not FenceResult.FAILED
         deadline = restart_allowed_after(
             h.last_seen, h.timing.lease_ttl_s, self.settings.watchdog_s, self.settings.safety_margin_s
         )

@@ -185,6 +185,9 @@ class HAConfig(Strict):
     # Agents (provisioner.agent.fencing): the watchdog process they start, self-fencing and peer heartbeats.
     watchdog: bool = True  # the agent starts `dynvm watchdog --host NAME` when none runs for its host
     fence_margin_s: float = Field(default=0.5, ge=0, le=3600)  # self-fence this long before the lease ends
+    # Test-only switch (tests/ha_qemu/test_fencing_layers.py: each fencing layer alone): false turns the
+    # agents' quorum rule off, so an isolated host keeps its HA guests.  Never false in production.
+    self_fence: bool = True
     peer_interval_s: float = Field(default=0.2, gt=0, le=60)  # UDP heartbeat to every peer this often
     peer_timeout_s: float = Field(default=1.0, gt=0, le=3600)  # a peer not heard for this long is lost
     peer_secret_file: Path | None = None  # shared secret: heartbeats carry an HMAC-SHA256

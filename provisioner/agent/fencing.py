@@ -32,16 +32,20 @@ from typing import Any
 
 from ha.fencing import Action, Isolation, self_fence_action
 from ha.peers import PeerHeartbeat
-from ha.watchdog import holder, kill_ha_guests, lock_file, pet, pet_file
+from ha.watchdog import HA_ROLE, holder, kill_ha_guests, lock_file, pet, pet_file
 from provisioner.agent.handover import run_dir
 from provisioner.agent.lease import LeaseStats
 from provisioner.config import Config
-from provisioner.errors import UnavailableError
-from provisioner.interfaces import Hypervisor
+from provisioner.errors import ConflictError, NotFoundError, UnavailableError
+from provisioner.interfaces import DomainState, Hypervisor
+from provisioner.model import HostState, InstanceState, Role
 from provisioner.state.hosts import Renewal
 
 log = logging.getLogger(__name__)
 WATCHDOG_CHECK_S = 2.0  # how often the agent checks its watchdog still runs
+FENCED_STATES = frozenset({HostState.DEAD, HostState.FENCED})
+LIVE_SERVICE = frozenset({InstanceState.PLACED, InstanceState.BOOTING, InstanceState.READY,
+                          InstanceState.DRAINING, InstanceState.MIGRATING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +151,7 @@ class AgentFencing:
         self.watchdog_starts = 0
         self._episode: tuple[Action, str, float] | None = None  # (action, why, monotonic start)
         self._storage_bad = False
+        self._state_fence: str | None = None  # why, while Redis says this host is dead or fenced
         self._lock = threading.Lock()
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._watchdog_checked = 0.0
@@ -184,8 +189,18 @@ class AgentFencing:
         now = time.monotonic()
         with self._lock:
             self.last_ok = now
-            if self._storage_bad:
-                return  # no pet while the storage leases are gone: the watchdog agrees with the fence
+        try:  # one read per renewal: has the monitor or an operator declared this host dead or fenced?
+            host = self.store.get_host(self.host)
+        except Exception as err:  # Redis flapped right after the renewal: look again at the next one
+            log.warning("fencing %s: cannot read the host's state: %s", self.host, err)
+        else:
+            state = host.state if host is not None else None
+            state_why = f"host is {state.value} in Redis" if state in FENCED_STATES and state else None
+            with self._lock:
+                self._state_fence = state_why
+        with self._lock:
+            if self._storage_bad or self._state_fence:
+                return  # no pet while fenced: the watchdog agrees with the fence
             episode, self._episode = self._episode, None
             fenced, self.fenced = self.fenced, []
         pet(self.pet_path)
@@ -232,7 +247,14 @@ class AgentFencing:
             self._watchdog_checked = now
             self.ensure_watchdog()
         storage = virtlockd_problem(self.virtlockd_pidfile)
+        with self._lock:
+            by_state = self._state_fence
+        if by_state is not None:
+            self._fence_by_state(by_state)
+            return Decision(Action.FENCE, False, by_state)
         d = decide(self.isolation(now), storage, self.ttl_s, self.config.ha.fence_margin_s)
+        if not self.config.ha.self_fence and storage is None:
+            d = Decision(Action.NONE, False, "")  # test-only: the quorum rule is off (ha.self_fence)
         if d.pet:
             pet(self.pet_path)
         # Again each cycle while fenced: nothing HA may come back (a re-driven boot, a late BOOT task).
@@ -248,6 +270,29 @@ class AgentFencing:
                 log.error("fencing %s: %s: %s", self.host, d.action.value, d.why)
             self.fenced += killed
         return d
+
+    def _fence_by_state(self, why: str) -> None:
+        """The host was declared dead or fenced while this agent still renews its lease (an operator's
+        ``dynvm host fence`` of a live host, or a death declared before a late renewal): its HA guests are
+        destroyed (again each cycle, so nothing HA comes back here) and then their records marked lost, which
+        is what tells the monitor the old copies are gone (ha.engine: a live-leased host's services are
+        started elsewhere only once every record there is lost)."""
+        killed = kill_ha_guests(self.hv)
+        left = [d.name for d in self.hv.list_domains()
+                if d.metadata.get("role") == HA_ROLE and d.state in (DomainState.RUNNING, DomainState.PAUSED)]
+        if left:
+            return  # not provably gone yet: no record says otherwise
+        marked = []
+        for inst in self.store.list_instances(host=self.host):
+            if inst.role is not Role.SERVICE or inst.state not in LIVE_SERVICE:
+                continue
+            with contextlib.suppress(ConflictError, NotFoundError):  # moved meanwhile: not ours to mark
+                self.store.transition_from(inst, InstanceState.LOST, reason=f"{why}: destroyed by its agent")
+                marked.append(inst.id)
+        if killed or marked:
+            msg = f"{why}: destroyed {', '.join(killed) or 'no HA guest'}; lost {', '.join(marked) or '-'}"
+            log.error("fencing %s: %s", self.host, msg)
+            self.store.add_event("fenced_by_state", msg[:300], host=self.host)
 
     def _storage_transition(self, problem: str | None, killed: list[str]) -> None:
         """Events for a storage fence at once (Redis is up; that is when it matters) and for its end."""
