@@ -15,8 +15,8 @@
 #                   DYNVM-EXIT <id> <exit_code> <n_o> <n_e>        after every chunk; n = chunks per stream
 #                   DYNVM-BUSY <id> <running_id> | DYNVM-NORUN <id> | DYNVM-LOST <id> <o|e> <seq>
 # A run keeps at most WINDOW unacknowledged chunks of CHUNK bytes per stream (base64, in tmpfs); when the
-# host stops acknowledging (slow reader, wrapper gone) the pump stops reading and the payload blocks on its
-# full pipe: backpressure, never growing memory.  Chunks stay until acknowledged, so a host that reconnects
+# host stops acknowledging (slow reader, wrapper gone) the pump stops reading (asleep on a FIFO until an
+# ACK) and the payload blocks on its full pipe: backpressure, never growing memory, no CPU.  Chunks stay until acknowledged, so a host that reconnects
 # resumes with ATTACH and loses nothing.  One process, the sender, writes to the port (frames from two
 # writers would interleave); the others tell it what to send through the note FIFO (lines < PIPE_BUF are
 # written atomically).  A port with no host connected reads EOF at once, so the reading loop sleeps between
@@ -53,12 +53,17 @@ num() {  # v = the number in file $1, or -1 (a file being rewritten may read emp
 }
 pump() {  # $1 stream (o|e), $2 run id; stdin is the stream's FIFO.  Chunks it into $R/$1.<seq> frames.
     n=0
+    exec 5<>"$R/$1.wake"
     while :; do
         num "$R/$1.ack"
-        w=0
-        while [ $((n - v)) -gt $WINDOW ]; do  # window full: wait for ACKs, briefly first (a busy reader)
-            if [ $w -lt 40 ]; then sleep 0.05; else sleep 0.5; fi  # then slowly (the reader is gone)
-            w=$((w + 1))
+        while [ $((n - v)) -gt $WINDOW ]; do
+            # Window full: sleep on the wake FIFO (no polling, no CPU while a reader is gone for days)
+            # until ack() sees "waiting" and writes to it.  Re-check after raising the flag: an ACK that
+            # came just before it would otherwise be missed.
+            echo 1 > "$R/$1.waiting"
+            num "$R/$1.ack"
+            [ $((n - v)) -gt $WINDOW ] && read -r wk <&5
+            echo 0 > "$R/$1.waiting"
             num "$R/$1.ack"
         done
         dd bs=$CHUNK count=1 of="$R/$1.raw" 2>/dev/null
@@ -81,7 +86,7 @@ start_run() {  # $1 id, $2 timeout, $3 base64 script, $4 "merge": stderr into st
         echo x >&4
         return
     fi
-    mkfifo "$R/o.fifo" "$R/e.fifo"
+    mkfifo "$R/o.fifo" "$R/e.fifo" "$R/o.wake" "$R/e.wake"
     (
         pump o "$1" < "$R/o.fifo" &
         po=$!
@@ -142,6 +147,9 @@ ack() {  # $1 stream, $2 seq: the host holds the stream up to seq; drop those fr
     k=$((old + 1))
     while [ $k -le "$2" ]; do files="$files $R/$1.$k"; k=$((k + 1)); done
     echo "$2" > "$R/$1.ack"
+    wt=0
+    read -r wt 2>/dev/null < "$R/$1.waiting"
+    [ "$wt" = 1 ] && echo w 1<>"$R/$1.wake"
     rm -f $files
 }
 running() { [ -f "$R/id" ] && [ ! -f "$R/x" ]; }
