@@ -74,18 +74,24 @@ def rejoin(rt: Runtime, host: str) -> None:
         rt.store.set_host_state(host, HostState.UP, expected=cur.state, reason="bench rejoin", operator=True)
 
 
-def settle(rt: Runtime, recs: RecoveryStore, host: str, timeout_s: float = 120) -> None:
-    """Before the next trial: the host is up with its lease and its recovery closed (the engine closes it
-    as cancelled once the operator rejoined the host; a trial that started before that could find the
-    host fenced again by the still-open record's next step)."""
+def settle(rt: Runtime, recs: RecoveryStore, host: str, timeout_s: float = 180) -> None:
+    """Before the next trial: the host is up with its lease and its recovery closed, and stays so for two
+    detection periods (seen: a host rejoined right after its revival declared dead again a moment later,
+    and the next trial's set-up found it fenced)."""
+    dc = rt.config.detection_classes[rt.config.host(host).detection_class]  # type: ignore[union-attr]
+    window = 2 * dc.dead_after_s * dc.samples
     deadline = time.monotonic() + timeout_s
+    stable_since: float | None = None
     while True:
         rejoin(rt, host)
         rec = recs.get(host)
         closed = rec is None or rec.step is Step.CLOSED
-        if closed and rt.store.require_host(host).state is HostState.UP and rt.store.lease_alive(host):
+        ok = closed and rt.store.require_host(host).state is HostState.UP and rt.store.lease_alive(host)
+        now = time.monotonic()
+        stable_since = (stable_since or now) if ok else None
+        if stable_since is not None and now - stable_since >= window:
             return
-        if time.monotonic() > deadline:
+        if now > deadline:
             raise SystemExit(f"{host} did not settle after the trial: recovery {rec and rec.step}, "
                              f"state {rt.store.require_host(host).state.value}")
         time.sleep(0.1)
