@@ -249,7 +249,7 @@ class AgentFencing:
         storage = virtlockd_problem(self.virtlockd_pidfile)
         with self._lock:
             by_state = self._state_fence
-        if by_state is not None:
+        if by_state is not None and self._still_fenced():
             self._fence_by_state(by_state)
             return Decision(Action.FENCE, False, by_state)
         d = decide(self.isolation(now), storage, self.ttl_s, self.config.ha.fence_margin_s)
@@ -271,6 +271,16 @@ class AgentFencing:
             self.fenced += killed
         return d
 
+    def _still_fenced(self) -> bool:
+        """Read again (the flag is only as fresh as the last renewal): an operator's rejoin must not cost
+        the next VM placed here its life."""
+        host = self.store.get_host(self.host)
+        if host is not None and host.state in FENCED_STATES:
+            return True
+        with self._lock:
+            self._state_fence = None
+        return False
+
     def _fence_by_state(self, why: str) -> None:
         """The host was declared dead or fenced while this agent still renews its lease (an operator's
         ``dynvm host fence`` of a live host, or a death declared before a late renewal): its HA guests are
@@ -283,7 +293,10 @@ class AgentFencing:
         if left:
             return  # not provably gone yet: no record says otherwise
         marked = []
-        for inst in self.store.list_instances(host=self.host):
+        listed = self.store.list_instances(host=self.host)
+        if not self._still_fenced():  # rejoined meanwhile: these records may be new placements
+            return
+        for inst in listed:
             if inst.role is not Role.SERVICE or inst.state not in LIVE_SERVICE:
                 continue
             with contextlib.suppress(ConflictError, NotFoundError):  # moved meanwhile: not ours to mark

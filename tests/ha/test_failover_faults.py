@@ -34,6 +34,7 @@ from provisioner.farm.layout import FarmLayout, pid_alive
 from provisioner.farm.local import farm_down, farm_up
 from provisioner.model import HostState, Instance, InstanceState
 from provisioner.runtime import Runtime
+from provisioner.state.events import Event
 from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.libvirt, pytest.mark.slow]
@@ -158,7 +159,13 @@ def test_a_provisioning_storm_does_not_delay_an_ha_start(farm: Farm) -> None:
     wait_until(lambda: ready_on(farm, ce.id, HOSTS[1:]), timeout=120, interval=0.1, what="the CE back")
     for i in storm:
         assert wait(farm.rt, i.id, 240).state is InstanceState.READY
-    evs = farm.rt.store.read_events(count=10000, since_id=mark)
+    wanted = {ce.id} | ids
+
+    def readied() -> list[Event] | None:  # a record says ready a moment before its agent's event does
+        evs = farm.rt.store.read_events(count=10000, since_id=mark)
+        return evs if wanted <= {e.instance for e in evs if e.kind == "ready"} else None
+
+    evs = wait_until(readied, timeout=30, interval=0.1, what="every ready event")
     order = [e.instance for e in evs if e.kind == "ready" and e.host == target
              and (e.instance == ce.id or e.instance in ids)]
     assert order.count(ce.id) == 1, order
@@ -212,12 +219,19 @@ def test_a_control_worker_killed_mid_failover_loses_and_doubles_nothing(farm: Fa
     for w in workers:
         done = wait(farm.rt, w.id, 180)
         assert done.state is InstanceState.READY and done.host == "hv2", done
-    evs = farm.rt.store.read_events(count=5000, since_id=mark)
+    everyone = {i.id for i in (ce, se, wms, *workers)}
+
+    def readied() -> list[Event] | None:  # a record says ready a moment before its agent's event does
+        evs = farm.rt.store.read_events(count=5000, since_id=mark)
+        done = {e.instance for e in evs if e.kind == "ready" and e.host != "hv1"}
+        return evs if everyone <= done else None
+
+    evs = wait_until(readied, timeout=30, interval=0.1, what="every ready event")
     for s in (ce, se, wms):
         moves = [e for e in evs if e.kind == "placed" and e.instance == s.id and e.host != "hv1"]
         assert len(moves) == 1 and moves[0].message == "failover from hv1", moves
-    for i in (ce, se, wms, *workers):
-        assert [e.kind for e in evs if e.instance == i.id].count("ready") == 1, i.id
+    for i in (ce, se, wms, *workers):  # (ce's and se's first ready event on hv1 may land after the mark)
+        assert [e.kind for e in evs if e.instance == i.id and e.host != "hv1"].count("ready") == 1, i.id
     for w in workers:  # placed once: never re-placed, same epoch as its only placement
         assert [e.kind for e in evs if e.instance == w.id].count("placed") == 1
     # Nothing doubled where it counts: libvirt on the survivors runs each of them exactly once.
