@@ -265,7 +265,10 @@ class AgentFencing:
             self._storage_transition(storage, killed)
             return d
         with self._lock:
-            if d.action is not Action.NONE and (self._episode is None or self._episode[0] is not d.action):
+            # A fence is the stronger fact: an episode that fenced stays a fence when peers come back before
+            # Redis does (the rule then says pause), so its event still says what was destroyed.
+            cur = self._episode[0] if self._episode is not None else None
+            if d.action is not Action.NONE and cur is not d.action and cur is not Action.FENCE:
                 self._episode = (d.action, d.why, now)
                 log.error("fencing %s: %s: %s", self.host, d.action.value, d.why)
             self.fenced += killed

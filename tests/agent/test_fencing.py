@@ -262,3 +262,33 @@ def test_dead_virtlockd_fences_at_once_and_stops_the_pets(world: World, tmp_path
     renewals = world.keeper.stats.renewals
     wait_until(lambda: world.keeper.stats.renewals >= renewals + 2, 5)
     assert last_pet(world.fencing.pet_path) == pet_at  # renewals go on, the pets do not
+
+
+def test_a_fence_stays_a_fence_when_peers_come_back_before_redis(world: World) -> None:
+    """The quorum rule says pause once the peers answer again, but the guests were already destroyed: the
+    event recorded when Redis returns is still ``self_fenced``, naming them (it said "paused", lost them)."""
+    wait_until(lambda: world.keeper.stats.renewals >= 2, 10, what="renewals")
+    assert world.fencing.peers is not None
+    addrs = {h: p._sock.getsockname() for h, p in world.peers.items()}  # where hv1 sends its heartbeats
+    hv1 = world.fencing.peers._sock.getsockname()
+    for p in world.peers.values():
+        p.stop()
+    wait_until(lambda: world.fencing.peers is not None and world.fencing.peers.heard(0.4) == 0, 5)
+    world.redis.kill()
+    wait_until(lambda: world.running().get("ce-1") is not DomainState.RUNNING, 10, what="service destroyed")
+    back = {h: PeerHeartbeat(h, addrs[h], {"hv1": hv1}, 0.05) for h in addrs}
+    try:
+        for p in back.values():
+            p.start()
+        wait_until(lambda: world.fencing.peers is not None and world.fencing.peers.heard(0.4) == 2, 10,
+                   what="peers heard again")
+        cycles = world.fencing.cycles
+        wait_until(lambda: world.fencing.cycles >= cycles + 3, 5)  # the rule now says pause, several times
+        world.redis.start()
+        world.store.register_host(Host("hv1", world.hv.uri, capacity=Capacity(8, 8192)))  # empty new Redis
+        wait_until(lambda: world.events("self_fenced") != [], 10, what="the self-fence event")
+        assert "ce-1" in world.events("self_fenced")[0]
+        assert world.events("self_fence_paused") == []
+    finally:
+        for p in back.values():
+            p.stop()
