@@ -99,7 +99,10 @@ def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
     if args.cursor_file is not None:
         from provisioner.execchan.resume import CursorFile
 
-        cf = CursorFile(args.cursor_file, sys.stdout.fileno(), sys.stderr.fileno())
+        fds = (_fileno(sys.stdout), _fileno(sys.stderr))
+        if fds[0] is None or fds[1] is None:
+            raise ValidationError("exec: --cursor-file needs stdout and stderr to be files (they are not)")
+        cf = CursorFile(args.cursor_file, fds[0], fds[1])
         if not argv and args.attach is None:  # no command: resume where the cursor file says, exactly
             args.attach = cf.load()
             if args.attach is None:
@@ -108,7 +111,8 @@ def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
     from provisioner.execchan.client import same_file
 
     # stdout and stderr on one file or terminal: the command gets one descriptor for both (print order).
-    merge = same_file(sys.stdout.fileno(), sys.stderr.fileno())
+    fo, fe = _fileno(sys.stdout), _fileno(sys.stderr)
+    merge = fo is not None and fe is not None and same_file(fo, fe)
     res = exec_in_vm(runtime(ctx), args.id, argv, timeout, run_token=args.once, out=out, err=err,
                      attach=args.attach, on_progress=progress, merge=merge)
     return int(res["exit_code"])
@@ -117,10 +121,23 @@ def exec_cmd(ctx: CliContext, args: argparse.Namespace) -> int:
 def _writer(stream: Any) -> Callable[[bytes], object]:
     """Each chunk straight to the stream's bytes, flushed: output appears as the command prints it."""
     stream.flush()
-    buf = stream.buffer
+    buf = getattr(stream, "buffer", None)
+    if buf is None:  # a text-only stream (redirected in-process): the bytes as text, undecodable ones escaped
+        def write_text(data: bytes) -> None:
+            stream.write(data.decode("utf-8", errors="backslashreplace"))
+            stream.flush()
+
+        return write_text
 
     def write(data: bytes) -> None:
         buf.write(data)
         buf.flush()
 
     return write
+
+
+def _fileno(stream: Any) -> int | None:
+    try:
+        return int(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        return None

@@ -4,6 +4,8 @@ the job with a reason; transient failures requeue it without draining a node."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from batch_hooks.context import job_key
@@ -111,6 +113,10 @@ def test_a_vm_lost_under_a_running_job_requeues_it_and_it_completes_once(slurm: 
     assert sweep(farm.rt, {"slurm": requeuer}) == []  # once only
     assert "job_requeued" in [e.kind for e in farm.rt.store.read_events(count=2000) if e.instance == first]
     wait_for(lambda: slurm.job(job).get("JobState") == "PENDING", 60, "requeued")
+    # slurmd refuses ("Job credential revoked") a credential created in the same second as the revocation
+    # of the requeued attempt's (whole-second times): let a second boundary pass before the new start.
+    requeued_at = int(time.time())
+    wait_for(lambda: time.time() >= requeued_at + 2, 5, "a second boundary after the requeue")
     slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip Slurm's 120 s requeue delay
     info = finished(slurm, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1"
