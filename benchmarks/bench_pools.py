@@ -175,6 +175,15 @@ def warm(rt: Runtime) -> list[str]:
             if i.tier is Tier.POOL and i.owner is None and i.vo == "cms"]
 
 
+def hook_user(rt: Runtime) -> tuple[str, dict[str, object]]:
+    """The trusted hooks' Redis ACL user (may only push requests and read replies); its password and the
+    farm Redis's connection settings."""
+    password = secrets.token_hex(16)
+    rt.store.r.execute_command("ACL", "SETUSER", "bench-hook", "reset", "on", f">{password}",  # type: ignore[no-untyped-call]
+                               "~dynvm:hooks", "~dynvm:hookreply:*", "-@all", "+lpush", "+blpop", "+time")
+    return password, rt.store.r.connection_pool.connection_kwargs
+
+
 def qemu_warm_vs_cold(runs: int) -> None:
     import io
     import os
@@ -194,10 +203,7 @@ def qemu_warm_vs_cold(runs: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="dynvm-bench-pools-q-"))
     try:
         rt = client_runtime(load_config(layout.config_file))
-        password = secrets.token_hex(16)
-        rt.store.r.execute_command("ACL", "SETUSER", "bench-hook", "reset", "on", f">{password}",  # type: ignore[no-untyped-call]
-                                   "~dynvm:hooks", "~dynvm:hookreply:*", "-@all", "+lpush", "+blpop", "+time")
-        kw = rt.store.r.connection_pool.connection_kwargs
+        password, kw = hook_user(rt)
         base = f"{kw['host']}:{kw['port']}/0"
         uid = account("cms", "cms001")
         pw = pwd.getpwnam("cms001")
@@ -268,10 +274,7 @@ def main() -> None:
     farm_up(layout, 3, "test", host_cpus=64, host_memory_mib=64 * 1024)
     try:
         rt = client_runtime(load_config(layout.config_file))
-        password = secrets.token_hex(16)
-        rt.store.r.execute_command("ACL", "SETUSER", "bench-hook", "reset", "on", f">{password}",  # type: ignore[no-untyped-call]
-                                   "~dynvm:hooks", "~dynvm:hookreply:*", "-@all", "+lpush", "+blpop", "+time")
-        kw = rt.store.r.connection_pool.connection_kwargs
+        password, kw = hook_user(rt)
         import os
 
         env = {**os.environ, "DYNVM_HOOK_REDIS": f"redis://bench-hook:{password}@{kw['host']}:{kw['port']}/0",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,3 +155,20 @@ def serve(rt: Runtime, queue: str, name: str, concurrency: int) -> None:
         without_gossip=True,
     )
     worker.start()
+
+
+@contextlib.contextmanager
+def boot_slot(rt: Runtime, instance_id: str) -> Iterator[bool]:
+    """The agent's per-instance slot that boot_instance takes (``rt.booting``): yields whether it was free;
+    while held, no boot, reconciler re-drive or health stop of the instance runs in this agent (the only
+    one that may start it on this host)."""
+    with rt.lock:
+        free = instance_id not in rt.booting
+        if free:
+            rt.booting.add(instance_id)
+    try:
+        yield free
+    finally:
+        if free:
+            with rt.lock:
+                rt.booting.discard(instance_id)

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,7 +35,7 @@ from provisioner.config import DomainType
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.model import Instance, InstanceState, Role
 from provisioner.probes import DomainStateProbe, ProbeRunner, make_probe
-from provisioner.runtime import Runtime, resolve_image
+from provisioner.runtime import Runtime, boot_slot, resolve_image
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -224,7 +223,7 @@ class HealthLoop:
         epoch and mark re-read under the boot slot, so no boot of it runs here meanwhile)."""
         hv = self.rt.hypervisor
         assert hv is not None
-        with _boot_slot(self.rt, read.id) as free:
+        with boot_slot(self.rt, read.id) as free:
             if not free:
                 return  # a boot of it runs right now: decided again next tick
             now = self.rt.store.get_instance(read.id)
@@ -292,16 +291,3 @@ def _result(f: Future[bool]) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _boot_slot(rt: Runtime, instance_id: str) -> Iterator[bool]:
-    """The per-instance slot boot_instance and the reconciler take (one actor per instance here)."""
-    with rt.lock:
-        free = instance_id not in rt.booting
-        if free:
-            rt.booting.add(instance_id)
-    try:
-        yield free
-    finally:
-        if free:
-            with rt.lock:
-                rt.booting.discard(instance_id)

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.interfaces import DomainInfo, DomainState
 from provisioner.model import Instance, InstanceState
-from provisioner.runtime import Runtime
+from provisioner.runtime import Runtime, boot_slot
 
 log = logging.getLogger(__name__)
 S = InstanceState
@@ -302,25 +300,11 @@ def apply(rt: Runtime, d: Decision) -> bool:
     return True  # KEEP / REPLAN: nothing to apply
 
 
-@contextmanager
-def _boot_slot(rt: Runtime, instance_id: str) -> Iterator[bool]:
-    """The agent's per-instance slot that boot_instance takes: while we hold it, no boot of the instance
-    runs in this agent (the only one that may start it on this host)."""
-    with rt.lock:
-        free = instance_id not in rt.booting
-        if free:
-            rt.booting.add(instance_id)
-    try:
-        yield free
-    finally:
-        if free:
-            with rt.lock:
-                rt.booting.discard(instance_id)
 
 
 def _destroy_orphan(rt: Runtime, obs: Observation) -> bool:
     assert rt.hypervisor is not None and obs.domain is not None
-    with _boot_slot(rt, obs.instance_id) as free:
+    with boot_slot(rt, obs.instance_id) as free:
         if not free:
             return False  # a boot of it is running here right now
         # A domain is not a Redis key: compare-and-set by re-reading, with no boot able to start it.
