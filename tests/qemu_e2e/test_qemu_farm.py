@@ -24,7 +24,23 @@ from tests.qemu_e2e.conftest import QFarm
 pytestmark = [pytest.mark.qemu, pytest.mark.redis, pytest.mark.libvirt]
 
 
-def http_get(farm: QFarm, ip: str, path: str = "/") -> str:
+def http_get(farm: QFarm, ip: str, path: str = "/", within_s: float = 30.0) -> str:
+    """GET over the farm's network; a guest that just moved hosts may not answer ARP at once (seen once in
+    CI: EHOSTUNREACH right after ready on its new host): connection errors are retried until ``within_s``."""
+    box: list[str] = []
+
+    def once() -> bool:
+        try:
+            box.append(_http_get_once(farm, ip, path))
+        except OSError:
+            return False
+        return True
+
+    wait_until(once, within_s, 0.5, f"http://{ip}{path} to answer")
+    return box[-1]
+
+
+def _http_get_once(farm: QFarm, ip: str, path: str) -> str:
     s = netns_socket(farm.netns)
     with s:
         s.settimeout(5)
