@@ -18,6 +18,7 @@ from provisioner.errors import ValidationError
 
 DYNVM_NS = "https://dynvm.example/xmlns/dynvm/1"
 DYNVM_PREFIX = "dynvm"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # <qemu:override> (DiskSpec.share_rw)
 METADATA_ROOT = "instance"
 # The metadata keys every dynvm domain carries; others matching KEY_RE are allowed for later needs.
 STANDARD_METADATA_KEYS = ("instance_id", "role", "vo", "owner", "image")
@@ -43,6 +44,7 @@ MAX_METADATA_KEYS = 16
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path minus the NUL
 
 ET.register_namespace(DYNVM_PREFIX, DYNVM_NS)
+ET.register_namespace("qemu", QEMU_NS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,10 @@ class DiskSpec:
     target: str = "vda"
     readonly: bool = False
     shareable: bool = False
+    # Test-only (ha.share_rw_data_disks): QEMU's frontend property share-rw=on, which takes QEMU's own image
+    # lock out of the way so that only the storage lease (virtlockd) can refuse a second start.  QEMU keeps
+    # its lock on a qcow2 image whatever the frontend says, hence raw only; virtio targets only.
+    share_rw: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +150,8 @@ def validate_spec(spec: DomainSpec) -> None:
         if disk.target in targets:
             raise ValidationError(f"disks[{i}].target: {disk.target!r} used twice")
         targets.add(disk.target)
+        if disk.share_rw and (disk.format != "raw" or not disk.target.startswith("vd") or disk.shareable):
+            raise ValidationError(f"disks[{i}].share_rw: only for a raw, virtio, not shareable disk")
     if spec.serial_log is not None:
         _check_path(spec.serial_log, "serial_log")
     for i, nic in enumerate(spec.nics):
@@ -237,6 +245,25 @@ def _devices(dom: ET.Element, spec: DomainSpec) -> None:
     _sub(devices, "memballoon", model="none")
 
 
+def _disk_index(target: str) -> int:
+    """libvirt's index of a disk target (vda -> 0, vdz -> 25, vdaa -> 26): its alias is virtio-disk<index>."""
+    n = 0
+    for c in target[2:]:
+        n = n * 26 + ord(c) - ord("a") + 1
+    return n - 1
+
+
+def _qemu_overrides(dom: ET.Element, spec: DomainSpec) -> None:
+    shared = [d for d in spec.disks if d.share_rw]
+    if not shared:
+        return
+    ov = _sub(dom, f"{{{QEMU_NS}}}override")
+    for disk in shared:
+        dev = _sub(ov, f"{{{QEMU_NS}}}device", alias=f"virtio-disk{_disk_index(disk.target)}")
+        fe = _sub(dev, f"{{{QEMU_NS}}}frontend")
+        _sub(fe, f"{{{QEMU_NS}}}property", name="share-rw", type="bool", value="true")
+
+
 def build_domain_xml(spec: DomainSpec) -> str:
     """The libvirt domain XML for ``spec``; ValidationError naming the field if a value is unsafe."""
     validate_spec(spec)
@@ -252,6 +279,7 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(dom, "on_reboot", "restart")
     _sub(dom, "on_crash", "destroy")
     _devices(dom, spec)
+    _qemu_overrides(dom, spec)
     ET.indent(dom, space="  ")
     return ET.tostring(dom, encoding="unicode") + "\n"
 

@@ -115,6 +115,21 @@ def test_fixed_features() -> None:
     assert dom.findtext("on_crash") == "destroy"
 
 
+def test_share_rw_overrides_the_disk_frontend_by_its_libvirt_alias() -> None:
+    """Test-only (ha.share_rw_data_disks): share-rw=on on the raw data disk, nothing on the others."""
+    disks = (DiskSpec("/srv/ce.qcow2"),
+             DiskSpec("/srv/ce.data.raw", format="raw", target="vdb", share_rw=True),
+             DiskSpec("/srv/x.raw", format="raw", target="vdab", share_rw=True))
+    dom = ET.fromstring(build_domain_xml(dataclasses.replace(service_bridge(), disks=disks)))
+    q = f"{{{domxml.QEMU_NS}}}"
+    devs = dom.findall(f"{q}override/{q}device")
+    assert [d.get("alias") for d in devs] == ["virtio-disk1", "virtio-disk27"]
+    for d in devs:
+        (prop,) = d.findall(f"{q}frontend/{q}property")
+        assert prop.attrib == {"name": "share-rw", "type": "bool", "value": "true"}
+    assert ET.fromstring(build_domain_xml(service_bridge())).find(f"{q}override") is None
+
+
 def test_metadata_round_trip() -> None:
     assert parse_metadata(build_domain_xml(worker_test())) == META
 
@@ -175,6 +190,9 @@ def test_hostile_text_cannot_inject_even_unvalidated(value: str) -> None:
         ({"disks": (DiskSpec("/a.qcow2"), DiskSpec("/b.qcow2"))}, r"disks\[1\]\.target"),
         ({"disks": (DiskSpec("/a.qcow2", format="vmdk"),)}, r"disks\[0\]\.format"),
         ({"disks": (DiskSpec("/a.qcow2", target="vda; rm"),)}, r"disks\[0\]\.target"),
+        ({"disks": (DiskSpec("/a.qcow2", share_rw=True),)}, r"disks\[0\]\.share_rw"),
+        ({"disks": (DiskSpec("/a.raw", format="raw", target="sda", share_rw=True),)}, "share_rw"),
+        ({"disks": (DiskSpec("/a.raw", format="raw", shareable=True, share_rw=True),)}, "share_rw"),
         ({"nics": (NicSpec("52:54:00:12:34:5G", bridge="br0"),)}, r"nics\[0\]\.mac"),
         ({"nics": (NicSpec("01:00:5e:00:00:01", bridge="br0"),)}, r"nics\[0\]\.mac"),
         ({"nics": (NicSpec("52:54:00:12:34:56"),)}, r"nics\[0\]"),
