@@ -121,7 +121,7 @@ def test_restarted_agent_renews_before_and_while_re_driving(farm: LeaseFarm) -> 
         end = time.monotonic() + 3 * ttl
         while time.monotonic() < end:
             assert rt.store.lease_holder("hv2") == token, "lease lapsed while a boot was re-driven"
-            time.sleep(0.05)
+            time.sleep(0.05)  # not synchronisation: the sampling pace of a must-never-happen check
         assert rt.store.require_host("hv2").last_seen > seen
         assert rt.store.require_instance(inst.id).state is InstanceState.BOOTING
     finally:

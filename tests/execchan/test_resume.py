@@ -13,8 +13,8 @@ import pytest
 from provisioner.errors import ValidationError
 from provisioner.execchan.client import stream_in_guest
 from provisioner.execchan.resume import CursorFile
+from tests.conftest import wait_until
 from tests.execchan.guestsim import BUSYBOX, GuestSim
-from tests.execchan.test_runner_busybox import wait_until
 
 pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox (the test images' shell)")
 
@@ -27,7 +27,7 @@ class Died(Exception):
 def guest(tmp_path: Path) -> Iterator[GuestSim]:
     g = GuestSim(tmp_path)
     try:
-        wait_until(g.ready, 30, "the runner to hold its port")
+        wait_until(g.ready, 30, what="the runner to hold its port")
         yield g
     finally:
         g.close()

@@ -15,24 +15,17 @@ import pytest
 
 from provisioner.errors import ConflictError, UnavailableError
 from provisioner.execchan.client import StreamResult, run_in_guest, same_file, stream_in_guest
+from tests.conftest import wait_until
 from tests.execchan.guestsim import BUSYBOX, GuestSim
 
 pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox (the test images' shell)")
-
-
-def wait_until(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture()
 def guest(tmp_path: Path) -> Iterator[GuestSim]:
     g = GuestSim(tmp_path)
     try:
-        wait_until(g.ready, 30, "the runner to hold its port")
+        wait_until(g.ready, 30, what="the runner to hold its port")
         yield g
     finally:
         g.close()
@@ -80,7 +73,7 @@ def test_a_line_arrives_while_the_payload_still_runs(guest: GuestSim, tmp_path: 
     t, box = start(lambda: stream_in_guest(
         guest.path, script=f"echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second",
         out=c.out.extend, err=c.err.extend))
-    wait_until(lambda: bytes(c.out) == b"first\n", 30, "the first line")
+    wait_until(lambda: bytes(c.out) == b"first\n", 30, what="the first line")
     assert "res" not in box  # it arrived before the payload ended: the payload is waiting for us
     go.touch()
     t.join(30)
@@ -98,14 +91,16 @@ def test_a_client_that_dies_resumes_from_its_cursor_without_gap_or_duplicate(gue
               "while [ $i -lt 600 ]; do echo line-$i; i=$((i+1)); done; exit 3")
     t, box = start(lambda: stream_in_guest(guest.path, script=script, out=c.out.extend, err=c.err.extend,
                                            on_progress=c.progress))
-    wait_until(lambda: bytes(c.err) == b"half\n", 30, "the first half")
+    wait_until(lambda: bytes(c.err) == b"half\n", 30, what="the first half")
     guest.drop_client()  # the wrapper dies
     t.join(30)
     assert isinstance(box.get("exc"), UnavailableError) and "--attach" in str(box["exc"])
     go.touch()  # the payload goes on writing 3 MB with nobody reading: it must block, not buffer it all
     run_dir = guest.state / ".dynvm-run"
-    wait_until(lambda: len(list(run_dir.glob("o.[0-9]*"))) >= 8, 30, "the guest's window to fill")
-    time.sleep(0.5)  # not synchronisation: give a runaway pump the chance to exceed the window
+    wait_until(lambda: len(list(run_dir.glob("o.[0-9]*"))) >= 8, 30, what="the guest's window to fill")
+    # Not synchronisation: the property is that nothing more happens.  A pump ignoring its full window
+    # writes a 64 KiB frame every few forks (~10-50 ms on a loaded 2-core host): 0.5 s is ample to pass 10.
+    time.sleep(0.5)
     frames = list(run_dir.glob("o.[0-9]*"))
     assert len(frames) <= 10 and sum(f.stat().st_size for f in frames) < 1_000_000
     assert not (run_dir / "x").exists()  # the payload is blocked on its pipe, not finished
@@ -114,7 +109,7 @@ def test_a_client_that_dies_resumes_from_its_cursor_without_gap_or_duplicate(gue
     expected = "".join(f"line-{i}\n" for i in range(300)) + "x" * 3000000 + \
         "".join(f"line-{i}\n" for i in range(300, 600))
     assert res.exit_code == 3 and bytes(c.out) == expected.encode() and bytes(c.err) == b"half\n"
-    wait_until(lambda: not run_dir.exists(), 30, "the collected run to be forgotten")
+    wait_until(lambda: not run_dir.exists(), 30, what="the collected run to be forgotten")
 
 
 def test_a_second_run_while_one_runs_is_refused_and_one_shot_exec_still_works(guest: GuestSim,
@@ -124,7 +119,7 @@ def test_a_second_run_while_one_runs_is_refused_and_one_shot_exec_still_works(gu
     script = f"echo up; while [ ! -e {go} ]; do sleep 0.05; done"
     t, _ = start(lambda: stream_in_guest(guest.path, script=script, out=c.out.extend, err=c.err.extend,
                                          on_progress=c.progress))
-    wait_until(lambda: bytes(c.out) == b"up\n", 30, "the first run")
+    wait_until(lambda: bytes(c.out) == b"up\n", 30, what="the first run")
     guest.drop_client()
     t.join(30)
     with pytest.raises(ConflictError, match="still running"):
@@ -132,7 +127,8 @@ def test_a_second_run_while_one_runs_is_refused_and_one_shot_exec_still_works(gu
     assert run_in_guest(guest.path, ["echo", "probe"], timeout=30).stdout == "probe\n"
     go.touch()
     assert stream_in_guest(guest.path, attach=c.cursor, out=c.out.extend, err=c.err.extend).exit_code == 0
-    wait_until(lambda: not (guest.state / ".dynvm-run").exists(), 30, "the collected run to be forgotten")
+    run_dir = guest.state / ".dynvm-run"
+    wait_until(lambda: not run_dir.exists(), 30, what="the collected run to be forgotten")
     # Attaching to a collected run: refused, or (when an exit frame resent for an attach is still in the
     # channel) the same exit again; never any output twice.
     try:

@@ -272,7 +272,7 @@ def test_provisioning_through_a_master_failover(sentinels: SentinelSet, tmp_path
                     errors.append(str(err))
                     if time.monotonic() > deadline:
                         raise
-                    time.sleep(0.2)
+                    time.sleep(0.2)  # not synchronisation: the hook's back-off between retries
 
         for key in keys[:8]:  # settled before the failover
             request(key)
@@ -283,7 +283,7 @@ def test_provisioning_through_a_master_failover(sentinels: SentinelSet, tmp_path
         def later_wave() -> None:
             for key in keys[8:]:
                 request(key)
-                time.sleep(0.1)
+                time.sleep(0.1)  # not synchronisation: paces the load so the wave spans the failover
 
         wave = threading.Thread(target=later_wave)
         wave.start()
