@@ -18,9 +18,9 @@ from batch_hooks.resp import LightRedis
 from provisioner.execchan.client import exec_socket
 from tests.batch_hooks.slurm_cluster import REPO
 from tests.batch_hooks.test_hooks_server import ctx_for
+from tests.conftest import wait_until
 from tests.control.conftest import Farm
-from tests.execchan.guestsim import BUSYBOX, GuestSim
-from tests.execchan.test_runner_busybox import wait_until
+from tests.execchan.guestsim import BUSYBOX, running_guest
 
 pytestmark = [pytest.mark.redis, pytest.mark.libvirt,
               pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox (the test images' shell)")]
@@ -41,9 +41,7 @@ def test_a_killed_wrapper_started_again_resumes_its_run_exactly(farm: Farm, hook
                                                                 tmp_path: Path) -> None:
     with LightRedis(hook_url) as r:
         vm = call(r, "dynvm", "prolog", ctx_for("cms001", "6160"), 60)
-    guest = GuestSim(tmp_path, exec_socket(vm["shared_dir"], vm["instance"], vm["host"]))
-    try:
-        wait_until(guest.ready, 30, "the runner to hold its port")
+    with running_guest(tmp_path, exec_socket(vm["shared_dir"], vm["instance"], vm["host"])):
         port = farm.rt.store.r.connection_pool.connection_kwargs["port"]
         env = {"PATH": os.environ["PATH"], "DYNVM_JOB_CRED": f"{vm['job_user']}:{vm['job_password']}",
                "DYNVM_JOB_REDIS": f"redis://127.0.0.1:{port}/0",
@@ -54,7 +52,7 @@ def test_a_killed_wrapper_started_again_resumes_its_run_exactly(farm: Farm, hook
                   "done; exit 6")
         first = wrapper(env, script, out)
         try:
-            wait_until(lambda: out.read_bytes() == b"first\nwarn\n", 60, "the first lines")
+            wait_until(lambda: out.read_bytes() == b"first\nwarn\n", 60, what="the first lines")
             assert first.poll() is None  # they arrived while the job runs
         finally:
             first.kill()  # the wrapper dies
@@ -67,5 +65,3 @@ def test_a_killed_wrapper_started_again_resumes_its_run_exactly(farm: Farm, hook
         assert not (tmp_path / "cur").exists()  # done: the cursor goes
         third = wrapper(env, script, tmp_path / "third.out")  # a new start of the same attempt
         assert third.wait(60) == 4 and "already started" in (tmp_path / "third.out").read_text()
-    finally:
-        guest.close()

@@ -16,7 +16,10 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+from tests.conftest import wait_until
 
 RUNNER = Path(__file__).resolve().parents[2] / "images" / "build" / "guest" / "exec-runner.sh"
 BUSYBOX = Path(os.environ.get("DYNVM_BUSYBOX", "/bin/busybox"))
@@ -123,3 +126,14 @@ class GuestSim:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
         self._port.close()
+
+
+@contextlib.contextmanager
+def running_guest(tmp: Path, path: Path | None = None, timeout: float = 30) -> Iterator[GuestSim]:
+    """A GuestSim whose runner holds its port (ready for a client); closed on the way out."""
+    g = GuestSim(tmp, path)
+    try:
+        wait_until(g.ready, timeout, what="the runner to hold its port")
+        yield g
+    finally:
+        g.close()

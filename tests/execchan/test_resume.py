@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,6 @@ import pytest
 from provisioner.errors import ValidationError
 from provisioner.execchan.client import stream_in_guest
 from provisioner.execchan.resume import CursorFile
-from tests.conftest import wait_until
 from tests.execchan.guestsim import BUSYBOX, GuestSim
 
 pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox (the test images' shell)")
@@ -21,16 +20,6 @@ pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox (the
 
 class Died(Exception):
     pass
-
-
-@pytest.fixture()
-def guest(tmp_path: Path) -> Iterator[GuestSim]:
-    g = GuestSim(tmp_path)
-    try:
-        wait_until(g.ready, 30, what="the runner to hold its port")
-        yield g
-    finally:
-        g.close()
 
 
 def file_sink(fd: int, die_after: list[int] | None = None) -> tuple[list[int], Callable[[bytes], None]]:

@@ -8,7 +8,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,16 +19,6 @@ from tests.conftest import wait_until
 from tests.execchan.guestsim import BUSYBOX, GuestSim
 
 pytestmark = pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox (the test images' shell)")
-
-
-@pytest.fixture()
-def guest(tmp_path: Path) -> Iterator[GuestSim]:
-    g = GuestSim(tmp_path)
-    try:
-        wait_until(g.ready, 30, what="the runner to hold its port")
-        yield g
-    finally:
-        g.close()
 
 
 class Collect:
