@@ -85,8 +85,7 @@ def decide(
         last = recs[-1] if recs else None
         if last is not None and last.host is not None and last.host in recovering:
             continue  # its host's failover will bring it back
-        lim = limits.get(svc.name, Limits())
-        recent = [t for t in restarts.get(svc.name, ()) if now - t <= lim.window_s]
+        used, lim = _restart_budget(svc.name, restarts, limits, now)
         mark = _mark(last, health)
         if last is not None and last.state is InstanceState.LOST and mark in (Mark.RESTART, Mark.RELOCATE):
             if mark is Mark.RESTART and last.host and hosts.get(last.host) is HostState.UP:
@@ -99,15 +98,22 @@ def decide(
             continue
         if last is None:
             starts.append(Start(svc.name, None, "declared, no VM yet"))
-        elif last.host and hosts.get(last.host) is HostState.UP and len(recent) < lim.max_restarts:
+        elif last.host and hosts.get(last.host) is HostState.UP and used < lim.max_restarts:
             starts.append(
                 Start(svc.name, last.host, f"{last.state.value} on {last.host}: restart in place "
-                      f"({len(recent) + 1}/{lim.max_restarts})")
+                      f"({used + 1}/{lim.max_restarts})")
             )
         else:
             where = f"on {last.host}" if last.host else "unplaced"
             starts.append(Start(svc.name, None, f"{last.state.value} {where}: relocating"))
     return starts, problems
+
+
+def _restart_budget(name: str, restarts: Mapping[str, Sequence[float]], limits: Mapping[str, Limits],
+                    now: float) -> tuple[int, Limits]:
+    """How many in-place restarts service ``name`` had within its window, and its limits."""
+    lim = limits.get(name, Limits())
+    return sum(1 for t in restarts.get(name, ()) if now - t <= lim.window_s), lim
 
 
 def _mark(inst: Instance | None, health: Mapping[str, Health] | None) -> Mark:
@@ -144,14 +150,13 @@ def decide_hung(
         if _mark(inst, health) is not Mark.UNHEALTHY:
             continue
         hs = hosts.get(inst.host)
-        lim = limits.get(svc.name, Limits())
-        recent = [t for t in restarts.get(svc.name, ()) if now - t <= lim.window_s]
+        used, lim = _restart_budget(svc.name, restarts, limits, now)
         seen = f"unhealthy on {inst.host}" + (f" ({h.failures} failed probes: {h.detail})" if h else "")
-        if hs is HostState.UP and len(recent) < lim.max_restarts:
+        if hs is HostState.UP and used < lim.max_restarts:
             out.append(Hung(svc.name, inst.id, inst.host, inst.epoch, Mark.RESTART,
-                            f"{seen}: restart in place ({len(recent) + 1}/{lim.max_restarts})"))
+                            f"{seen}: restart in place ({used + 1}/{lim.max_restarts})"))
         elif hs in (HostState.UP, HostState.DRAINING):
-            why = (f"{len(recent)} restarts in place within {lim.window_s:g} s (limit {lim.max_restarts})"
+            why = (f"{used} restarts in place within {lim.window_s:g} s (limit {lim.max_restarts})"
                    if hs is HostState.UP else f"{inst.host} is draining")
             out.append(
                 Hung(svc.name, inst.id, inst.host, inst.epoch, Mark.RELOCATE, f"{seen}: relocating, {why}")
