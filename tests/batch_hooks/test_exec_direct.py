@@ -4,12 +4,11 @@ fake speaking the guest side of the serial protocol on a unix socket (the QEMU v
 
 from __future__ import annotations
 
-import base64
 import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import pytest
 
@@ -22,42 +21,23 @@ from provisioner.execchan.once import run_key
 from provisioner.model import Instance, InstanceState, Role
 from provisioner.runtime import Runtime
 from provisioner.state.store import StateStore
+from tests.execchan.fakeguest import FakeGuest, Request, result_line
 
 pytestmark = pytest.mark.redis
 
 
-class Guest:
-    """Answers each request with exit code 3 and the script echoed; records (timeout, script)."""
+class Guest(FakeGuest):
+    """Answers each request with exit code 3, the script echoed and ``e`` on stderr, in either protocol."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(path))
-        self.sock.listen()
-        self.requests: list[tuple[int, str]] = []
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                f = conn.makefile("rb")
-                tag, req_id, tmo, payload = f.readline().decode().split(" ")
-                script = base64.b64decode(payload).decode()
-                self.requests.append((int(tmo), script))
-                if tag == "DYNVM-RUN":  # the streaming protocol (provisioner.execchan.frames): same answer
-                    frames = [chunk_line(req_id, "o", 0, script.encode()), chunk_line(req_id, "e", 0, b"e\n"),
-                              exit_line(req_id, 3, 1, 1)]
-                    conn.sendall(b"".join(frames))
-                    while (line := f.readline()) and not line.startswith(b"DYNVM-DONE"):
-                        pass
-                    continue
-                out = base64.b64encode(script.encode()).decode()
-                err = base64.b64encode(b"e\n").decode()
-                conn.sendall(f"DYNVM-RESULT {req_id} 3 {out} {err}\n".encode())
+    def answer(self, conn: socket.socket, reader: BinaryIO, req: Request) -> None:
+        if req.tag == "DYNVM-RUN":  # the streaming protocol (provisioner.execchan.frames): same answer
+            frames = [chunk_line(req.id, "o", 0, req.script.encode()), chunk_line(req.id, "e", 0, b"e\n"),
+                      exit_line(req.id, 3, 1, 1)]
+            conn.sendall(b"".join(frames))
+            while (line := reader.readline()) and not line.startswith(b"DYNVM-DONE"):
+                pass
+            return
+        conn.sendall(result_line(req.id, 3, req.script.encode(), b"e\n"))
 
 
 @pytest.fixture()
@@ -81,7 +61,7 @@ def test_exec_talks_to_the_guest_directly_without_any_agent_or_app(rt: Runtime) 
     assert res["exit_code"] == 3 and res["host"] == "hv1"
     assert res["stdout"] == "exec echo 'a b'\n" and res["stderr"] == "e\n"
     # No limit: the guest's own timeout is the longest busybox takes, not a minute or an hour.
-    assert guest.requests == [(UNLIMITED_GUEST_S, "exec echo 'a b'\n")]
+    assert [(r.timeout, r.script) for r in guest.requests] == [(UNLIMITED_GUEST_S, "exec echo 'a b'\n")]
     assert UNLIMITED_GUEST_S >= 30 * 24 * 3600
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -16,6 +15,7 @@ from provisioner.errors import DeadlineExceeded, UnavailableError, ValidationErr
 from provisioner.execchan import run_in_guest
 from provisioner.interfaces import DomainState
 from provisioner.probes import DomainStateProbe, SerialMarkerProbe, TcpProbe, make_probe, wait_ready
+from tests.execchan.fakeguest import FakeGuest, Request, result_line
 
 
 def test_serial_marker_reads_only_new_bytes_and_finds_split_marker(tmp_path: Path) -> None:
@@ -72,45 +72,26 @@ def test_make_probe_maps_catalogue_types(tmp_path: Path) -> None:
         make_probe(Probe(type=ProbeType.GUEST_AGENT))
 
 
-class FakeGuest:
-    """Speaks the guest side of the serial protocol; first sends a stale reply to test id matching."""
+class StaleFirst(FakeGuest):
+    """Answers exit 5 with ``out:<script>``, after a stale reply (another request's) to test id matching."""
 
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(path))
-        self.sock.listen()
-        self.requests: list[str] = []
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                line = conn.makefile("rb").readline().decode()
-                _tag, req_id, _tmo, payload = line.split(" ")
-                script = base64.b64decode(payload).decode()
-                self.requests.append(script)
-                out = base64.b64encode(b"out:" + script.encode()).decode()
-                err = base64.b64encode(b"").decode()
-                stale = f"DYNVM-RESULT stale 0 {out} {err}\n"
-                conn.sendall(f"{stale}DYNVM-RESULT {req_id} 5 {out} {err}\n".encode())
+    def answer(self, conn: socket.socket, reader: BinaryIO, req: Request) -> None:
+        out = b"out:" + req.script.encode()
+        conn.sendall(result_line("stale", 0, out) + result_line(req.id, 5, out))
 
 
 @pytest.fixture()
 def fake_guest(tmp_path: Path) -> Iterator[tuple[Path, FakeGuest]]:
     path = tmp_path / "g.sock"
-    g = FakeGuest(path)
+    g = StaleFirst(path)
     yield path, g
-    g.sock.close()
+    g.close()
 
 
 def test_run_in_guest_quotes_argv_and_skips_stale_replies(fake_guest: tuple[Path, FakeGuest]) -> None:
     path, guest = fake_guest
     res = run_in_guest(path, ["echo", "a b", "it's"], timeout=5)
-    assert guest.requests == ["exec echo 'a b' 'it'\"'\"'s'\n"]
+    assert [r.script for r in guest.requests] == ["exec echo 'a b' 'it'\"'\"'s'\n"]
     assert res.exit_code == 5 and res.stdout.startswith("out:exec echo")
 
 

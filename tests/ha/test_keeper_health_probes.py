@@ -3,12 +3,11 @@ unix socket (answering, failing, or hung), and make_probe's health-sample timeou
 
 from __future__ import annotations
 
-import base64
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -16,37 +15,16 @@ from provisioner.catalogue.model import Probe, ProbeType
 from provisioner.errors import DeadlineExceeded, UnavailableError
 from provisioner.execchan.client import GRACE_S
 from provisioner.probes import ExecProbe, GuestAgentProbe, TcpProbe, exec_within, make_probe
+from tests.execchan.fakeguest import FakeGuest, Request, result_line
 
 
-class Guest:
-    """The guest side of the exec channel: answers with ``code``, or never when ``hung`` (a paused VM's
-    QEMU still accepts the connection; nobody reads it)."""
+class Guest(FakeGuest):
+    """Answers with exit ``code`` (no output), or never when ``hung``."""
 
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(path))
-        self.sock.listen()
-        self.code = 0
-        self.hung = False
-        self.scripts: list[str] = []
-        self.timeouts: list[str] = []
-        threading.Thread(target=self.serve, daemon=True).start()
+    code = 0
 
-    def serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                line = conn.makefile("rb").readline().decode()
-                if self.hung or not line:
-                    conn.recv(1)  # hold the connection until the client gives up
-                    continue
-                _tag, req, tmo, payload = line.split(" ")
-                self.scripts.append(base64.b64decode(payload).decode())
-                self.timeouts.append(tmo)
-                conn.sendall(f"DYNVM-RESULT {req} {self.code}  \n".encode())
+    def answer(self, conn: socket.socket, reader: BinaryIO, req: Request) -> None:
+        conn.sendall(result_line(req.id, self.code))
 
 
 @pytest.fixture()
@@ -54,13 +32,13 @@ def guest(tmp_path: Path) -> Iterator[tuple[Path, Guest]]:
     path = tmp_path / "exec.sock"
     g = Guest(path)
     yield path, g
-    g.sock.close()
+    g.close()
 
 
 def test_guest_agent_probe_passes_on_any_answer_and_fails_on_none(guest: tuple[Path, Guest]) -> None:
     path, g = guest
     probe = GuestAgentProbe(path, timeout=0.3)
-    assert probe.check() and g.scripts == ["exec true\n"] and g.timeouts == ["1"]
+    assert probe.check() and g.requests == [Request("DYNVM-EXEC", g.requests[0].id, 1, "exec true\n")]
     g.hung = True
     started = time.monotonic()
     assert not probe.check()
@@ -76,7 +54,7 @@ def test_exec_probe_needs_exit_zero(guest: tuple[Path, Guest]) -> None:
     assert probe.check()
     g.code = 1
     assert not probe.check() and probe.last_error == "exit code 1"
-    assert g.scripts[-1] == "exec test -s /data/www/whoami.txt\n"
+    assert g.requests[-1].script == "exec test -s /data/www/whoami.txt\n"
 
 
 def test_exec_within_errors(tmp_path: Path, guest: tuple[Path, Guest]) -> None:
