@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ha.detection import Observation, Timing, Verdict, classify, judge
+from ha.detection import Comebacks, Observation, Timing, Verdict, classify, judge
 from provisioner.model import HostState
 
 CRIT = Timing(lease_ttl_s=0.5, dead_after_s=1.0, samples=2)
@@ -86,3 +86,25 @@ def test_heard_by_peers_is_cut_off_not_dead() -> None:
     assert not heard_by_majority("a", {"b": ["a"]}, live)  # 1 of 3 is no majority
     assert not heard_by_majority("a", {"b": ["a"], "c": ["a"], "x": ["a"]}, {"b"} | {"d", "e", "f"})
     assert not heard_by_majority("a", {}, set())  # nobody left to ask
+
+
+def test_a_host_back_in_watch_is_judged_from_its_return_until_it_renews() -> None:
+    cb = Comebacks()
+    assert cb.last_heard("a", HostState.UP, 100.0, 105.0) == 100.0  # never seen out of watch: its renewal
+    assert cb.last_heard("a", HostState.FENCED, 100.0, 110.0) == 100.0  # dead: not judged anyway
+    # Rejoined (UP) while its new agent holds the lease but has not renewed yet: from the first round back.
+    assert cb.last_heard("a", HostState.UP, 100.0, 120.0) == 120.0
+    assert cb.last_heard("a", HostState.UP, 100.0, 121.0) == 120.0
+    assert classify(obs("a", 121.0 - 120.0, t=STD)) is Verdict.ALIVE  # was SILENT at 21 s: dead again
+    assert classify(obs("a", 126.0 - 120.0, t=STD)) is Verdict.SILENT  # never renews: still caught
+    assert cb.last_heard("a", HostState.UP, 121.5, 122.0) == 121.5  # renewed since: its renewals again
+    assert cb.back_at == {}
+
+
+def test_a_host_declared_dead_this_round_or_removed() -> None:
+    cb = Comebacks()
+    cb.left("a")  # the leader declared it dead; the operator rejoins it before the next round
+    assert cb.last_heard("a", HostState.UP, 100.0, 130.0) == 130.0
+    cb.left("b")
+    cb.keep(["a"])
+    assert set(cb.back_at) == {"a"}

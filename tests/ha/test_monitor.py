@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from ha.engine import Settings
 from ha.monitor import Monitor, MonitorSettings
+from ha.recovery import RecoveryStore, Step
+from provisioner.agent.lease import LeaseKeeper
 from provisioner.configload import load_config
 from provisioner.control.client import client_runtime
+from provisioner.model import Capacity, Host, HostState
+from tests.catalogue.helpers import make_catalogue, write_config
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.redis
@@ -60,3 +67,95 @@ def test_pause_and_resume(cli, capsys) -> None:  # type: ignore[no-untyped-def]
 def test_monitor_rejects_bad_timings_before_doing_anything(cli, capsys, argv) -> None:  # type: ignore[no-untyped-def]
     rc, _, err = cli(capsys, "monitor", *argv)
     assert rc == 2 and len(err.strip().splitlines()) == 1
+
+
+# ---- a host rejoined right after its revival (issue 10; benchmarks/bench_failover.py's settle()) ----------
+def _rejoin_world(tmp_path: Path, redis_url: str) -> tuple[Monitor, Any]:
+    """hv1 in a fast class, hv2/hv3 slow enough never to be missed on a loaded machine (each gets a real
+    lease keeper).  The monitor is stepped by the test itself (no thread): rounds happen when it says."""
+    cat, root = make_catalogue(tmp_path)
+    extra = (f"redis_url: {redis_url}\ndetection_classes:\n"
+             "  fast: {lease_ttl_s: 1.0, dead_after_s: 2.0, samples: 2}\n"
+             "  standard: {lease_ttl_s: 10.0, dead_after_s: 30.0, samples: 2}\n")
+    rt = client_runtime(load_config(write_config(tmp_path, cat, root, extra=extra)))
+    for h, klass in (("hv1", "fast"), ("hv2", "standard"), ("hv3", "standard")):
+        rt.store.register_host(Host(h, "test:///default", capacity=Capacity(4, 4096), detection_class=klass))
+    settings = MonitorSettings(round_s=0.05, lease_ttl_s=5.0,
+                               engine=Settings(watchdog_s=0.2, safety_margin_s=0.1))
+    return Monitor(rt, settings, "mon-rejoin"), rt
+
+
+def _keeper(rt: Any, host: str, token: str) -> LeaseKeeper:
+    ttl = 1.0 if host == "hv1" else 10.0
+    assert rt.store.acquire_lease(host, token, ttl) is None  # as an agent starts: the lease first
+    k = LeaseKeeper(rt.store, host, token, ttl)
+    k.start()
+    return k
+
+
+def step_until(mon: Monitor, cond: Callable[[], bool], what: str) -> None:
+    """Monitor rounds, one per poll (every 50 ms), until ``cond``."""
+    wait_until(lambda: (mon.step(), cond())[1], timeout=30, interval=0.05, what=what)
+
+
+def _kill_and_fence_hv1(mon: Monitor, rt: Any, keeper: LeaseKeeper) -> None:
+    recs = RecoveryStore(rt.store.r, rt.store.keys.prefix)
+    step_until(mon, lambda: mon.fence > 0, "the monitor to lead")
+    keeper.close()  # the host dies with its agent: no more renewals, its lease runs out
+    step_until(mon, lambda: rt.store.require_host("hv1").state is HostState.FENCED
+               and (rec := recs.get("hv1")) is not None and rec.step is Step.CLOSED,
+               "hv1 declared dead, fenced, its recovery closed")
+
+
+def test_a_host_rejoined_before_its_new_agents_first_renewal_is_not_declared_dead_again(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """`farm revive` returns once the new agent holds the lease, and `dynvm host rejoin` needs no more; but
+    the agent renews (which stamps last_seen) only after connecting to libvirt and registering — seconds on
+    a busy host.  The monitor judged the rejoined host on its last renewal from before its death and
+    declared it dead again within `samples` rounds (seen by bench_failover and the fencing-layer tests)."""
+    mon, rt = _rejoin_world(tmp_path, redis_url)
+    keepers = {h: _keeper(rt, h, f"agent-{h}-1") for h in ("hv1", "hv2", "hv3")}
+    try:
+        _kill_and_fence_hv1(mon, rt, keepers["hv1"])
+        # Revived: the new agent takes the lease (start_agent_runtime: acquire, before anything slow) ...
+        assert rt.store.acquire_lease("hv1", "agent-hv1-2", 1.0) is None
+        # ... and the operator rejoins it at once (what `dynvm host rejoin` checks: a live lease).
+        assert rt.store.lease_alive("hv1")
+        rt.store.set_host_state("hv1", HostState.UP, expected=HostState.FENCED, reason="operator rejoin",
+                                operator=True)
+        mark = rt.store.last_event_id()
+        for _ in range(6):  # three times `samples` rounds before the agent's first renewal
+            mon.step()
+        assert rt.store.require_host("hv1").state is HostState.UP, [
+            (e.kind, e.message) for e in rt.store.read_events(count=20, since_id=mark)]
+        keepers["hv1"] = _keeper(rt, "hv1", "agent-hv1-2")  # its first renewal, then one each third of a TTL
+        step_until(mon, lambda: keepers["hv1"].stats.renewals >= 4, "three more renewals of hv1's lease")
+        assert rt.store.require_host("hv1").state is HostState.UP
+        evs = rt.store.read_events(count=200, since_id=mark)
+        assert [e for e in evs if e.kind == "host_dead"] == []
+    finally:
+        for k in keepers.values():
+            k.close()
+
+
+def test_a_rejoined_host_whose_agent_never_renews_is_still_declared_dead(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Its silence counts from its return to watch: past dead_after_s without a renewal it is dead again."""
+    mon, rt = _rejoin_world(tmp_path, redis_url)
+    keepers = {h: _keeper(rt, h, f"agent-{h}-1") for h in ("hv1", "hv2", "hv3")}
+    try:
+        _kill_and_fence_hv1(mon, rt, keepers["hv1"])
+        assert rt.store.acquire_lease("hv1", "agent-hv1-2", 1.0) is None  # taken, never renewed
+        rt.store.set_host_state("hv1", HostState.UP, expected=HostState.FENCED, reason="operator rejoin",
+                                operator=True)
+        mark = rt.store.last_event_id()
+
+        step_until(mon, lambda: rt.store.require_host("hv1").state in (HostState.DEAD, HostState.FENCED),
+                   "hv1 declared dead again")
+        assert [e.kind for e in rt.store.read_events(count=200, since_id=mark) if e.kind == "host_dead"] \
+            == ["host_dead"]
+    finally:
+        for k in keepers.values():
+            k.close()
