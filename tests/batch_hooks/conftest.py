@@ -3,6 +3,7 @@ accounts with their groups, the trusted hook's Redis ACL user, and (marker ``slu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -34,15 +35,23 @@ def pool_accounts() -> dict[str, int]:
     return ensure_pool_accounts()
 
 
+@contextlib.contextmanager
+def trusted_hook_user(r: object) -> Iterator[str]:
+    """The trusted hook's Redis ACL user (prefix ``dynvm``, a fresh password) on ``r``'s server while the
+    block runs; yields its redis:// URL."""
+    password = secrets.token_hex(16)
+    r.execute_command("ACL", "SETUSER", HOOK_USER, *trusted_hook_rules("dynvm", password))  # type: ignore[attr-defined]
+    try:
+        yield server_url(r, f"{HOOK_USER}:{password}@")
+    finally:
+        r.execute_command("ACL", "DELUSER", HOOK_USER)  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session")
 def hook_url(test_farm: Farm, pool_accounts: dict[str, int]) -> Iterator[str]:
     """redis:// URL of the trusted hook user on the farm's Redis (a real ACL user)."""
-    r = test_farm.rt.store.r
-    password = secrets.token_hex(16)
-    r.execute_command("ACL", "SETUSER", HOOK_USER, *trusted_hook_rules("dynvm", password))
-    host, port = r.connection_pool.connection_kwargs["host"], r.connection_pool.connection_kwargs["port"]
-    yield f"redis://{HOOK_USER}:{password}@{host}:{port}/0"
-    r.execute_command("ACL", "DELUSER", HOOK_USER)
+    with trusted_hook_user(test_farm.rt.store.r) as url:
+        yield url
 
 
 def user_url(base: str, user: str, password: str) -> str:
@@ -59,8 +68,10 @@ def farm(test_farm: Farm) -> Farm:
 
 
 
-def start_slurm(hook_url: str, job_redis: str, wrap_payload: bool) -> Iterator[SlurmCluster]:
-    """A private Slurm cluster whose hooks are deploy/slurm's as shipped, talking to one farm's Redis."""
+def start_slurm(hook_url: str, job_redis: str, wrap_payload: bool, name: str | None = None
+                ) -> Iterator[SlurmCluster]:
+    """A private Slurm cluster whose hooks are deploy/slurm's as shipped, talking to one farm's Redis;
+    ``name``: a cluster name other than the default (jobs are keyed by cluster name and job id)."""
     import shutil
     import sys
     import tempfile
@@ -71,7 +82,7 @@ def start_slurm(hook_url: str, job_redis: str, wrap_payload: bool) -> Iterator[S
     # Not under pytest's tmp (0700 parents): the pool accounts must reach their job scripts and outputs.
     base = Path(tempfile.mkdtemp(prefix="dynvm-slurm-"))
     base.chmod(0o755)
-    cluster = SlurmCluster(base)
+    cluster = SlurmCluster(base) if name is None else SlurmCluster(base, name=name)
     common = {"SLURM_CONF": str(cluster.conf)}
     ctld = {**common, "DYNVM_PYTHON": sys.executable, "DYNVM_HOOK_REDIS": hook_url, "DYNVM_PREFIX": "dynvm",
             "DYNVM_PROLOG_TIMEOUT": "8" if not wrap_payload else "240"}
@@ -95,8 +106,13 @@ def redis_host_port(r: object) -> tuple[str, int]:
     return str(kw["host"]), int(kw["port"])
 
 
+def server_url(r: object, auth: str = "") -> str:
+    """redis:// URL of ``r``'s server, db 0; ``auth``: ``user:password@`` or nothing (the default user)."""
+    host, port = redis_host_port(r)
+    return f"redis://{auth}{host}:{port}/0"
+
+
 @pytest.fixture(scope="session")
 def slurm(hook_url: str, test_farm: Farm) -> Iterator[SlurmCluster]:
     """Slurm on the test-driver farm (provisioning only; the batch script runs on the node)."""
-    host, port = redis_host_port(test_farm.rt.store.r)
-    yield from start_slurm(hook_url, f"redis://{host}:{port}/0", wrap_payload=False)
+    yield from start_slurm(hook_url, server_url(test_farm.rt.store.r), wrap_payload=False)

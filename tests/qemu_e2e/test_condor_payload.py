@@ -7,7 +7,6 @@ stand-in, the schedd's copy comes from the canned ads, the node daemon is the re
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 
 from batch_hooks.condor_daemon import CondorNodeDaemon, DaemonSettings
 from provisioner.model import InstanceState
-from tests.batch_hooks.conftest import HOOK_USER, redis_host_port, trusted_hook_rules
+from tests.batch_hooks.conftest import trusted_hook_user
 from tests.batch_hooks.slurm_cluster import ensure_pool_accounts, wait_for
 from tests.batch_hooks.test_condor_daemon import (
     ADS,
@@ -39,26 +38,21 @@ JOB = "#!/bin/sh\necho \"vo=$(cat /etc/vo) args=$1|$2\"\necho to-stderr >&2\nexi
 @pytest.fixture(scope="module")
 def qnode(qfarm: QFarm) -> Iterator[Node]:
     ensure_pool_accounts()
-    r = qfarm.rt.store.r
-    password = secrets.token_hex(16)
-    r.execute_command("ACL", "SETUSER", HOOK_USER, *trusted_hook_rules("dynvm", password))
-    host, port = redis_host_port(r)
-    hook_url = f"redis://{HOOK_USER}:{password}@{host}:{port}/0"
-    base = Path(tempfile.mkdtemp(prefix="h4-condor-q-"))
-    base.chmod(0o755)
-    (base / "execute").mkdir(mode=0o755)
-    sock = str(base / "run" / "condor.sock")
-    libexec = install_hooks(base / "libexec", sock, hook_url)
-    hv = sorted(h.name for h in qfarm.rt.store.list_hosts())[0]
-    settings = DaemonSettings(sock, STARTD, {"DYNVM_HOOK_REDIS": hook_url, "DYNVM_PREFIX": "dynvm",
-                                             "DYNVM_PROLOG_TIMEOUT": "240"}, node=hv)
-    schedd = CannedSchedd()
-    daemon = CondorNodeDaemon(settings, schedd)
-    thread, stop = daemon.start_thread()
-    yield Node(base, sock, libexec, schedd, daemon, hv)
-    stop.set()
-    thread.join(10)
-    r.execute_command("ACL", "DELUSER", HOOK_USER)
+    with trusted_hook_user(qfarm.rt.store.r) as hook_url:
+        base = Path(tempfile.mkdtemp(prefix="h4-condor-q-"))
+        base.chmod(0o755)
+        (base / "execute").mkdir(mode=0o755)
+        sock = str(base / "run" / "condor.sock")
+        libexec = install_hooks(base / "libexec", sock, hook_url)
+        hv = sorted(h.name for h in qfarm.rt.store.list_hosts())[0]
+        settings = DaemonSettings(sock, STARTD, {"DYNVM_HOOK_REDIS": hook_url, "DYNVM_PREFIX": "dynvm",
+                                                 "DYNVM_PROLOG_TIMEOUT": "240"}, node=hv)
+        schedd = CannedSchedd()
+        daemon = CondorNodeDaemon(settings, schedd)
+        thread, stop = daemon.start_thread()
+        yield Node(base, sock, libexec, schedd, daemon, hv)
+        stop.set()
+        thread.join(10)
     shutil.rmtree(base, ignore_errors=True)
 
 

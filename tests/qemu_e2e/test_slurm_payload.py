@@ -4,13 +4,12 @@ guest's /etc/vo and exits with the script's own exit code; the VM is released af
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
 import pytest
 
 from provisioner.model import InstanceState
-from tests.batch_hooks.conftest import HOOK_USER, redis_host_port, start_slurm, trusted_hook_rules
+from tests.batch_hooks.conftest import server_url, start_slurm, trusted_hook_user
 from tests.batch_hooks.slurm_cluster import SlurmCluster, ensure_pool_accounts, wait_for
 from tests.qemu_e2e.conftest import QFarm
 
@@ -23,12 +22,8 @@ pytestmark = [pytest.mark.qemu, pytest.mark.redis, pytest.mark.libvirt]
 def qslurm(qfarm: QFarm) -> Iterator[SlurmCluster]:
     ensure_pool_accounts()
     r = qfarm.rt.store.r
-    password = secrets.token_hex(16)
-    r.execute_command("ACL", "SETUSER", HOOK_USER, *trusted_hook_rules("dynvm", password))
-    host, port = redis_host_port(r)
-    yield from start_slurm(f"redis://{HOOK_USER}:{password}@{host}:{port}/0", f"redis://{host}:{port}/0",
-                           wrap_payload=True)
-    r.execute_command("ACL", "DELUSER", HOOK_USER)
+    with trusted_hook_user(r) as hook_url:
+        yield from start_slurm(hook_url, server_url(r), wrap_payload=True)
 
 
 def test_unmodified_script_runs_inside_its_vos_vm(qslurm: SlurmCluster, qfarm: QFarm) -> None:

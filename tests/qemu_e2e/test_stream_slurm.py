@@ -5,22 +5,15 @@ released."""
 
 from __future__ import annotations
 
-import os
 import pwd
-import secrets
-import shutil
-import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from provisioner.execchan.client import exec_socket
-from provisioner.farm.slurm import HOOK_USER, install_hooks, missing_programs, trusted_hook_rules
 from provisioner.model import InstanceState
-from tests.batch_hooks.conftest import redis_host_port
-from tests.batch_hooks.slurm_cluster import REPO, SlurmCluster, ensure_pool_accounts, wait_for
+from tests.batch_hooks.conftest import server_url, start_slurm, trusted_hook_user
+from tests.batch_hooks.slurm_cluster import SlurmCluster, ensure_pool_accounts, wait_for
 from tests.qemu_e2e.conftest import QFarm
 
 pytestmark = [pytest.mark.qemu, pytest.mark.redis, pytest.mark.libvirt]
@@ -31,30 +24,10 @@ CLUSTER = "dynvmstream"  # not test_slurm_payload's name: its job ids restart at
 def qslurm(qfarm: QFarm) -> Iterator[SlurmCluster]:
     """tests.batch_hooks.conftest.start_slurm's cluster (deploy/slurm's hooks as shipped, the payload
     wrapped), under a cluster name of its own."""
-    if missing_programs():
-        pytest.fail(f"slurm-wlm and munge are not installed (missing {missing_programs()})")
     ensure_pool_accounts()
     r = qfarm.rt.store.r
-    password = secrets.token_hex(16)
-    r.execute_command("ACL", "SETUSER", HOOK_USER, *trusted_hook_rules("dynvm", password))  # type: ignore[no-untyped-call]
-    host, port = redis_host_port(r)
-    base = Path(tempfile.mkdtemp(prefix="dynvm-slurm-"))
-    base.chmod(0o755)  # the pool accounts reach their job scripts and outputs
-    cluster = SlurmCluster(base, name=CLUSTER)
-    common = {"SLURM_CONF": str(cluster.conf)}
-    ctld = {**common, "DYNVM_PYTHON": sys.executable, "DYNVM_PREFIX": "dynvm", "DYNVM_PROLOG_TIMEOUT": "240",
-            "DYNVM_HOOK_REDIS": f"redis://{HOOK_USER}:{password}@{host}:{port}/0"}
-    task = {**common, "DYNVM_PYTHON": "/usr/bin/python3", "PYTHONPATH": str(REPO),
-            "DYNVM_JOB_REDIS": f"redis://{host}:{port}/0"}
-    cluster.write_files(*install_hooks(base / "hooks", ctld, task), wrap_payload=True)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        if not os.environ.get("DYNVM_KEEP_SLURM"):
-            shutil.rmtree(base, ignore_errors=True)
-        r.execute_command("ACL", "DELUSER", HOOK_USER)  # type: ignore[no-untyped-call]
+    with trusted_hook_user(r) as hook_url:
+        yield from start_slurm(hook_url, server_url(r), wrap_payload=True, name=CLUSTER)
 
 
 def test_job_output_file_grows_while_the_job_runs_in_its_vm(qslurm: SlurmCluster, qfarm: QFarm) -> None:
