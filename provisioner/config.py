@@ -188,6 +188,10 @@ class HAConfig(Strict):
     # Test-only switch (tests/ha_qemu/test_fencing_layers.py: each fencing layer alone): false turns the
     # agents' quorum rule off, so an isolated host keeps its HA guests.  Never false in production.
     self_fence: bool = True
+    # Test-only switch (the storage-lease layer alone, same test): true makes each service's data disk raw
+    # with QEMU's share-rw=on, so QEMU's own image lock no longer refuses a second start and only the
+    # virtlockd lease can.  Production keeps it false: QEMU's image lock stays as a further layer.
+    share_rw_data_disks: bool = False
     peer_interval_s: float = Field(default=0.2, gt=0, le=60)  # UDP heartbeat to every peer this often
     peer_timeout_s: float = Field(default=1.0, gt=0, le=3600)  # a peer not heard for this long is lost
     peer_secret_file: Path | None = None  # shared secret: heartbeats carry an HMAC-SHA256

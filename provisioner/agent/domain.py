@@ -65,8 +65,12 @@ def instance_disks(rt: Runtime, inst: Instance, image: ResolvedImage) -> list[Di
         create_overlay(base, image.spec.disk.format.value, root_disk)
         disks.append(DiskSpec(path=str(root_disk), format="qcow2", target="vda"))
     if image.kind is ImageKind.SERVICE and rt.config.domain_type is not DomainType.TEST:
-        create_blank(data, SERVICE_DATA_DISK_MIB, "qcow2")
-        disks.append(DiskSpec(path=str(data), format="qcow2", target=f"vd{chr(ord('a') + len(disks))}"))
+        # ha.share_rw_data_disks (test-only): a raw data disk with share-rw=on, the virtlockd lease its only
+        # lock (the file keeps its overlay name, so removal and GC treat it alike).
+        fmt = "raw" if rt.config.ha.share_rw_data_disks else "qcow2"
+        create_blank(data, SERVICE_DATA_DISK_MIB, fmt)
+        disks.append(DiskSpec(path=str(data), format=fmt, target=f"vd{chr(ord('a') + len(disks))}",
+                              share_rw=rt.config.ha.share_rw_data_disks))
     return disks
 
 
