@@ -35,53 +35,75 @@ def host_queue(host: str) -> str:
     return f"host.{host}"
 
 
-@functools.cache
-def _sentinel_transport() -> type:
-    """kombu's Sentinel transport, with two fixes for errors Celery treats as unrecoverable (the worker or
-    agent exits) although they only mean "the master moved":
-    - when a failover drops the broker connection, Celery closes the channel, and restoring its
-      unacknowledged messages needs a new pool for a connection kombu has already released
-      (``AttributeError: 'NoneType' object has no attribute 'hostname'``);
+def _survivable(base: Any) -> Any:
+    """A kombu Redis channel class with two fixes for errors Celery treats as unrecoverable (the worker or
+    agent exits, with status 0) although they only mean "the broker went away" or "the master moved":
+    - when the broker connection drops (Redis killed or restarted, a failover), Celery closes the channel,
+      and restoring its unacknowledged messages needs a new pool for a connection kombu has already
+      released (``AttributeError: 'NoneType' object has no attribute 'hostname'``);
     - a demoted master answers its blocked BRPOP consumers with ``UNBLOCKED``.
-    Both become connection errors: Celery reconnects (to the new master), and unacknowledged messages come
-    back after the visibility timeout."""
+    Both become connection errors: Celery reconnects (to the restarted server, or the new master), and
+    unacknowledged messages come back after the visibility timeout."""
     import redis.exceptions
-    from kombu.transport.redis import SentinelChannel
-    from kombu.transport.redis import SentinelTransport as Base
 
-    class Channel(SentinelChannel):
+    class Channel(base):  # type: ignore[misc]
         def _connparams(self, asynchronous: bool = False) -> Any:
             if self.connection.client is None:
-                raise redis.exceptions.ConnectionError("broker connection already closed (failover)")
-            return super()._connparams(asynchronous)  # type: ignore[no-untyped-call]
+                raise redis.exceptions.ConnectionError("broker connection already closed")
+            return super()._connparams(asynchronous)
 
         def _brpop_read(self, **options: Any) -> Any:
             # A master demoted by a switchover unblocks its waiting consumers with an UNBLOCKED error,
             # which Celery would also take as unrecoverable: it is a lost connection (go find the master).
             try:
-                return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
+                return super()._brpop_read(**options)
             except redis.exceptions.ResponseError as err:
                 if str(err).startswith("UNBLOCKED"):
                     self.client.connection.disconnect()  # as kombu does for a connection error
                     raise redis.exceptions.ConnectionError(str(err)) from None
                 raise
 
+    return Channel
+
+
+@functools.cache
+def _sentinel_transport() -> type:
+    """kombu's Sentinel transport with the survivable channel (see ``_survivable``)."""
+    from kombu.transport.redis import SentinelChannel
+    from kombu.transport.redis import SentinelTransport as Base
+
     class SentinelTransport(Base):
         pass
 
-    SentinelTransport.Channel = Channel
+    SentinelTransport.Channel = _survivable(SentinelChannel)
     return SentinelTransport
+
+
+@functools.cache
+def _redis_transport() -> type:
+    """kombu's Redis transport with the survivable channel: without it, an agent with a task in flight when
+    Redis was killed exited (status 0) on the reconnect, and nothing re-drove its booting record (issue 7)."""
+    from kombu.transport.redis import Channel as RedisChannel
+    from kombu.transport.redis import Transport as Base
+
+    class RedisTransport(Base):
+        pass
+
+    RedisTransport.Channel = _survivable(RedisChannel)
+    return RedisTransport
 
 
 def __getattr__(name: str) -> Any:
     # Resolved by kombu from the name in ``broker_transport`` (kombu imported only by those who send).
     if name == "SentinelTransport":
         return _sentinel_transport()
+    if name == "RedisTransport":
+        return _redis_transport()
     raise AttributeError(name)
 
 
 def make_app(config: Config, name: str = "dynvm") -> Celery:
-    from provisioner.redisurl import broker_settings
+    from provisioner.redisurl import broker_settings, scheme_of
 
     # A sentinel:// configuration becomes kombu's Sentinel transport (sentinels + master_name), so the
     # broker follows a Redis failover exactly as the state store does.
@@ -89,6 +111,8 @@ def make_app(config: Config, name: str = "dynvm") -> Celery:
     app = Celery(name, broker=broker, set_as_current=False)
     if sentinel_options:
         app.conf.broker_transport = "provisioner.messaging:SentinelTransport"
+    elif scheme_of(config.redis_url) == "redis":  # (rediss: kombu's own, which turns TLS on by its scheme)
+        app.conf.broker_transport = "provisioner.messaging:RedisTransport"
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
