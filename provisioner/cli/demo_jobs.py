@@ -285,7 +285,7 @@ def play_slurm(rt: Runtime, farm_dir: Any, say: Say, vos: tuple[str, ...], per_v
     """Start the farm's private Slurm, fill a warm pool, submit ``per_vo`` jobs per VO, follow them.
     Returns (runs, cold, warm) with (who, seconds from sbatch to the job's VM handed over)."""
     from batch_hooks.demand import SlurmSource
-    from provisioner.farm.slurm import POOL_ACCOUNTS, ensure_pool_accounts, start_farm_slurm
+    from provisioner.farm.slurm_demo import POOL_ACCOUNTS, ensure_pool_accounts, start_farm_slurm
 
     t0 = time.monotonic()
     cluster = start_farm_slurm(farm_dir, rt.config.redis_url, rt.store.r, rt.store.keys.prefix,
@@ -332,7 +332,7 @@ def play_hook_pair(rt: Runtime, say: Say, timeout_s: float) -> dict[str, Any] | 
     from batch_hooks.proto import call
     from batch_hooks.resp import LightRedis
     from provisioner.control.client import ENDED, wait
-    from provisioner.farm.slurm import POOL_ACCOUNTS, ensure_pool_accounts
+    from provisioner.farm.slurm_demo import POOL_ACCOUNTS, ensure_pool_accounts
 
     user = POOL_ACCOUNTS[WARM_VO]
     try:

@@ -294,7 +294,7 @@ def farm_down(layout: FarmLayout, timeout_s: float = 60.0) -> bool:
     Only processes proven to be the farm's (pid + identity recorded at start) are signalled; a stale
     farm.json (reboot, pid reuse) stops nothing that is not ours.  Returns once they are all gone.
     """
-    from provisioner.farm.slurm import stop_farm_slurm
+    from provisioner.farm.slurm_demo import stop_farm_slurm
 
     stop_farm_slurm(layout.base)  # `dynvm demo`'s private Slurm (recorded pids) before what its hooks call
     st = layout.read_state()

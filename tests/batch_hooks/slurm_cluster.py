@@ -13,6 +13,7 @@ from typing import Any
 
 from provisioner.errors import DeadlineExceeded
 from provisioner.farm import slurm as product
+from provisioner.farm import slurm_demo
 from provisioner.farm.slurm import (
     SlurmCluster,
     free_ports,
@@ -23,7 +24,7 @@ from provisioner.farm.slurm import (
 __all__ = ["NODES", "POOL", "REPO", "SlurmCluster", "ensure_pool_accounts", "free_port", "free_ports",
            "install_hooks", "parse_show_job", "wait_for"]
 
-POOL = {**product.POOL_ACCOUNTS, "alice": "alice001"}  # alice: no VO maps its group
+POOL = {**slurm_demo.POOL_ACCOUNTS, "alice": "alice001"}  # alice: no VO maps its group
 NODES = SlurmCluster.__dataclass_fields__["nodes"].default
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def free_port() -> int:
 
 def ensure_pool_accounts() -> dict[str, int]:
     """Pool accounts cms001/atlas001/lhcb001 (+ alice001: no VO maps its group) and groups; idempotent."""
-    return product.ensure_pool_accounts(POOL)
+    return slurm_demo.ensure_pool_accounts(POOL)
 
 
 def wait_for(cond: Any, timeout: float, what: str) -> Any:

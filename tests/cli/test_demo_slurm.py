@@ -19,7 +19,8 @@ import pytest
 from provisioner.cli.demo_jobs import prolog_spans, side_by_side, slurm_unavailable
 from provisioner.farm.layout import FarmLayout
 from provisioner.farm.qemu.procs import pid_alive
-from provisioner.farm.slurm import STATE_FILE, missing_programs, recorded, steps_of
+from provisioner.farm.slurm import missing_programs, steps_of
+from provisioner.farm.slurm_demo import STATE_FILE, recorded
 from provisioner.state.store import StateStore
 
 pytestmark = [pytest.mark.redis, pytest.mark.libvirt, pytest.mark.slow]
@@ -182,7 +183,7 @@ def test_side_by_side_line() -> None:
 
 def test_farm_slurm_stop_signals_only_recorded_processes_that_are_still_themselves(tmp_path: Path) -> None:
     from provisioner.farm.qemu.procs import identity
-    from provisioner.farm.slurm import stop_farm_slurm
+    from provisioner.farm.slurm_demo import stop_farm_slurm
 
     mine = subprocess.Popen(["sleep", "60"])
     keep = tmp_path / "elsewhere"  # not the record's to remove: neither <farm>/slurm nor a dynvm-slurm- temp
