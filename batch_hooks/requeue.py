@@ -126,11 +126,13 @@ def sweep(rt: Runtime, requeuers: Mapping[str, Requeuer], rep: SweepReport | Non
             continue  # another sweeper took it
         try:
             requeuer.requeue(job.cluster, job.job_id)
-        except Exception as err:
+        except Exception as err:  # any failure (a batch client's, ours): the job must be tried again
             # Give the mark back: a requeue that did not happen must be tried again, or the job is lost.
-            # The other jobs still get theirs in this pass (one bad schedd holds nobody else up); the
-            # first failure is raised at the end, for the loop's record.
+            # The other jobs still get theirs in this pass (one bad schedd holds nobody else up); each
+            # failure is logged, the first is raised at the end, for the loop's record.
             rt.store.r.hdel(jobvm_key(prefix, job.job_key), "requeued")
+            log.warning("requeue of %s job %s:%s failed (tried again next pass): %s: %s", job.batch,
+                        job.cluster, job.job_id, type(err).__name__, err)
             failed = failed or err
             continue
         rt.store.add_event("job_requeued", instance=job.instance,

@@ -11,6 +11,7 @@ Neutral module: imported by the state store, so it imports nothing of dynvm.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -81,8 +82,9 @@ def event(
             if k not in fields and v not in (None, ""):
                 fields[k] = _clip(v)
         log.log(level_of(kind), _clip(message), extra={"dynvm": fields})
-    except Exception:  # logging must never fail an operation
-        pass
+    except Exception:  # logging must never fail an operation; the line is lost, but not silently
+        with contextlib.suppress(Exception):
+            log.exception("operation log: cannot log a %s event", _clip(kind))
 
 
 class TextFormatter(logging.Formatter):

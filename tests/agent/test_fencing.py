@@ -83,9 +83,11 @@ class PrivateRedis:
 
 
 def _ping(r: object) -> bool:
+    import redis
+
     try:
         return bool(r.ping())  # type: ignore[attr-defined]
-    except Exception:
+    except redis.RedisError:  # not listening yet, or still loading
         return False
 
 

@@ -11,7 +11,7 @@ import secrets
 import pytest
 
 from batch_hooks.context import JobContext, job_key
-from batch_hooks.proto import call, hooks_key, jobvm_key, reply_key
+from batch_hooks.proto import call, hooks_key, jobvm_key, jobvms_key, reply_key
 from batch_hooks.resp import LightRedis, RedisReplyError
 from provisioner.control.client import ENDED, wait
 from provisioner.errors import DeadlineExceeded, IdentityError, UnknownVOError, ValidationError
@@ -165,7 +165,6 @@ def test_wnodes_a_job_on_a_dynvm_host_gets_its_vm_there_sized_from_its_request(f
 
 
 def test_the_sweep_forgets_jobs_whose_vm_went_without_an_epilog(farm: Farm, hook_url: str) -> None:
-    from batch_hooks.proto import jobvms_key
     from batch_hooks.requeue import sweep
     from provisioner.control.client import release
 
@@ -208,7 +207,7 @@ def test_a_requeue_that_failed_is_tried_again_never_lost(farm: Farm, hook_url: s
 def test_one_failing_requeue_holds_no_other_job_up(farm: Farm, hook_url: str) -> None:
     """A schedd/slurmctld refusing one job's requeue: the others of the same pass are requeued; the failure
     is still raised (the loop records it) and that job keeps no mark, so it is tried again."""
-    from batch_hooks.requeue import jobvm_key, jobvms_key, sweep
+    from batch_hooks.requeue import sweep
 
     class RefusesOne:
         def __init__(self) -> None:
@@ -234,6 +233,39 @@ def test_one_failing_requeue_holds_no_other_job_up(farm: Farm, hook_url: str) ->
         with pytest.raises(RuntimeError, match="Invalid job id"):
             sweep(farm.rt, {"slurm": req})  # 8080 again (no mark kept), 8081 not again (requeued once)
         assert sorted(req.calls) == ["8080", "8080", "8081"]
+    finally:  # these jobs exist in no Slurm: the farm is shared, so no later sweep may meet them
+        prefix = farm.rt.store.keys.prefix
+        for key in keys.values():
+            farm.rt.store.r.delete(jobvm_key(prefix, key))
+            farm.rt.store.r.srem(jobvms_key(prefix), key)
+
+
+def test_each_failed_requeue_of_a_pass_is_logged(farm: Farm, hook_url: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Only the first failure of a pass is raised (for the loop's record): the others are logged, not lost."""
+    import logging
+
+    from batch_hooks.requeue import sweep
+
+    class RefusesAll:
+        def requeue(self, cluster: str, job_id: str) -> None:
+            raise RuntimeError(f"Invalid job id specified: {job_id}")
+
+    keys = {}
+    with LightRedis(hook_url) as r:
+        for job in ("9190", "9191"):
+            ctx = ctx_for("cms001", job)
+            vm = call(r, "dynvm", "prolog", ctx, 60)
+            farm.rt.store.transition(vm["instance"], InstanceState.LOST, reason="test: VM lost under its job")
+            keys[job] = ctx.key
+    caplog.set_level(logging.WARNING, logger="dynvm.hooks.requeue")
+    try:
+        with pytest.raises(RuntimeError, match="Invalid job id"):
+            sweep(farm.rt, {"slurm": RefusesAll()})
+        logged = [r.getMessage() for r in caplog.records if r.name == "dynvm.hooks.requeue"]
+        for job in keys:
+            assert any(f":{job} failed" in m and f"RuntimeError: Invalid job id specified: {job}" in m
+                       for m in logged), logged
     finally:  # these jobs exist in no Slurm: the farm is shared, so no later sweep may meet them
         prefix = farm.rt.store.keys.prefix
         for key in keys.values():

@@ -64,6 +64,16 @@ def test_json_line_and_failure_level() -> None:
     assert _record("orphan_destroyed", "domain d had no live record").levelno == logging.WARNING
 
 
+def test_an_event_that_cannot_be_logged_is_reported_not_raised_nor_dropped_silently() -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    rec = _record("ready", "x", extra={"bad": Unprintable()})  # the one record: the failure, not the line
+    assert rec.levelno == logging.ERROR and rec.getMessage() == "operation log: cannot log a ready event"
+    assert rec.exc_info is not None and isinstance(rec.exc_info[1], RuntimeError)
+
+
 def test_a_cli_process_prints_no_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
     """No handler configured (a CLI command): an ERROR operation must not reach stderr by the last resort."""
     oplog.event("failed", "boom", instance="x")
