@@ -4,9 +4,12 @@ nothing but their own job."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pwd
 import secrets
+from collections.abc import Iterator
 
 import pytest
 
@@ -204,6 +207,27 @@ def test_a_requeue_that_failed_is_tried_again_never_lost(farm: Farm, hook_url: s
     assert flaky.calls == ["7070", "7070"]
 
 
+@contextlib.contextmanager
+def jobs_with_lost_vms(farm: Farm, hook_url: str, *jobs: str) -> Iterator[dict[str, str]]:
+    """Slurm jobs (job id -> job key) whose VMs were lost under them; forgotten on the way out: they exist in
+    no Slurm and the farm is shared, so no later sweep may meet them."""
+    keys: dict[str, str] = {}
+    try:
+        with LightRedis(hook_url) as r:
+            for job in jobs:
+                ctx = ctx_for("cms001", job)
+                vm = call(r, "dynvm", "prolog", ctx, 60)
+                keys[job] = ctx.key
+                lost = "test: VM lost under its job"
+                farm.rt.store.transition(vm["instance"], InstanceState.LOST, reason=lost)
+        yield keys
+    finally:
+        prefix = farm.rt.store.keys.prefix
+        for key in keys.values():
+            farm.rt.store.r.delete(jobvm_key(prefix, key))
+            farm.rt.store.r.srem(jobvms_key(prefix), key)
+
+
 def test_one_failing_requeue_holds_no_other_job_up(farm: Farm, hook_url: str) -> None:
     """A schedd/slurmctld refusing one job's requeue: the others of the same pass are requeued; the failure
     is still raised (the loop records it) and that job keeps no mark, so it is tried again."""
@@ -218,56 +242,30 @@ def test_one_failing_requeue_holds_no_other_job_up(farm: Farm, hook_url: str) ->
             if job_id == "8080":
                 raise RuntimeError("Invalid job id specified")
 
-    keys = {}
-    with LightRedis(hook_url) as r:
-        for job in ("8080", "8081"):
-            ctx = ctx_for("cms001", job)
-            vm = call(r, "dynvm", "prolog", ctx, 60)
-            farm.rt.store.transition(vm["instance"], InstanceState.LOST, reason="test: VM lost under its job")
-            keys[job] = ctx.key
     req = RefusesOne()
-    try:
+    with jobs_with_lost_vms(farm, hook_url, "8080", "8081"):
         with pytest.raises(RuntimeError, match="Invalid job id"):
             sweep(farm.rt, {"slurm": req})
         assert sorted(req.calls) == ["8080", "8081"]  # 8081 was not held up behind 8080
         with pytest.raises(RuntimeError, match="Invalid job id"):
             sweep(farm.rt, {"slurm": req})  # 8080 again (no mark kept), 8081 not again (requeued once)
         assert sorted(req.calls) == ["8080", "8080", "8081"]
-    finally:  # these jobs exist in no Slurm: the farm is shared, so no later sweep may meet them
-        prefix = farm.rt.store.keys.prefix
-        for key in keys.values():
-            farm.rt.store.r.delete(jobvm_key(prefix, key))
-            farm.rt.store.r.srem(jobvms_key(prefix), key)
 
 
 def test_each_failed_requeue_of_a_pass_is_logged(farm: Farm, hook_url: str,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Only the first failure of a pass is raised (for the loop's record): the others are logged, not lost."""
-    import logging
-
     from batch_hooks.requeue import sweep
 
     class RefusesAll:
         def requeue(self, cluster: str, job_id: str) -> None:
             raise RuntimeError(f"Invalid job id specified: {job_id}")
 
-    keys = {}
-    with LightRedis(hook_url) as r:
-        for job in ("9190", "9191"):
-            ctx = ctx_for("cms001", job)
-            vm = call(r, "dynvm", "prolog", ctx, 60)
-            farm.rt.store.transition(vm["instance"], InstanceState.LOST, reason="test: VM lost under its job")
-            keys[job] = ctx.key
     caplog.set_level(logging.WARNING, logger="dynvm.hooks.requeue")
-    try:
+    with jobs_with_lost_vms(farm, hook_url, "9190", "9191") as keys:
         with pytest.raises(RuntimeError, match="Invalid job id"):
             sweep(farm.rt, {"slurm": RefusesAll()})
         logged = [r.getMessage() for r in caplog.records if r.name == "dynvm.hooks.requeue"]
         for job in keys:
             assert any(f":{job} failed" in m and f"RuntimeError: Invalid job id specified: {job}" in m
                        for m in logged), logged
-    finally:  # these jobs exist in no Slurm: the farm is shared, so no later sweep may meet them
-        prefix = farm.rt.store.keys.prefix
-        for key in keys.values():
-            farm.rt.store.r.delete(jobvm_key(prefix, key))
-            farm.rt.store.r.srem(jobvms_key(prefix), key)
