@@ -77,7 +77,8 @@ def rejoin(rt: Runtime, host: str) -> None:
 def settle(rt: Runtime, recs: RecoveryStore, host: str, timeout_s: float = 180) -> None:
     """Before the next trial: the host is up with its lease and its recovery closed, and stays so for two
     detection periods (seen: a host rejoined right after its revival declared dead again a moment later,
-    and the next trial's set-up found it fenced)."""
+    and the next trial's set-up found it fenced; cause fixed in dd1570f — the leader judged the rejoined host
+    on its renewal from before its death — this wait stays as a safety net)."""
     dc = rt.config.detection_classes[rt.config.host(host).detection_class]  # type: ignore[union-attr]
     window = 2 * dc.dead_after_s * dc.samples
     deadline = time.monotonic() + timeout_s
