@@ -212,6 +212,7 @@ class Diff:
     redrive: list[str] = field(default_factory=list)  # instance ids to boot again
     replanned: list[str] = field(default_factory=list)  # changed between reads, or under the action
     claims_released: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # instance ids whose action raised (not one of ours)
 
 
 def diff(
@@ -271,12 +272,32 @@ def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
     for d in decisions:
         if d.action is Action.KEEP:
             continue
-        if apply(rt, d):
+        try:
+            done = apply(rt, d)
+        except Exception as err:  # a bug or a library's own error: the other instances still get this pass
+            log.exception("reconcile %s: %s of %s raised", rt.host, d.action.value, d.observation.instance_id)
+            out.failed.append(d.observation.instance_id)
+            _report_failure(rt, d, err)
+            continue
+        if done:
             _note(out, d)
         else:
             out.replanned.append(d.observation.instance_id)
     out.claims_released = release_stale_claims(rt)
     return out
+
+
+def _report_failure(rt: Runtime, d: Decision, err: Exception) -> None:
+    """An event for operators (Redis may be what is failing: then the log line is all there is)."""
+    try:
+        rt.store.add_event(
+            "reconcile_error",
+            f"{d.action.value}: {type(err).__name__}: {err}"[:300],
+            instance=d.observation.instance_id,
+            host=rt.host,
+        )
+    except Exception as again:  # reporting must not end the pass
+        log.warning("reconcile %s: cannot record the failure: %s", rt.host, again)
 
 
 def apply(rt: Runtime, d: Decision) -> bool:
