@@ -363,6 +363,11 @@ class LibvirtHost:
 
         return self._call(f"get state of domain {name!r}", op)
 
+    def running_names(self) -> set[str]:
+        """Names of the domains libvirt reports *running* (one call, however many domains: for pollers)."""
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING
+        return self._call("list running domains", lambda conn: {d.name() for d in conn.listAllDomains(flags)})
+
     def list_domains(self) -> list[DomainInfo]:
         def op(conn: Any) -> list[DomainInfo]:
             out: list[DomainInfo] = []

@@ -112,6 +112,19 @@ def test_shutdown_stops_a_running_domain(host: LibvirtHost) -> None:
     host.undefine(name)
 
 
+def test_running_names_lists_only_running_domains(host: LibvirtHost) -> None:
+    up, down = fresh_name(), fresh_name()
+    host.define_and_start(up, build_domain_xml(spec(up)))
+    host.define_and_start(down, build_domain_xml(spec(down)))
+    host.destroy(down)
+    names = host.running_names()
+    assert up in names and down not in names
+    host.destroy(up)
+    assert up not in host.running_names()
+    for n in (up, down):
+        host.undefine(n)
+
+
 def test_operations_on_missing_domain_are_no_ops(host: LibvirtHost) -> None:
     host.destroy("never-defined")
     host.shutdown("never-defined")
