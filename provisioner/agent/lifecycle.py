@@ -18,6 +18,7 @@ from provisioner.breaker import record_boot
 from provisioner.errors import ConflictError, DynvmError, InvalidTransition, NotFoundError, PermanentError
 from provisioner.model import Instance, InstanceState, Role
 from provisioner.runtime import Runtime, resolve_image
+from provisioner.state.events import NewEvent
 
 log = logging.getLogger(__name__)
 BOOTABLE = (InstanceState.PLACED, InstanceState.BOOTING)
@@ -68,7 +69,10 @@ def _start_booting(rt: Runtime, instance_id: str, expected_epoch: int | None) ->
     (a re-driven boot of a booting record, a conflict) reads the record and decides on what it read."""
     try:
         return rt.store.transition(
-            instance_id, InstanceState.BOOTING, InstanceState.PLACED, expected_host=rt.host,
+            instance_id,
+            InstanceState.BOOTING,
+            InstanceState.PLACED,
+            expected_host=rt.host,
             expected_epoch=expected_epoch,
         )
     except (ConflictError, NotFoundError):
@@ -125,22 +129,22 @@ def _boot(rt: Runtime, inst: Instance) -> None:
     )
     _fault_hold(rt, inst)
     wait_ready(rt, inst, image)
+    ms = (time.monotonic() - started) * 1000
+    # The event and the waiters' wake-up are written by the transition itself (one step, one round trip).
+    ready = NewEvent(
+        "ready",
+        f"{inst.image} ready in {ms:.0f} ms",
+        host=rt.host,
+        vo=inst.vo,
+        duration_s=ms / 1000,
+        notify=True,
+        extra={"libvirt_ms": f"{libvirt_ms:.3f}"},
+    )
     try:
-        rt.store.transition_from(inst, InstanceState.READY)
+        rt.store.transition_from(inst, InstanceState.READY, event=ready)
     except ConflictError:
         # Released (or re-placed) while booting: the record's new owner deals with the domain.
         return
-    ms = (time.monotonic() - started) * 1000
-    rt.store.add_event(
-        "ready",
-        instance=inst.id,
-        host=rt.host,
-        message=f"{inst.image} ready in {ms:.0f} ms",
-        vo=inst.vo,
-        duration_s=ms / 1000,
-        libvirt_ms=f"{libvirt_ms:.3f}",
-        notify=True,
-    )
     record_boot(rt, inst, ok=True)  # closes the image's breaker if open (issue 9); after the waiter woke
 
 

@@ -17,6 +17,7 @@ from provisioner.errors import (
 )
 from provisioner.model import Instance, InstanceState, Role, Tier
 from provisioner.runtime import Runtime
+from provisioner.state.events import NewEvent
 from provisioner.state.instances import GateNotClosed
 
 SETTLED = frozenset({InstanceState.READY, InstanceState.FAILED, InstanceState.GONE, InstanceState.LOST})
@@ -117,19 +118,20 @@ def submit(
     # (which may let a half-open probe through, or refuse with CircuitOpenError), then the create again.
     # An idempotent hit (the job's own VM already exists) is never refused.
     gate = breaker_gate(rt, image.ref) if role is Role.WORKER else None
+    # The "requested" event is written by the create script itself, only when it creates the record.
+    ev = NewEvent("requested", f"{image.ref} for {vo or service or '-'}")
     try:
-        inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key, gate=gate)
+        inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key, gate=gate, event=ev)
     except GateNotClosed:
         with redis_unavailable(rt):  # it reads Redis directly: a Redis outage is one line, not a traceback
             check_admission(rt, image.ref)
-        inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key)
+        inst, created = rt.store.create_instance(inst, idempotency_key=idempotency_key, event=ev)
     # The record is the outbox: it is written first, and a request whose message did not go out (broker
     # down here, or lost later) is sent again by the control workers' sweeper (control/sweeper.py).  A
     # send that fails here is still the caller's error (UnavailableError, one line): a caller retrying with
     # its key gets this record back; and Redis may lose an acknowledged write in a crash or failover, so
     # "recorded" is not promised before the send went through.
     if created:
-        rt.store.add_event("requested", f"{image.ref} for {vo or service or '-'}", instance=inst.id)
         send_provision(rt, inst.id)
     elif inst.state is InstanceState.REQUESTED and rt.store.picked_at([inst.id]).get(inst.id) is None:
         send_provision(rt, inst.id)  # a retry of a request whose message may never have left: send again

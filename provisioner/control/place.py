@@ -16,6 +16,7 @@ from provisioner.messaging import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
 from provisioner.model import Instance, InstanceState, Tier
 from provisioner.oplog import since
 from provisioner.runtime import Runtime, try_claim
+from provisioner.state.events import NewEvent
 
 log = logging.getLogger(__name__)
 CLAIM_ATTEMPTS = 4
@@ -109,16 +110,14 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
         raise NoCapacityError(f"{inst.id}: {_REFUSED.get(refused, refused)} at commit")
     try:
         # Compare-and-set on the record this placement was planned from (state, host, epoch); a new epoch.
-        rt.store.transition_from(inst, InstanceState.PLACED, bump_epoch=True, host=host)
+        placed = NewEvent("placed", f"{inst.image} on {host}", host=host, vo=inst.vo, duration_s=since(inst))
+        rt.store.transition_from(inst, InstanceState.PLACED, bump_epoch=True, host=host, event=placed)
     except ConflictError:
         # A concurrent delivery placed it first; give our claim back unless it landed on the same host.
         winner = rt.store.get_instance(inst.id)
         if winner is None or winner.host != host:
             rt.store.release_claim(host, inst.id)
         return winner.host if winner is not None else None
-    rt.store.add_event(
-        "placed", f"{inst.image} on {host}", instance=inst.id, host=host, vo=inst.vo, duration_s=since(inst)
-    )
     _fault_hold(rt, inst.id, host)
     priority = PRIORITY_HA if inst.tier in (Tier.CRITICAL, Tier.HIGH) else PRIORITY_DEFAULT
     from provisioner.messaging import BOOT

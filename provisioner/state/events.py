@@ -37,6 +37,67 @@ class Event:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event written by a state-changing script in the same atomic step as the change it reports
+    (``transition(..., event=...)``, ``create_instance(..., event=...)``): no round trip of its own, never
+    recorded for a change that was refused, never lost between the change and the append.  ``notify``
+    also wakes the instance's waiters in that step.  Its instance is the record's."""
+
+    kind: str
+    message: str = ""
+    host: str | None = None
+    vo: str | None = None
+    duration_s: float | None = None
+    notify: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def event_fields(
+    kind: str,
+    message: str,
+    instance: str | None,
+    host: str | None,
+    vo: str | None,
+    duration_s: float | None,
+    extra: dict[str, Any],
+) -> dict[str, str]:
+    """The stream entry of an event, as add_event and the scripts write it."""
+    fields: dict[str, str] = {"ts": _now_iso(), "kind": kind, "message": message[:MAX_MESSAGE]}
+    if instance:
+        fields["instance"] = instance
+    if host:
+        fields["host"] = host
+    if vo:
+        fields["vo"] = vo
+    if duration_s is not None:
+        fields["duration_ms"] = str(round(duration_s * 1000))
+    fields.update({k: str(v)[:MAX_MESSAGE] for k, v in extra.items() if k not in _CORE})
+    return fields
+
+
+def script_event_args(ev: NewEvent | None, instance: str) -> tuple[int, list[str]]:
+    """(number of field pairs, flat pairs) of ``ev`` for a script (lib.lua emit_event); (0, []) for none."""
+    if ev is None:
+        return 0, []
+    f = event_fields(ev.kind, ev.message, instance, ev.host, ev.vo, ev.duration_s, ev.extra)
+    return len(f), [x for kv in f.items() for x in kv]
+
+
+def log_event(ev: NewEvent | None, instance: str) -> None:
+    """The event's log line (:mod:`provisioner.oplog`), once the script has written it."""
+    if ev is not None:
+        oplog.event(
+            ev.kind,
+            ev.message,
+            instance=instance,
+            host=ev.host,
+            vo=ev.vo,
+            duration_s=ev.duration_s,
+            extra=ev.extra,
+        )
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -72,16 +133,7 @@ class EventsMixin(StoreBase):
         ``notify``: then wake the instance's waiters (notify()), in the same round trip: a waiter that
         wakes finds the event already there."""
         oplog.event(kind, message, instance=instance, host=host, vo=vo, duration_s=duration_s, extra=extra)
-        fields: dict[str, str] = {"ts": _now_iso(), "kind": kind, "message": message[:MAX_MESSAGE]}
-        if instance:
-            fields["instance"] = instance
-        if host:
-            fields["host"] = host
-        if vo:
-            fields["vo"] = vo
-        if duration_s is not None:
-            fields["duration_ms"] = str(round(duration_s * 1000))
-        fields.update({k: str(v)[:MAX_MESSAGE] for k, v in extra.items() if k not in _CORE})
+        fields = event_fields(kind, message, instance, host, vo, duration_s, extra)
         pipe = self.r.pipeline(transaction=False)
         pipe.xadd(self.keys.events, cast(Any, fields), maxlen=self.events_maxlen, approximate=True)
         if notify and instance:

@@ -16,6 +16,7 @@ from provisioner.errors import ConflictError, InvalidTransition, NotFoundError
 from provisioner.model import CLAIMING_STATES, TRANSITIONS, Instance, InstanceState, Role
 from provisioner.state.base import StoreBase, as_str_dict, guarded, pairs_to_dict
 from provisioner.state.codec import instance_from_fields, instance_to_fields, update_fields
+from provisioner.state.events import NewEvent, log_event, script_event_args
 from provisioner.state.keys import check_id
 
 # For each target state, the states it may be entered from (the Lua script checks membership).
@@ -66,12 +67,17 @@ def _conflict_message(
 class InstancesMixin(StoreBase):
     @guarded
     def create_instance(
-        self, inst: Instance, idempotency_key: str | None = None, gate: str | None = None
+        self,
+        inst: Instance,
+        idempotency_key: str | None = None,
+        gate: str | None = None,
+        event: NewEvent | None = None,
     ) -> tuple[Instance, bool]:
         """Store a new instance; with a key, a repeated call returns the first instance and False.
 
         ``gate``: a circuit-breaker hash key checked in the same script (no extra round trip on the common,
         closed path); when that breaker is not closed nothing is written and GateNotClosed is raised.
+        ``event``: appended in the same step when (and only when) the record is created.
         Raises ConflictError if the id is taken by a different request.
         """
         idem = self.keys.idem(idempotency_key) if idempotency_key is not None else ""
@@ -87,7 +93,16 @@ class InstancesMixin(StoreBase):
             created=inst.created or now,
             updated=now,
         )
-        args: list[Any] = [inst.id, inst.state.value, inst.role.value, inst.host or ""]
+        n_ev, ev_args = script_event_args(event, inst.id)
+        args: list[Any] = [
+            inst.id,
+            inst.state.value,
+            inst.role.value,
+            inst.host or "",
+            n_ev,
+            self.events_maxlen,
+        ]
+        args += ev_args
         for k, v in instance_to_fields(inst).items():
             args += [k, v]
         code, iid = cast(list[Any], self._run("create_instance", keys, args))
@@ -96,6 +111,7 @@ class InstancesMixin(StoreBase):
         if int(code) == -2:
             raise GateNotClosed(str(iid))
         if int(code) == 1:
+            log_event(event, inst.id)
             return inst, True
         existing = self.get_instance(str(iid))
         if existing is None:  # deleted between the script and this read
@@ -186,6 +202,7 @@ class InstancesMixin(StoreBase):
         expected_epoch: int | None = None,
         bump_epoch: bool = False,
         release_on: str | None = None,
+        event: NewEvent | None = None,
         **fields: Any,
     ) -> Instance:
         """Move an instance to ``new_state`` atomically, setting ``fields`` (None deletes a field).
@@ -199,13 +216,16 @@ class InstancesMixin(StoreBase):
         forbids it, NotFoundError if unknown.  The placement epoch goes up by one when the host changes or
         ``bump_epoch`` is set (a placement).  Entering a state outside CLAIMING_STATES releases the
         instance's capacity claim in the same step; ``release_on`` gives back its claim on that host in the
-        same step too (a migration landing frees its source).
+        same step too (a migration landing frees its source).  ``event`` is appended (and its waiters
+        woken) in the same step, only if the transition happens.
         """
         fields.setdefault("updated", time.time())
         if release_on is not None:
             check_id(release_on, "host name")
         exp = _Expect(expected, expected_host, expected_epoch)
-        return self._update(instance_id, new_state, exp, fields, bump_epoch, release_on=release_on or "")
+        return self._update(
+            instance_id, new_state, exp, fields, bump_epoch, release_on=release_on or "", event=event
+        )
 
     def transition_from(
         self,
@@ -214,6 +234,7 @@ class InstancesMixin(StoreBase):
         *,
         bump_epoch: bool = False,
         release_on: str | None = None,
+        event: NewEvent | None = None,
         **fields: Any,
     ) -> Instance:
         """``transition`` expecting exactly the state, host and epoch of ``read`` (the record the caller
@@ -226,6 +247,7 @@ class InstancesMixin(StoreBase):
             expected_epoch=read.epoch,
             bump_epoch=bump_epoch,
             release_on=release_on,
+            event=event,
             **fields,
         )
 
@@ -253,8 +275,10 @@ class InstancesMixin(StoreBase):
         fields: dict[str, Any],
         bump_epoch: bool,
         release_on: str = "",
+        event: NewEvent | None = None,
     ) -> Instance:
         to_set, to_del = update_fields(instance_id, fields)
+        n_ev, ev_args = script_event_args(event, instance_id)
         if isinstance(exp.host, str):
             check_id(exp.host, "host name")
         args: list[Any] = [
@@ -268,9 +292,13 @@ class InstancesMixin(StoreBase):
             _CLAIMING_CSV,
             release_on,
             len(to_set),
+            n_ev,
+            self.events_maxlen,
+            "1" if event is not None and event.notify else "0",
         ]
         for k, v in to_set.items():
             args += [k, v]
+        args += ev_args
         args += to_del
         out = cast(list[str], self._run("update_instance", [self.keys.inst(instance_id)], args))
         status, cur_state, cur_host, cur_epoch = out[0], out[1], out[2] or None, int(out[3] or 0)
@@ -282,6 +310,7 @@ class InstancesMixin(StoreBase):
         if status == "invalid":
             assert new_state is not None
             raise InvalidTransition(f"instance {instance_id} cannot go from {cur_state} to {new_state.value}")
+        log_event(event, instance_id)
         return instance_from_fields(pairs_to_dict(out[4:]))
 
     @guarded

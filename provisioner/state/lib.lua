@@ -98,3 +98,19 @@ local function add_claim(prefix, host, id, v, m, vo, group)
   if vo ~= '' then vo_join(prefix, vo, id, v) end
   if group ~= '' then aa_join(prefix, host, group, id) end
 end
+
+-- Append an event (n field/value pairs at ARGV[first ..]) to the event stream, capped near maxlen, and
+-- when notify == '1' wake the instance's waiters: what EventsMixin.add_event(notify=True) does from
+-- Python, here in the same atomic step as the state change it reports (no round trip of its own, and
+-- never an event for a change that was refused).
+local function emit_event(prefix, id, n, maxlen, notify, first)
+  if n > 0 then
+    redis.call('XADD', prefix .. ':events', 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, first + 2 * n - 1))
+  end
+  if notify == '1' then
+    local k = prefix .. ':notify:' .. id
+    redis.call('LPUSH', k, '1')
+    redis.call('LTRIM', k, 0, 0)
+    redis.call('PEXPIRE', k, 60000)
+  end
+end

@@ -4,7 +4,9 @@
 --       record has no host, else that host), expected_epoch ('' = any), bump ('1' = a new placement:
 --       increment the epoch even if the host stays), allowed_from (csv of states from which new_state may
 --       be entered), claiming (csv of states that hold a claim), release_on ('' or a host whose claim for
---       this instance is given back, as part of the same compare-and-set), n_set, set pairs..., del fields...
+--       this instance is given back, as part of the same compare-and-set), n_set, n_event, events maxlen,
+--       notify ('1' = wake the instance's waiters), set pairs..., event pairs..., del fields...
+-- On success the event (if n_event > 0) is appended and the waiters woken in the same step (lib.lua).
 -- Returns {status, state, host, epoch, field, value, ...} with status ok | missing | conflict | invalid;
 -- on conflict/invalid the record's current state, host and epoch (what the caller's read missed).
 local prefix, id, new = ARGV[1], ARGV[2], ARGV[3]
@@ -21,9 +23,11 @@ end
 if new ~= '' and new ~= cur and not set_of(ARGV[8])[cur] then
   return {'invalid', cur, old_host or '', epoch}
 end
-local n_set = tonumber(ARGV[11])
-if n_set > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 12, 11 + 2 * n_set)) end
-if #ARGV > 11 + 2 * n_set then redis.call('HDEL', KEYS[1], unpack(ARGV, 12 + 2 * n_set)) end
+local n_set, n_ev = tonumber(ARGV[11]), tonumber(ARGV[12])
+local ev_first = 15 + 2 * n_set
+local del_first = ev_first + 2 * n_ev
+if n_set > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 15, 14 + 2 * n_set)) end
+if #ARGV >= del_first then redis.call('HDEL', KEYS[1], unpack(ARGV, del_first)) end
 if new ~= '' and new ~= cur then
   redis.call('HSET', KEYS[1], 'state', new)
   redis.call('SREM', prefix .. ':idx:state:' .. cur, id)
@@ -43,6 +47,7 @@ if new ~= '' and not set_of(ARGV[9])[new] then
   if new_host and new_host ~= old_host then release_claim(prefix, new_host, id) end
 end
 if ARGV[10] ~= '' then release_claim(prefix, ARGV[10], id) end
+emit_event(prefix, id, n_ev, ARGV[13], ARGV[14], ev_first)
 local out = {'ok', cur, old_host or '', epoch}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all do out[#out + 1] = all[i] end
