@@ -169,13 +169,15 @@ class HostsMixin(EventsMixin, StoreBase):
 
     @guarded
     def acquire_lease(self, host: str, token: str, ttl_s: float) -> str | None:
-        """Take the host's lease for ``token`` if nobody holds it (SET NX PX); touches no record.
+        """Take the host's lease for ``token`` if nobody holds it (SET NX PX); of the host's record it only
+        stamps ``last_seen`` (Redis's clock) once the lease is the token's.
 
         Returns None when ``token`` holds the lease now, else the token of the agent holding it.
         """
         check_id(host, "host name")
         check_id(token, "lease token")
-        holder = self._run("acquire_lease", [self.keys.lease(host)], [token, _ttl_ms(host, ttl_s)])
+        keys = [self.keys.lease(host), self.keys.host(host)]
+        holder = self._run("acquire_lease", keys, [token, _ttl_ms(host, ttl_s)])
         return str(holder) if holder else None
 
     @guarded
@@ -195,7 +197,7 @@ class HostsMixin(EventsMixin, StoreBase):
             source = _script_source("handover_lease")
             script = self._scripts["handover_lease"] = self.r.register_script(source)
         args: list[str | int] = [self.keys.prefix, old_token, token, _ttl_ms(host, ttl_s)]
-        holder = script(keys=[self.keys.lease(host)], args=args)
+        holder = script(keys=[self.keys.lease(host), self.keys.host(host)], args=args)
         return str(holder) if holder else None
 
     @guarded

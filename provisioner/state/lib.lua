@@ -114,3 +114,12 @@ local function emit_event(prefix, id, n, maxlen, notify, first)
     redis.call('PEXPIRE', k, 60000)
   end
 end
+
+-- A live agent of a registered host was just heard from: stamp last_seen from Redis's clock (never the
+-- agent's).  Lease acquisition and handover call it too, so a restarted agent's host is judged on the
+-- moment its new agent took the lease, not on its predecessor's last renewal (issue 7/10).
+local function stamp_seen(host_key)
+  if redis.call('EXISTS', host_key) == 0 then return end
+  local t = redis.call('TIME')
+  redis.call('HSET', host_key, 'last_seen', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+end

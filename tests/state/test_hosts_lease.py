@@ -83,6 +83,24 @@ def test_last_seen_is_redis_time_never_the_agents(store: StateStore) -> None:
     assert before <= seen <= redis_now(store)
 
 
+def test_taking_or_handing_over_the_lease_stamps_last_seen(store: StateStore) -> None:
+    """A restarted agent's host is judged on the moment its new agent took the lease, not on its
+    predecessor's last renewal (seen: a host whose agent restarted slowly declared dead meanwhile)."""
+    store.register_host(hv())
+    store.r.hset(store.keys.host("hv01"), "last_seen", "1000.0")  # the old agent's last renewal, long ago
+    before = redis_now(store)
+    assert store.acquire_lease("hv01", "agent-a", 10) is None
+    seen = store.get_host("hv01").last_seen  # type: ignore[union-attr]
+    assert before <= seen <= redis_now(store)
+    store.r.hset(store.keys.host("hv01"), "last_seen", "1000.0")
+    assert store.acquire_lease("hv01", "agent-b", 10) == "agent-a"  # refused: the record is not touched
+    assert store.get_host("hv01").last_seen == 1000.0  # type: ignore[union-attr]
+    before = redis_now(store)
+    assert store.handover_lease("hv01", "agent-a", "agent-b", 10) is None
+    seen = store.get_host("hv01").last_seen  # type: ignore[union-attr]
+    assert before <= seen <= redis_now(store)
+
+
 def test_lease_health_is_recorded_with_the_renewal(store: StateStore) -> None:
     store.register_host(hv())
     assert store.lease_health("hv01") == LeaseHealth()
