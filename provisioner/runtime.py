@@ -155,6 +155,15 @@ def serve(rt: Runtime, queue: str, name: str, concurrency: int) -> None:
         without_gossip=True,
     )
     worker.start()
+    code = getattr(worker, "exitcode", None)
+    if code not in (None, 0):
+        # Celery returns from start() after an unrecoverable error (logged with its traceback) as after a
+        # shutdown: a daemon that then exited 0 would not be restarted by a supervisor's on-failure rule.
+        from provisioner.errors import UnavailableError
+
+        raise UnavailableError(
+            f"{name} stopped with exit code {code} (an unrecoverable error or an interrupt; see its log)"
+        )
 
 
 @contextlib.contextmanager
