@@ -57,6 +57,22 @@ def level_of(kind: str) -> int:
     return logging.INFO
 
 
+def context_fields(
+    instance: str | None, host: str | None, vo: str | None, duration_s: float | None
+) -> dict[str, str | int]:
+    """The fields an operation's log line and its event share (only those that are set)."""
+    out: dict[str, str | int] = {}
+    if instance:
+        out["instance"] = instance
+    if host:
+        out["host"] = host
+    if vo:
+        out["vo"] = vo
+    if duration_s is not None:
+        out["duration_ms"] = round(duration_s * 1000)
+    return out
+
+
 def event(
     kind: str,
     message: str = "",
@@ -69,15 +85,7 @@ def event(
 ) -> None:
     """Log one operation as one line.  Never raises (an observability aid must not break the operation)."""
     try:
-        fields: dict[str, object] = {"op": kind}
-        if instance:
-            fields["instance"] = instance
-        if host:
-            fields["host"] = host
-        if vo:
-            fields["vo"] = vo
-        if duration_s is not None:
-            fields["duration_ms"] = round(duration_s * 1000)
+        fields: dict[str, object] = {"op": kind, **context_fields(instance, host, vo, duration_s)}
         for k, v in (extra or {}).items():
             if k not in fields and v not in (None, ""):
                 fields[k] = _clip(v)

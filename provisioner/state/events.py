@@ -64,14 +64,7 @@ def event_fields(
 ) -> dict[str, str]:
     """The stream entry of an event, as add_event and the scripts write it."""
     fields: dict[str, str] = {"ts": _now_iso(), "kind": kind, "message": message[:MAX_MESSAGE]}
-    if instance:
-        fields["instance"] = instance
-    if host:
-        fields["host"] = host
-    if vo:
-        fields["vo"] = vo
-    if duration_s is not None:
-        fields["duration_ms"] = str(round(duration_s * 1000))
+    fields.update({k: str(v) for k, v in oplog.context_fields(instance, host, vo, duration_s).items()})
     fields.update({k: str(v)[:MAX_MESSAGE] for k, v in extra.items() if k not in _CORE})
     return fields
 
