@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.errors import PermanentError, UnavailableError, ValidationError
-from provisioner.farm.qemu.hostconf import HostPaths, config_files, holder_script, migration_ports
+from provisioner.farm.qemu.hostconf import (
+    HostPaths,
+    config_files,
+    holder_script,
+    migration_ports,
+    without_generic_cpu_fetch,
+)
 from provisioner.farm.qemu.procs import (
     boot_id,
     kill_ns,
@@ -54,7 +60,8 @@ START_TIMEOUT_S = 30.0
 class QemuFarm:
     """One QEMU farm rooted at ``base`` with hosts hv1..hvN (``hosts`` is the list of their names)."""
 
-    def __init__(self, base: Path, hosts: int, netns: str | None = None) -> None:
+    def __init__(self, base: Path, hosts: int, netns: str | None = None,
+                 x86_cpu_fetch: bool | None = None) -> None:
         if not 1 <= hosts <= 16:
             raise ValidationError(f"qemu farm: hosts={hosts} out of range 1..16")
         self.base = Path(base).resolve()
@@ -67,6 +74,9 @@ class QemuFarm:
         self.lockspace_dir = self.shared_dir / "lockspace"
         self.state_file = self.base / "qemu-farm.json"
         self.timings: dict[str, float] = {}
+        # What-if, off by default (hostconf.GENERIC_CPU_FETCH_FLAG): libvirt's older x86 CPU read-back.
+        self.x86_cpu_fetch = (os.environ.get("DYNVM_FARM_X86_CPU_FETCH") == "1"
+                              if x86_cpu_fetch is None else x86_cpu_fetch)
 
     # ---- addresses -------------------------------------------------------------------------------
     def paths(self, host: str) -> HostPaths:
@@ -181,6 +191,11 @@ class QemuFarm:
             link.unlink()  # no default NAT network: guests use the farm bridge
         for name, text in config_files(p, index, self.lockspace_dir).items():
             (p.etc / name).write_text(text)
+        if self.x86_cpu_fetch:  # before libvirtd starts: it reads the cache once (made on a 1st define)
+            for caps in (p.cache / "qemu" / "capabilities").glob("*.xml"):
+                text = caps.read_text()
+                if without_generic_cpu_fetch(text) != text:
+                    caps.write_text(without_generic_cpu_fetch(text))
         for stale in [*p.run.iterdir(), *p.channels.iterdir()]:
             if not stale.is_dir():
                 stale.unlink()
