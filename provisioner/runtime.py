@@ -15,6 +15,7 @@ from provisioner.config import Config
 if TYPE_CHECKING:
     from provisioner.catalogue.model import ResolvedImage
     from provisioner.catalogue.store import Catalogue
+    from provisioner.control.hostsview import HostsView
     from provisioner.interfaces import Hypervisor
     from provisioner.model import Instance
     from provisioner.state.claims import ClaimRequest
@@ -33,6 +34,7 @@ class Runtime:
     booting: set[str] = field(default_factory=set)  # instance ids this agent is booting right now
     catalogue_mtime: int | None = None  # catalogue signature (directory + files' mtimes) at the last load
     lock: threading.Lock = field(default_factory=threading.Lock)
+    hosts_view: HostsView | None = None  # a control worker's short-lived host snapshot (place.py)
 
 
 def resolve_image(rt: Runtime, ref: str) -> ResolvedImage:

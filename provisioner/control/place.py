@@ -11,6 +11,7 @@ import logging
 import os
 import time
 
+from provisioner.control.hostsview import HostsView
 from provisioner.errors import ConflictError, NoCapacityError
 from provisioner.messaging import PRIORITY_DEFAULT, PRIORITY_HA, host_queue
 from provisioner.model import Instance, InstanceState, Tier
@@ -84,10 +85,19 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
     policy = policy_for(rt)
     host: str | None = None
     refused = ""
-    # Only anti-affinity, a VO quota or preemption need the other instances; skip reading them otherwise.
+    # Only anti-affinity, a VO quota or preemption need the other instances; skip reading them otherwise,
+    # and then a view of the hosts a moment old will do (control/hostsview.py: the claim re-checks).
     light = inst.anti_affinity is None and (inst.vo is None or inst.vo not in policy.vo_quotas)
+    view = hosts_view(rt)
     for _ in range(CLAIM_ATTEMPTS):
-        plan = schedule([request_for(inst)], rt.store.snapshot(instances=not light), policy)
+        if light:
+            snap, fresh = view.snapshot(rt.store)
+            plan = schedule([request_for(inst)], snap, policy)
+            if inst.id in plan.unplaced and not fresh:  # perhaps only the view was behind: look again
+                view.drop()
+                plan = schedule([request_for(inst)], view.snapshot(rt.store)[0], policy)
+        else:
+            plan = schedule([request_for(inst)], rt.store.snapshot(), policy)
         if inst.id in plan.unplaced and light and inst.tier is not Tier.POOL:
             light = False  # preemption of lower tiers may make room: look at the instances
             plan = schedule([request_for(inst)], rt.store.snapshot(), policy)
@@ -103,7 +113,9 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
         refused = try_claim(rt, candidate, inst)
         if refused == "ok":
             host = candidate
+            view.claimed(candidate, inst.vcpus, inst.memory_mib)
             break
+        view.drop()
         # Another worker took the capacity, the group's slot or the VO's quota between snapshot and claim
         # (or the host's agent is gone): re-plan on fresh state.
     if host is None:
@@ -124,6 +136,14 @@ def _place(rt: Runtime, inst: Instance) -> str | None:
 
     rt.app.send_task(BOOT, args=[inst.id], queue=host_queue(host), priority=priority)
     return host
+
+
+def hosts_view(rt: Runtime) -> HostsView:
+    """This process's short-lived view of the hosts (one per runtime, shared by its worker threads)."""
+    with rt.lock:
+        if rt.hosts_view is None:
+            rt.hosts_view = HostsView()
+        return rt.hosts_view
 
 
 def _fault_hold(rt: Runtime, instance_id: str, host: str) -> None:
