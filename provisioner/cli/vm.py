@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from provisioner.cli.argtypes import int_range, seconds
-from provisioner.cli.common import instance_row, runtime
+from provisioner.cli.common import instance_row, runtime, ts
 from provisioner.cli.context import CliContext
 from provisioner.errors import EXIT_OK, NotFoundError, UsageError
 from provisioner.model import InstanceState, Role
@@ -123,7 +123,18 @@ def vm_show(ctx: CliContext, args: argparse.Namespace) -> int:
     inst = rt.store.get_instance(args.id)
     if inst is None:
         raise NotFoundError(f"vm {args.id!r} not found")
-    ctx.out.obj(instance_row(inst.to_dict()), title=f"vm {inst.id}")
+    row = instance_row(inst.to_dict())
+    from ha.health import HealthStore
+
+    # The agent's health probe verdict on this placement (service VMs; none until a probe has run).
+    mark = HealthStore(rt.store.r, rt.store.keys.prefix).get(inst.id)
+    if mark is not None and mark.epoch == inst.epoch:
+        row["health"] = mark.mark.value
+        row["health_failures"] = mark.failures
+        row["health_since"] = ts(mark.at)
+        if mark.detail:
+            row["health_detail"] = mark.detail
+    ctx.out.obj(row, title=f"vm {inst.id}")
     return EXIT_OK
 
 

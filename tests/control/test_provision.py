@@ -139,3 +139,24 @@ def test_cli_lists_and_events(test_farm: Farm) -> None:
     r = cli(test_farm, "-o", "json", "vm", "release", iid, "--wait")
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "gone"
     wait_until(lambda: domains_for(test_farm, iid) == [], 10, what="domain gone")
+
+
+def test_vm_show_gives_the_health_mark_of_this_placement(test_farm: Farm) -> None:
+    from ha.health import HealthStore, Mark
+
+    rt = test_farm.rt
+    image, vo = choose_image(rt, None, "cms")
+    inst, _ = submit(rt, image, vo)
+    try:
+        ready = wait(rt, inst.id, 60)
+        assert ready.state is InstanceState.READY and ready.host is not None
+        shown = json.loads(cli(test_farm, "-o", "json", "vm", "show", inst.id).stdout)
+        assert "health" not in shown  # no probe verdict yet
+        marks = HealthStore(rt.store.r, rt.store.keys.prefix)
+        marks.set(inst.id, state=InstanceState.READY, host=ready.host, epoch=ready.epoch,
+                  expect=frozenset({Mark.HEALTHY}), new=Mark.UNHEALTHY, failures=3, detail="tcp 22: refused")
+        shown = json.loads(cli(test_farm, "-o", "json", "vm", "show", inst.id).stdout)
+        assert (shown["health"], shown["health_failures"], shown["health_detail"]) == (
+            "unhealthy", 3, "tcp 22: refused")
+    finally:
+        release(rt, inst.id)
