@@ -48,7 +48,10 @@ def slurm_unavailable(no_slurm: bool) -> str | None:
     if os.geteuid() != 0:
         return f"Slurm is installed but the demo's private cluster needs root (SlurmUser=root): {direct}"
     if shipped_hooks_dir() is None:
-        return f"Slurm is installed but deploy/slurm's hooks are not (run it from a checkout): {direct}"
+        from provisioner.catalogue.shipped import deploy_dir
+
+        return (f"Slurm is installed but this dynvm's Slurm hooks are missing from {deploy_dir() / 'slurm'} "
+                f"(reinstall dynvm): {direct}")
     return None
 
 
@@ -285,6 +288,7 @@ def play_slurm(rt: Runtime, farm_dir: Any, say: Say, vos: tuple[str, ...], per_v
     """Start the farm's private Slurm, fill a warm pool, submit ``per_vo`` jobs per VO, follow them.
     Returns (runs, cold, warm) with (who, seconds from sbatch to the job's VM handed over)."""
     from batch_hooks.demand import SlurmSource
+    from provisioner.farm.slurm import shipped_hooks_dir
     from provisioner.farm.slurm_demo import POOL_ACCOUNTS, ensure_pool_accounts, start_farm_slurm
 
     t0 = time.monotonic()
@@ -292,8 +296,8 @@ def play_slurm(rt: Runtime, farm_dir: Any, say: Say, vos: tuple[str, ...], per_v
                                prolog_timeout_s=timeout_s)
     say(f"slurm: private cluster '{cluster.name}' up in {ms(time.monotonic() - t0)} ms: munged, slurmctld, "
         f"{len(cluster.nodes)} slurmd ({', '.join(cluster.nodes)}), SLURM_CONF={cluster.conf}")
-    say("slurm: PrologSlurmctld / EpilogSlurmctld / TaskProlog are deploy/slurm's hooks as shipped; "
-        "`dynvm farm down` stops this cluster too")
+    say(f"slurm: PrologSlurmctld / EpilogSlurmctld / TaskProlog are deploy/slurm's hooks as shipped "
+        f"({shipped_hooks_dir()}); `dynvm farm down` stops this cluster too")
     ensure_pool_accounts({vo: POOL_ACCOUNTS[vo] for vo in vos})
     say("pool accounts: " + ", ".join(f"{POOL_ACCOUNTS[vo]} (group {vo})" for vo in vos))
     warm_vm = fill_warm_pool(rt, SlurmSource(env=cluster.env), say, timeout_s).id

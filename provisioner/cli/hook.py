@@ -6,6 +6,7 @@
   dynvm hook generic prolog|epilog --job-id J --user U [--cpus N ...]   LSF, PBS/Torque, Grid Engine
   dynvm hook payload [--script FILE]       run a job's script inside its own VM (the job's privileges)
   dynvm hook condor-daemon [--socket PATH]  HTCondor execute node's root daemon (hooks + job wrapper)
+  dynvm hook files slurm|htcondor           print the directory of the hook scripts a site installs
 
 Hook processes start for every job: deploy/ ships scripts that run ``python -m batch_hooks ...`` (no
 pydantic, Celery or catalogue import); these commands are the same code behind the full CLI.
@@ -61,6 +62,10 @@ def register(sub: Any) -> None:
                         "exec channel (uses DYNVM_JOB_CRED; exits with the script's exit code)")
     pay.add_argument("--script", default="-", help="script file (default: stdin)")
     pay.set_defaults(func=payload)
+    f = hs.add_parser("files", help="print the directory holding the hook scripts and configuration to "
+                      "install (deploy/slurm, deploy/htcondor; inside the package in a wheel install)")
+    f.add_argument("system", choices=["slurm", "htcondor"])
+    f.set_defaults(func=files)
 
 
 def serve(ctx: CliContext, args: argparse.Namespace) -> int:
@@ -136,4 +141,15 @@ def condor_daemon(ctx: CliContext, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.suppress(KeyboardInterrupt):
         daemon.serve(stop)
+    return 0
+
+
+def files(ctx: CliContext, args: argparse.Namespace) -> int:
+    from provisioner.catalogue.shipped import deploy_dir
+    from provisioner.errors import PermanentError
+
+    d = deploy_dir() / args.system
+    if not d.is_dir():
+        raise PermanentError(f"the {args.system} hooks are not part of this installation (looked in {d})")
+    print(d)
     return 0

@@ -42,9 +42,19 @@ def missing_programs() -> list[str]:
 
 
 def shipped_hooks_dir() -> Path | None:
-    """deploy/slurm of the checkout this dynvm runs from (an installed wheel does not carry it)."""
-    d = Path(__file__).resolve().parents[2] / "deploy" / "slurm"
+    """deploy/slurm: the checkout's in a source tree, else the copy an installed wheel ships
+    (``provisioner/data/deploy/slurm``); None if its hooks are not all there."""
+    from provisioner.catalogue.shipped import deploy_dir
+
+    d = deploy_dir() / "slurm"
     return d if all((d / n).is_file() for n in (*HOOKS, "slurm.conf.dynvm")) else None
+
+
+def _no_hooks() -> PermanentError:
+    from provisioner.catalogue.shipped import deploy_dir
+
+    return PermanentError(f"deploy/slurm (the shipped hooks) is not part of this installation "
+                          f"(looked in {deploy_dir() / 'slurm'})")
 
 
 def free_ports(n: int) -> list[int]:
@@ -70,7 +80,7 @@ def install_hooks(dest: Path, env: Mapping[str, str], task_env: Mapping[str, str
     """Copy the shipped hook scripts and write their site files (dynvm-hooks.env, dynvm-task.env)."""
     src = source or shipped_hooks_dir()
     if src is None:
-        raise PermanentError("deploy/slurm (the shipped hooks) is not part of this installation")
+        raise _no_hooks()
     dest.mkdir(parents=True, exist_ok=True)
     out = []
     for name in HOOKS:
@@ -173,7 +183,7 @@ class SlurmCluster:
         then runs inside the VM, which needs guests with an exec channel: the QEMU farm)."""
         src = hooks_source or shipped_hooks_dir()
         if src is None:
-            raise PermanentError("deploy/slurm (the shipped hooks) is not part of this installation")
+            raise _no_hooks()
         etc = self.base / "etc"
         for d in ("etc", "state", "log", "spool", "jobs", "run"):
             (self.base / d).mkdir(parents=True, exist_ok=True)

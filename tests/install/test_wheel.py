@@ -1,5 +1,7 @@
-"""A site installs dynvm from a wheel (``pip install .``, not editable): it must find its default catalogue
-and the test-image build scripts without a checkout around it, and ``dynvm demo`` must run from anywhere.
+"""A site installs dynvm from a wheel (``pip install .``, not editable): it must find its default catalogue,
+the test-image build scripts and the batch-system hooks (deploy/slurm, deploy/htcondor) without a checkout
+around it, and ``dynvm demo`` must run from anywhere (through Slurm with the shipped hooks where Slurm is
+installed and it runs as root).
 
 How the fresh environment gets its dependencies without downloading them again: the wheel is built from a
 copy of the tree with ``--no-build-isolation`` (.venv has the build requirements, install.sh puts them
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.farm.slurm import missing_programs
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +41,7 @@ class Installed:
     venv: Path
     cwd: Path  # a directory outside the checkout
     env: dict[str, str]
+    site: Path  # the fresh venv's site-packages
 
     def dynvm(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -81,7 +86,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
             [vpy, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
             capture_output=True, text=True, check=True,
         ).stdout.strip()
-    )
+    ).resolve()
     (site / "_dynvm_test_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     cwd = base / "elsewhere"
     (cwd / "home").mkdir(parents=True)
@@ -92,7 +97,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         DYNVM_FARM_DIR=str(base / "farm"),
         PATH=f"{venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}",
     )
-    yield Installed(wheel, venv, cwd, env)
+    yield Installed(wheel, venv, cwd, env, site)
 
 
 def test_wheel_ships_the_catalogue_and_the_image_build_scripts(installed: Installed) -> None:
@@ -106,7 +111,33 @@ def test_wheel_ships_the_catalogue_and_the_image_build_scripts(installed: Instal
     for rel in ("build/build_test_images.py", "build/guest/init", "build/guest/exec-runner.sh"):
         assert f"provisioner/data/images/{rel}" in names
     assert mode & 0o111, "the build script must stay executable (the farm runs it directly)"
-    assert not [n for n in names if n.startswith("provisioner/data/") and not n.startswith(data)]
+    hooks = ("provisioner/data/deploy/slurm/", "provisioner/data/deploy/htcondor/")
+    assert not [n for n in names if n.startswith("provisioner/data/") and not n.startswith((data, *hooks))]
+
+
+def test_wheel_ships_the_batch_system_hooks_executable(installed: Installed) -> None:
+    """deploy/slurm and deploy/htcondor, every file, each script still executable (a site copies them as they
+    are; the demo's private Slurm runs them)."""
+    with zipfile.ZipFile(installed.wheel) as z:
+        modes = {i.filename: i.external_attr >> 16 for i in z.infolist()}
+    for system in ("slurm", "htcondor"):
+        src = REPO / "deploy" / system
+        prefix = f"provisioner/data/deploy/{system}/"
+        assert {n[len(prefix):] for n in modes if n.startswith(prefix)} == {p.name for p in src.iterdir()}
+        for f in src.iterdir():
+            executable = bool(f.stat().st_mode & 0o111)
+            assert bool(modes[prefix + f.name] & 0o111) == executable, f"{system}/{f.name}"
+    assert modes["provisioner/data/deploy/slurm/prolog-slurmctld"] & 0o111  # the check above is not vacuous
+    for system in ("slurm", "htcondor"):
+        p = installed.dynvm("hook", "files", system)
+        assert p.returncode == 0, p.stderr
+        where = Path(p.stdout.strip())
+        assert where == installed.site / "provisioner" / "data" / "deploy" / system, where
+    found = installed.python("import provisioner.farm.slurm as s; print(s.shipped_hooks_dir())")
+    assert Path(found) == installed.site / "provisioner" / "data" / "deploy" / "slurm"
+    for name in ("prolog-slurmctld", "epilog-slurmctld", "task-prolog", "payload"):
+        assert os.access(Path(found) / name, os.X_OK), f"{name} lost its executable bit on install"
+    assert os.access(where / "condor-job-wrapper", os.X_OK)
 
 
 def test_installed_dynvm_finds_its_catalogue_outside_the_checkout(installed: Installed) -> None:
@@ -126,10 +157,22 @@ def test_installed_dynvm_finds_its_catalogue_outside_the_checkout(installed: Ins
 
 
 def test_installed_dynvm_runs_the_demo_outside_the_checkout(installed: Installed) -> None:
+    """Where Slurm is installed (CI installs it) and this runs as root, the demo must take the Slurm path with
+    the wheel's hooks: one plain sbatch job per VO, each COMPLETED and its VM released by EpilogSlurmctld.
+    Elsewhere it requests the VMs directly."""
+    slurm = os.geteuid() == 0 and not missing_programs()
     try:
         p = installed.dynvm("demo", "--per-vo", "1", timeout=300)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr
-        assert p.stdout.count(": ready on hv") == 3, p.stdout
+        text = p.stdout
+        if slurm:
+            assert str(installed.site / "provisioner" / "data" / "deploy" / "slurm") in text, text
+            for vo in ("cms", "atlas", "lhcb"):
+                assert f"submitted by {vo}001 (VO {vo}) with plain sbatch" in text, text
+            assert text.count(": COMPLETED (exit 0:0)") == 3, text
+            assert text.count("released by EpilogSlurmctld") == 3, text
+        else:
+            assert "requesting the VMs directly" in text and text.count(": ready on hv") == 3, text
     finally:
         down = installed.dynvm("farm", "down", timeout=120)
     assert down.returncode == 0, down.stderr
