@@ -1,7 +1,7 @@
 """Host failover on the real QEMU farm, beside the seed's figures and Pacemaker run in the same session.
 
     sudo .venv/bin/python benchmarks/bench_failover.py [--trials 5] [--sizes 1,5]
-        [--classes critical,fast,standard] [--pacemaker "PROFILES=tuned GUESTS=1 3"] [--no-pacemaker]
+        [--classes critical,fast,standard] [--pacemaker 'PROFILES=tuned GUESTS="1 3"'] [--no-pacemaker]
 
 A 4-host QEMU farm (its own directory, two monitors) whose hosts carry the detection classes in turn
 (hv1 critical, hv2 fast, hv3 standard, hv4 critical).  One trial: N service VMs (CE, SE, WMS, ...) are
@@ -220,7 +220,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--sizes", default="1,5")
     ap.add_argument("--classes", default="critical,fast,standard")
-    ap.add_argument("--pacemaker", default="PROFILES=tuned GUESTS=1 3", help="env for the peer's run.sh")
+    # shlex words: a value with a space is quoted (unquoted, "GUESTS=1 3" ran the 1-guest block only).
+    ap.add_argument("--pacemaker", default='PROFILES=tuned GUESTS="1 3"', help="env for the peer's run.sh")
     ap.add_argument("--pacemaker-trials", type=int, default=5)
     ap.add_argument("--no-pacemaker", action="store_true")
     ap.add_argument("--pacemaker-run", metavar="RUN_ID",
