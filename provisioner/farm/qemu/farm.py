@@ -191,16 +191,28 @@ class QemuFarm:
             link.unlink()  # no default NAT network: guests use the farm bridge
         for name, text in config_files(p, index, self.lockspace_dir).items():
             (p.etc / name).write_text(text)
-        if self.x86_cpu_fetch:  # before libvirtd starts: it reads the cache once (made on a 1st define)
-            for caps in (p.cache / "qemu" / "capabilities").glob("*.xml"):
-                text = caps.read_text()
-                if without_generic_cpu_fetch(text) != text:
-                    caps.write_text(without_generic_cpu_fetch(text))
+        self._what_if_caps(p)
         for stale in [*p.run.iterdir(), *p.channels.iterdir()]:
             if not stale.is_dir():
                 stale.unlink()
         for daemon in ("holder", "virtlockd", "virtlogd", "libvirtd"):
             p.pidfile(daemon).unlink(missing_ok=True)
+
+    def _what_if_caps(self, p: HostPaths) -> None:
+        """Before libvirtd starts (it reads its capabilities cache once; the cache is made on a host's first
+        define): with the what-if on, drop the generic CPU fetch flag and leave a marker; with it off, remove
+        a cache file the what-if edited, so that libvirtd probes QEMU afresh instead of running the edit."""
+        for caps in sorted((p.cache / "qemu" / "capabilities").glob("*.xml")):
+            marker = caps.with_name(caps.name + ".dynvm-what-if")
+            if not self.x86_cpu_fetch:
+                if marker.exists():
+                    caps.unlink(missing_ok=True)
+                    marker.unlink()
+                continue
+            text = caps.read_text()
+            if without_generic_cpu_fetch(text) != text:
+                marker.touch()
+                caps.write_text(without_generic_cpu_fetch(text))
 
     def _start_holders(self, hosts: list[str] | None = None) -> dict[str, int]:
         procs: dict[str, subprocess.Popen[bytes]] = {}
