@@ -93,9 +93,9 @@ def libvirtd_conf(paths: HostPaths, index: int) -> str:
         "keepalive_interval = -1\n"
         # An agent boots up to 8 guests at once on one connection, beside its health and reconcile calls:
         # past libvirt's default of 5 requests per client the daemon stops reading that client's socket
-        # ("Client hit max requests limit 5", seen in the log before a set-up boot hung past its 10 s call
-        # timeout three times running).  A production host running an agent wants it too (its libvirtd.conf
-        # is the operator's: dynvm does not write it).
+        # ("Client hit max requests limit 5" in the log during 5-VM set-ups; the hang seen then was the
+        # fork deadlock of farm.DAEMON_ENV, not this).  A production host running an agent wants it too
+        # (its libvirtd.conf is the operator's: dynvm does not write it).
         "max_client_requests = 32\n"
     )
 
