@@ -37,7 +37,8 @@ pytestmark = pytest.mark.redis
 DOCUMENTED = {0, 2, 3, 4, 5, 6, 130}
 DB = 12  # a database of the session Redis no other test uses
 # Commands that would run until stopped: they are fuzzed only with an argument that must be refused first.
-LONG_RUNNING = {("agent",), ("worker",), ("monitor",), ("watchdog",), ("demo",), ("farm", "up")}
+LONG_RUNNING = {("agent",), ("worker",), ("monitor",), ("watchdog",), ("demo",), ("farm", "up"),
+                ("hook", "serve"), ("hook", "watch-lost"), ("hook", "condor-daemon")}
 EXAMPLES = int(os.environ.get("DYNVM_FUZZ_EXAMPLES", "300"))
 RETURN_WITHIN_S = 60.0  # every command here answers in well under a second; this only catches a hang
 
