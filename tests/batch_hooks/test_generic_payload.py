@@ -61,7 +61,7 @@ def test_payload_runs_the_script_in_its_own_vm_once(farm: Farm, hook_url: str) -
     script = "#!/bin/sh\necho in the vm\n"
     code = _main_with_stdin(env, script, out, err)
     assert code == 3 and out.getvalue() == script and err.getvalue() == "e\n"
-    assert guest.requests == [(guest.requests[0][0], script)]
+    assert [r.script for r in guest.requests] == [script]
     again = io.StringIO()
     assert _main_with_stdin(env, script, io.StringIO(), again) == 4  # the same attempt never starts twice
     assert "already started" in again.getvalue() and len(guest.requests) == 1
