@@ -13,7 +13,8 @@ import pytest
 
 from provisioner.errors import DeadlineExceeded, HypervisorError, HypervisorPermanentError
 from provisioner.hypervisor.domxml import DiskSpec, DomainSpec, build_domain_xml
-from provisioner.hypervisor.libvirt_host import HypervisorTimeout, LibvirtHost
+from provisioner.hypervisor.libvirt_conn import HypervisorTimeout
+from provisioner.hypervisor.libvirt_host import LibvirtHost
 from provisioner.hypervisor.testdriver import write_test_host_xml
 from provisioner.interfaces import DomainState, Hypervisor
 from provisioner.model import Capacity
