@@ -4,22 +4,21 @@ A host is declared dead only when its lease has been silent longer than its dete
 (``dead_after_s``, counted from the last successful renewal on Redis's clock) in ``samples`` consecutive
 observations (masakari-monitors' stabilised status): one late renewal is not a death.  A host back in
 watch (an operator's rejoin after a death, the end of a maintenance) is judged from its return if its
-last renewal is older (``Comebacks``).  When more than a
-configured share of the hosts would be declared dead at once, the verdict is held for an operator (a
-fencing storm usually means the network or the control plane, not the hosts).
+last renewal is older (``heard_at``; the return is on the host record).  When more than a configured
+share of the hosts would be declared dead at once, the verdict is held for an operator (a fencing storm
+usually means the network or the control plane, not the hosts).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from provisioner.model import HostState
+from provisioner.model import WATCHED_HOST_STATES, HostState
 
 # Hosts whose death the monitor acts on; maintenance is disarmed, dead/fenced are already handled.
-WATCHED_STATES = frozenset({HostState.UP, HostState.DRAINING, HostState.SUSPECT})
+WATCHED_STATES = WATCHED_HOST_STATES
 
 
 class Verdict(StrEnum):
@@ -128,46 +127,18 @@ def judge(
     return out
 
 
-@dataclass(slots=True)
-class Comebacks:
-    """The leader's memory of hosts coming back into watch, so that a host's silence counts from its last
-    renewal or from its return, whichever is later.
+def heard_at(state: HostState, last_seen: float, watched_since: float) -> float:
+    """Redis time a host's silence counts from: its last renewal, or its return to watch if that is later.
 
     A host leaves watch when it dies (dead, fenced) or goes into maintenance, and comes back by an
-    operator's move (``dynvm host rejoin``, the end of maintenance) whose only condition is a live lease.
-    But a starting agent takes its lease before anything slow and renews it (which stamps last_seen) only
-    after connecting to libvirt and registering — seconds on a busy host.  Judged on the renewal it made
-    before its death, a host rejoined in between was silent for its whole death and was declared dead again
-    within ``samples`` rounds (benchmarks/bench_failover.py saw it, the next trial found the host fenced).
-    Counted from its return, a host whose agent never renews is still dead ``dead_after_s`` later.
-
-    The return is the first round that sees the host watched again (not earlier than the move itself, so a
-    fencing deadline computed from it errs late).  A new leader starts without this memory.
+    operator's move (``dynvm host rejoin``, the end of maintenance).  Judged on the renewal it made before
+    it left, a host back before its agent's next renewal was silent for its whole absence and was declared
+    dead again within ``samples`` rounds (benchmarks/bench_failover.py saw it, the next trial found the
+    host fenced).  Counted from its return, a host whose agent never renews is still dead ``dead_after_s``
+    later.  The return (``watched_since``) is stamped on the host record from Redis's clock by the very
+    compare-and-set that moved it back (provisioner.state.hosts.set_host_state), so a leader elected
+    after the return judges it as the one that saw it; a fencing deadline computed from it errs late.
     """
-
-    back_at: dict[str, float] = field(default_factory=dict)  # inf: seen out of watch, not back yet
-
-    def last_heard(self, host: str, state: HostState, last_seen: float, now: float) -> float:
-        """Redis time ``host``'s silence counts from in this round (``now``): its last renewal, or its
-        return to watch if that is later."""
-        if state not in WATCHED_STATES:
-            self.left(host)
-            return last_seen
-        back = self.back_at.get(host)
-        if back is None:
-            return last_seen
-        if back == math.inf:
-            back = self.back_at[host] = now
-        if last_seen >= back:  # renewed since its return: nothing left to remember
-            del self.back_at[host]
-            return last_seen
-        return back
-
-    def left(self, host: str) -> None:
-        """``host`` is out of watch (seen so, or declared dead by this leader in this round)."""
-        self.back_at[host] = math.inf
-
-    def keep(self, hosts: Iterable[str]) -> None:
-        """Forget hosts that are gone (removed from the farm)."""
-        for h in set(self.back_at).difference(hosts):
-            del self.back_at[h]
+    if state not in WATCHED_STATES:
+        return last_seen
+    return max(last_seen, watched_since)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from ha.detection import Comebacks, Observation, Timing, Verdict, judge
+from ha.detection import Observation, Timing, Verdict, heard_at, judge
 from ha.fencing import restart_allowed_after
 from ha.health import Health
 from ha.keeper import Declared, Hung, Start, decide, decide_hung
@@ -39,10 +39,11 @@ class FenceResult(StrEnum):
 class HostView:
     name: str
     state: HostState
-    last_seen: float  # Redis time of its last lease renewal (in a round: or of its return, Comebacks)
+    last_seen: float  # Redis time of its last lease renewal (in a round: or of its return, heard_at)
     lease_alive: bool
     timing: Timing
     heard_by_peers: bool = False  # see ha.detection.Observation
+    watched_since: float = 0.0  # Redis time of its last return to watch (provisioner.model.Host)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,6 @@ class Engine:
         self.policy = policy
         self.settings = settings
         self.counts: dict[str, int] = {}
-        self.comebacks = Comebacks()  # hosts back in watch: silence counts from their return (detection)
         self._reported: set[str] = set()
         self._storm_held: set[str] = set()  # hosts held by the storm that paused HA (resume confirms them)
         self._settled: set[str] = set()  # dead/fenced hosts found without service VMs to recover
@@ -128,10 +128,9 @@ class Engine:
         # A host rejoined before its new agent's first renewal is judged (and fenced) from its return, not
         # from the renewal it made before its death.
         for name, v in views.items():
-            heard = self.comebacks.last_heard(name, v.state, v.last_seen, now)
+            heard = heard_at(v.state, v.last_seen, v.watched_since)
             if heard != v.last_seen:
                 views[name] = dataclasses.replace(v, last_seen=heard)
-        self.comebacks.keep(views)
         open_hosts = {r.host for r in self.recs.open_records()}
         obs = [
             Observation(h.name, h.state, now - h.last_seen, h.lease_alive, h.timing, h.heard_by_peers)
@@ -160,7 +159,6 @@ class Engine:
         for name in out.dead:
             if self._declare_dead(views[name], now, fence, report):
                 views[name] = dataclasses.replace(views[name], state=HostState.DEAD)
-                self.comebacks.left(name)  # a rejoin may come before the next round looks
         self._adopt(views, fence, report)
         for rec in self.recs.open_records():
             self._drive(rec, views.get(rec.host), now, fence, report)

@@ -15,7 +15,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ha.detection import Comebacks
 from ha.engine import Engine, Settings
 from ha.leader import LeaderLease
 from ha.recovery import FencedOut, RecoveryStore
@@ -57,8 +56,7 @@ class Monitor:
         if lead.leading and lead.fence != self.fence:
             log.warning("monitor %s leads (fence %d)", self.member, lead.fence)
             self.world.event("monitor_leader", None, f"{self.member} leads with fence {lead.fence}")
-            self.engine.counts = {}  # a new leader debounces from scratch
-            self.engine.comebacks = Comebacks()  # and forgets returns seen in an earlier term
+            self.engine.counts = {}  # a new leader debounces from scratch (returns to watch are in Redis)
         self.fence = lead.fence
         if lead.leading:
             self.engine.round(lead.fence)

@@ -57,6 +57,7 @@ class RedisWorld:
                 alive[h.name],
                 self._timing(h.detection_class),
                 heard_by_majority(h.name, reports, live),
+                h.watched_since,
             )
             for h in hosts
         ]

@@ -25,6 +25,9 @@ class HostState(StrEnum):
 
 # Only these accept new placements.
 PLACEABLE_HOST_STATES = frozenset({HostState.UP})
+# Hosts whose death the HA monitor acts on: maintenance is disarmed, dead/fenced are already handled.
+# A move from outside into these stamps the host's ``watched_since`` (provisioner.state.hosts).
+WATCHED_HOST_STATES = frozenset({HostState.UP, HostState.DRAINING, HostState.SUSPECT})
 
 H = HostState
 # Moves any writer (agent, monitor, operator) may make, always compare-and-set on the state it read.
@@ -138,6 +141,10 @@ class Host:
     epoch: int = 0  # bumped each time the agent (re)registers
     # Whether an agent holds the host's lease, as read with the record (a snapshot reads it; None: not read).
     lease_alive: bool | None = None
+    # Epoch seconds (Redis clock) of its last move into WATCHED_HOST_STATES from outside (an operator's
+    # rejoin, the end of a maintenance); 0.0 if it never left watch.  HA counts silence from the later of
+    # it and last_seen (ha.detection.heard_at).
+    watched_since: float = 0.0
 
     @property
     def free_vcpus(self) -> int:

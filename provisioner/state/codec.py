@@ -94,5 +94,6 @@ def host_from_fields(h: dict[str, str]) -> Host:
         labels=json.loads(h.get("labels", "{}")),
         detection_class=h.get("detection_class", "standard"),
         last_seen=float(h.get("last_seen", 0.0)),
+        watched_since=float(h.get("watched_since", 0.0)),
         epoch=int(h.get("epoch", 0)),
     )

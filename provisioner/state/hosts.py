@@ -13,7 +13,13 @@ from typing import Any, cast
 import redis
 
 from provisioner.errors import ConflictError, InvalidTransition, NotFoundError, ValidationError
-from provisioner.model import HOST_TRANSITIONS, OPERATOR_HOST_TRANSITIONS, Host, HostState
+from provisioner.model import (
+    HOST_TRANSITIONS,
+    OPERATOR_HOST_TRANSITIONS,
+    WATCHED_HOST_STATES,
+    Host,
+    HostState,
+)
 from provisioner.state.base import StoreBase, as_str_dict, guarded
 from provisioner.state.codec import host_from_fields, host_to_fields
 from provisioner.state.events import EventsMixin
@@ -29,6 +35,7 @@ def _allowed(operator: bool) -> str:
 
 
 _ALLOWED = {False: _allowed(False), True: _allowed(True)}
+_WATCHED = ",".join(sorted(s.value for s in WATCHED_HOST_STATES))  # moves into these stamp watched_since
 
 
 class Renewal(StrEnum):
@@ -112,14 +119,15 @@ class HostsMixin(EventsMixin, StoreBase):
         """Compare-and-set a host's state: only from ``expected`` (what the writer read), only along
         HOST_TRANSITIONS (plus OPERATOR_HOST_TRANSITIONS with ``operator``).  Returns the previous state.
         With ``fence`` (the leader monitor's fencing token) the write is applied only while that token
-        leads, in the same atomic step.
+        leads, in the same atomic step.  A move into WATCHED_HOST_STATES from outside them stamps the
+        host's ``watched_since`` (Redis's clock) in that step too.
 
         Raises NotFoundError (unknown host), ConflictError (the state is no longer ``expected``, or the
         fence no longer leads) or InvalidTransition (the table forbids the move: dead/fenced are left only
         by an operator).
         """
         keys = [self.keys.host(name)]
-        args: list[Any] = [state.value, expected.value, reason[:500], _ALLOWED[operator]]
+        args: list[Any] = [state.value, expected.value, reason[:500], _ALLOWED[operator], _WATCHED]
         if fence is not None:
             keys.append(f"{self.keys.prefix}:ha:leader")
             args.append(str(fence))

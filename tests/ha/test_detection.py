@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ha.detection import Comebacks, Observation, Timing, Verdict, classify, judge
+from ha.detection import Observation, Timing, Verdict, classify, heard_at, judge
 from provisioner.model import HostState
 
 CRIT = Timing(lease_ttl_s=0.5, dead_after_s=1.0, samples=2)
@@ -88,23 +88,25 @@ def test_heard_by_peers_is_cut_off_not_dead() -> None:
     assert not heard_by_majority("a", {}, set())  # nobody left to ask
 
 
-def test_a_host_back_in_watch_is_judged_from_its_return_until_it_renews() -> None:
-    cb = Comebacks()
-    assert cb.last_heard("a", HostState.UP, 100.0, 105.0) == 100.0  # never seen out of watch: its renewal
-    assert cb.last_heard("a", HostState.FENCED, 100.0, 110.0) == 100.0  # dead: not judged anyway
-    # Rejoined (UP) while its new agent holds the lease but has not renewed yet: from the first round back.
-    assert cb.last_heard("a", HostState.UP, 100.0, 120.0) == 120.0
-    assert cb.last_heard("a", HostState.UP, 100.0, 121.0) == 120.0
-    assert classify(obs("a", 121.0 - 120.0, t=STD)) is Verdict.ALIVE  # was SILENT at 21 s: dead again
-    assert classify(obs("a", 126.0 - 120.0, t=STD)) is Verdict.SILENT  # never renews: still caught
-    assert cb.last_heard("a", HostState.UP, 121.5, 122.0) == 121.5  # renewed since: its renewals again
-    assert cb.back_at == {}
+@pytest.mark.parametrize(
+    ("state", "last_seen", "watched_since", "expected"),
+    [
+        (HostState.UP, 100.0, 0.0, 100.0),  # never left watch: its renewal
+        (HostState.UP, 100.0, 120.0, 120.0),  # back (rejoin) before its agent renewed: from its return
+        (HostState.DRAINING, 100.0, 120.0, 120.0),
+        (HostState.SUSPECT, 100.0, 120.0, 120.0),
+        (HostState.UP, 121.5, 120.0, 121.5),  # renewed since its return: its renewals again
+        (HostState.MAINTENANCE, 100.0, 120.0, 100.0),  # out of watch: not judged anyway
+        (HostState.FENCED, 100.0, 120.0, 100.0),
+    ],
+)
+def test_a_host_back_in_watch_is_judged_from_its_return_until_it_renews(
+    state: HostState, last_seen: float, watched_since: float, expected: float
+) -> None:
+    assert heard_at(state, last_seen, watched_since) == expected
 
 
-def test_a_host_declared_dead_this_round_or_removed() -> None:
-    cb = Comebacks()
-    cb.left("a")  # the leader declared it dead; the operator rejoins it before the next round
-    assert cb.last_heard("a", HostState.UP, 100.0, 130.0) == 130.0
-    cb.left("b")
-    cb.keep(["a"])
-    assert set(cb.back_at) == {"a"}
+def test_counted_from_its_return_a_host_that_never_renews_is_still_caught() -> None:
+    back = heard_at(HostState.UP, 100.0, 120.0)
+    assert classify(obs("a", 121.0 - back, t=STD)) is Verdict.ALIVE  # 21 s from its renewal: was SILENT
+    assert classify(obs("a", 126.0 - back, t=STD)) is Verdict.SILENT  # never renews: dead_after_s later

@@ -159,3 +159,88 @@ def test_a_rejoined_host_whose_agent_never_renews_is_still_declared_dead(
     finally:
         for k in keepers.values():
             k.close()
+
+
+# ---- a leader change right after a return to watch (the return is on the host record, not in a leader) ---
+def _leave_and_return(mon: Monitor, rt: Any, keeper: LeaseKeeper, via: HostState) -> None:
+    """hv1 leaves watch with its agent gone (``via`` maintenance: the operator's, its agent stopped for it;
+    ``via`` fenced: it died and was declared dead and fenced), stays away until its last renewal is older
+    than its class's dead_after_s (2 s), and the operator brings it back into watch — undrain after a
+    maintenance (no lease needed), rejoin after a death (the store's move; `dynvm host rejoin`'s lease
+    check is the CLI's) — while its agent has not renewed yet.  The leader sees it back for one round."""
+    step_until(mon, lambda: mon.fence > 0, "the monitor to lead")
+    if via is HostState.MAINTENANCE:
+        rt.store.set_host_state("hv1", via, expected=HostState.UP, reason="maintenance", operator=True)
+        keeper.close()
+    else:
+        _kill_and_fence_hv1(mon, rt, keeper)
+    step_until(mon, lambda: _redis_now(rt) - rt.store.require_host("hv1").last_seen > 2.5,
+               "hv1's last renewal to be older than its dead_after_s")
+    rt.store.set_host_state("hv1", HostState.UP, expected=via, reason="operator back", operator=True)
+    mon.step()
+    assert rt.store.require_host("hv1").state is HostState.UP
+
+
+def _redis_now(rt: Any) -> float:
+    sec, usec = rt.store.r.time()
+    return float(sec) + float(usec) / 1e6
+
+
+def _hand_over(old: Monitor, new: Monitor) -> None:
+    """The leader goes right now (its lease resigned: what a standby finds once a killed leader's lease
+    expired) and the standby leads, with a fresh engine."""
+    first = old.fence
+    assert first > 0 and old.lease.resign(first)
+    step_until(new, lambda: new.fence > first, "the standby to lead")
+
+
+@pytest.mark.parametrize("via", [HostState.MAINTENANCE, HostState.FENCED])
+def test_a_new_leader_does_not_declare_a_host_just_back_in_watch_dead(
+    tmp_path: Path, redis_url: str, via: HostState
+) -> None:
+    """The leader that saw hv1 come back judged it from its return; a leader elected right after judged it
+    on its renewal from before it left (the return lived in the old leader's memory) and declared it dead
+    within `samples` rounds ('up -> dead: lease silent 2.6 s')."""
+    mon, rt = _rejoin_world(tmp_path, redis_url)
+    standby = Monitor(rt, mon.settings, "mon-standby")
+    keepers = {h: _keeper(rt, h, f"agent-{h}-1") for h in ("hv1", "hv2", "hv3")}
+    try:
+        _leave_and_return(mon, rt, keepers["hv1"], via)
+        mark = rt.store.last_event_id()
+        _hand_over(mon, standby)
+        for _ in range(6):  # three times `samples` rounds before the agent's first renewal
+            standby.step()
+        evs = rt.store.read_events(count=50, since_id=mark)
+        assert rt.store.require_host("hv1").state is HostState.UP, [(e.kind, e.message) for e in evs]
+        keepers["hv1"] = _keeper(rt, "hv1", "agent-hv1-2")  # its agent back: renewals from now on
+        step_until(standby, lambda: keepers["hv1"].stats.renewals >= 4, "three more renewals of hv1's lease")
+        assert rt.store.require_host("hv1").state is HostState.UP
+        assert [e for e in rt.store.read_events(count=200, since_id=mark) if e.kind == "host_dead"] == []
+        assert standby.errors == 0
+    finally:
+        for k in keepers.values():
+            k.close()
+
+
+@pytest.mark.parametrize("via", [HostState.MAINTENANCE, HostState.FENCED])
+def test_after_a_leader_change_a_host_back_whose_agent_never_renews_is_dead_dead_after_s_after_its_return(
+    tmp_path: Path, redis_url: str, via: HostState
+) -> None:
+    mon, rt = _rejoin_world(tmp_path, redis_url)
+    standby = Monitor(rt, mon.settings, "mon-standby")
+    keepers = {h: _keeper(rt, h, f"agent-{h}-1") for h in ("hv1", "hv2", "hv3")}
+    try:
+        _leave_and_return(mon, rt, keepers["hv1"], via)
+        back = rt.store.require_host("hv1")
+        assert back.watched_since > back.last_seen + 2.5  # the return, stamped from Redis's clock
+        mark = rt.store.last_event_id()
+        _hand_over(mon, standby)
+        step_until(standby, lambda: rt.store.require_host("hv1").state in (HostState.DEAD, HostState.FENCED),
+                   "hv1 declared dead again")
+        dead = [e for e in rt.store.read_events(count=200, since_id=mark) if e.kind == "host_dead"]
+        assert [e.host for e in dead] == ["hv1"]
+        at = int(dead[0].id.split("-")[0]) / 1000  # the stream id: Redis's clock, in ms
+        assert at >= back.watched_since + 2.0 - 0.001, (at - back.watched_since, dead[0].message)
+    finally:
+        for k in keepers.values():
+            k.close()
