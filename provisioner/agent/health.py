@@ -6,7 +6,9 @@ health marks, and
 - samples each VM by its image version's ``health`` probe every ``interval_s`` (each sample in a small
   pool, given ``timeout_s``; never two samples of one VM at once), counts failures in a row
   (``ha.health.sample``) and writes ``unhealthy`` / ``healthy`` by compare-and-set when the verdict
-  changes, with an event;
+  changes, with an event that, like the mark's detail, says why the last sample failed.  A probe that
+  raises is a failed sample: its exception's one line is that reason, and is logged with the instance
+  (once per VM and error text, not on every sample);
 - carries out what the leader's keeper asked of a hung VM (mark ``restart`` or ``relocate``): holding the
   instance's boot slot it re-reads the record, moves it ``ready -> stopping`` (the reconciler leaves a
   stopping VM to its stopper), destroys the domain (its disks stay), and only then moves the record
@@ -55,6 +57,8 @@ class _Watch:
     counter: Counter
     due: float = 0.0
     inflight: Future[bool] | None = None
+    error: str = ""  # why its last sample failed (what an unhealthy mark says); "" after a pass
+    raised: str = ""  # what its probe last raised, as logged; logged again only once it changes or passed
 
 
 @dataclass
@@ -183,8 +187,9 @@ class HealthLoop:
         if w.inflight is not None:
             if not w.inflight.done():
                 return
-            ok = _result(w.inflight)
+            ok, raised = _result(w.inflight)
             w.inflight = None
+            self._note(inst, w, ok, raised)
             w.counter, change = sample(w.counter, ok, w.probe.failures)
             if change is not None:
                 self._write(inst, w, change)
@@ -192,10 +197,27 @@ class HealthLoop:
             w.due = now + w.probe.interval_s
             w.inflight = self._pool.submit(w.runner.check)
 
+    def _note(self, inst: Instance, w: _Watch, ok: bool, raised: str) -> None:
+        """Keep why this sample failed.  A probe that raised is logged when its error text is new (a probe
+        raising on every sample would write a line every ``interval_s`` for as long as it does)."""
+        if ok:
+            if w.raised:
+                log.info("health %s: %s: %s passes again", self.host, inst.id, w.runner.what)
+            w.error = w.raised = ""
+            return
+        if not raised:
+            w.error = getattr(w.runner, "last_error", "") or f"{w.runner.what}: no answer"
+            return
+        w.error = f"{w.runner.what}: {raised}"
+        if raised != w.raised:
+            w.raised = raised
+            log.warning("health %s: %s: probe %s raised %s (a failed sample; said again when it changes)",
+                        self.host, inst.id, w.runner.what, raised)
+
     def _write(self, inst: Instance, w: _Watch, new: Mark) -> None:
         detail = ""
         if new is Mark.UNHEALTHY:
-            detail = getattr(w.runner, "last_error", "") or f"{w.runner.what}: no answer"
+            detail = w.error or f"{w.runner.what}: no answer"
         expect = frozenset({Mark.HEALTHY}) if new is Mark.UNHEALTHY else frozenset({Mark.UNHEALTHY})
         try:
             self.marks.set(inst.id, state=InstanceState.READY, host=self.host, epoch=inst.epoch,
@@ -284,10 +306,12 @@ class HealthLoop:
             pipe.execute()
 
 
-def _result(f: Future[bool]) -> bool:
+def _result(f: Future[bool]) -> tuple[bool, str]:
+    """A sample's outcome, with the one line of what its probe raised ("" if it did not)."""
     try:
-        return bool(f.result())
-    except Exception:  # a probe that raised is a failed sample
-        return False
+        return bool(f.result()), ""
+    except Exception as err:  # a probe that raised is a failed sample; the caller says why
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return False, (f"{type(err).__name__}: {text}" if text else type(err).__name__)[:300]
 
 
