@@ -75,9 +75,10 @@ def test_redis_killed_during_30_provisions_strands_nothing(tmp_path: Path, aof_r
         threads = [threading.Thread(target=client, args=(n,)) for n in range(30)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        # The kill comes a third of the way through: 10 requests recorded, the other 20 meet the outage.
+        wait_until(lambda: len(got) >= 10, 60, 0.02, "ten requests recorded before the kill")
         aof_redis.kill()
-        time.sleep(3.0)
+        time.sleep(3.0)  # not synchronisation: the reproducer's 3 s outage (spans the later clients' starts)
         aof_redis.start()
         for t in threads:
             t.join(60)
