@@ -206,6 +206,11 @@ class Config(Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     catalogue_dir: Path = Path("images")
     domain_type: DomainType = DomainType.KVM
+    # How libvirt reads a started guest's CPU back: "x86" (two QMP reads; each domain carries
+    # <qemu:capabilities><qemu:del capability='cpu-unavailable-features'/>, which libvirt logs as a taint) or
+    # "generic" (libvirt 9.x's default with QEMU >= 4.1: ~415 QMP reads, ~0.25 s more QEMU CPU per start).
+    # Same guest either way (provisioner/hypervisor/domxml.py X86_CPU_READBACK_CAPABILITY).
+    guest_cpu_readback: Literal["x86", "generic"] = "x86"
     storage: StorageConfig = StorageConfig()
     hosts: list[HostConfig] = Field(default_factory=list)
     identity: IdentityConfig = IdentityConfig()

@@ -114,5 +114,6 @@ def spec_for(
         if test or image.spec.exec.method.value != "serial"
         else ChannelSpec(path=str(exec_socket_path(rt, inst, host)), name=EXEC_CHANNEL),
         metadata=meta,
+        x86_cpu_readback=not test and cfg.guest_cpu_readback == "x86",
     )
     return build_domain_xml(spec)

@@ -156,13 +156,15 @@ def farm_up(
     keep_state: bool = False,
     host_classes: list[str] | None = None,
     ha: dict[str, float] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> FarmState:
     """Start the farm (an identical running farm is returned as it is).
 
     A new farm starts from clean state (its own Redis data, overlays and catalogue copy are wiped) unless
     ``keep_state``; then hosts of an earlier layout are removed, or put in maintenance while they hold VMs
     (the returned state's ``retired`` says which).  ``host_classes``: detection classes given to the hosts
-    in turn (default: every host "fast"); ``ha``: settings of the configuration's ha section.
+    in turn (default: every host "fast"); ``ha``: settings of the configuration's ha section; ``settings``:
+    top-level configuration settings over the farm's own (benchmarks: ``guest_cpu_readback``).
     """
     if driver not in ("test", "qemu"):
         raise PermanentError(f"--driver {driver!r}: choose test or qemu")
@@ -195,6 +197,7 @@ def farm_up(
             ignore=shutil.ignore_patterns("build", "*.sh", "__pycache__"),
         )
     cfg = _farm_config(layout, driver, names, url, qemu, host_cpus, host_memory_mib, host_classes, ha)
+    cfg.update(settings or {})
     Config.model_validate(cfg)  # our own output must be valid; fail here, not in four child processes
     tmp = layout.config_file.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))

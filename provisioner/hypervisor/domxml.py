@@ -18,7 +18,15 @@ from provisioner.errors import ValidationError
 
 DYNVM_NS = "https://dynvm.example/xmlns/dynvm/1"
 DYNVM_PREFIX = "dynvm"
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # <qemu:override> (DiskSpec.share_rw)
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"  # <qemu:override>, <qemu:capabilities>
+# libvirt >= 4.x reads a started x86 guest's CPU back through QEMU's generic path when QEMU advertises
+# ``unavailable-features``: with libvirt 9.0 / QEMU 7.2 (Debian 12) that is one QMP qom-get per CPU
+# property (~415 commands, ~1.5 MB of replies, ~49,000 monitor syscalls; QEMU reads its monitor one byte at a
+# time), about 0.25 s of QEMU CPU per start.  Without the capability libvirt takes its x86 path (two
+# qom-gets: feature-words, filtered-features) to the same result: same QEMU command line, same live <cpu>
+# (tests/farm_qemu/test_cpu_readback.py), ~1,100 syscalls.  libvirt marks such a domain tainted
+# (custom-hypervisor-feature) in its log.  Newer libvirt with QEMU >= 10.1 fetches all in one qom-list-get.
+X86_CPU_READBACK_CAPABILITY = "cpu-unavailable-features"
 METADATA_ROOT = "instance"
 # The metadata keys every dynvm domain carries; others matching KEY_RE are allowed for later needs.
 STANDARD_METADATA_KEYS = ("instance_id", "role", "vo", "owner", "image")
@@ -94,6 +102,9 @@ class DomainSpec:
     nics: tuple[NicSpec, ...] = ()
     channel: ChannelSpec | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # config guest_cpu_readback "x86": libvirt reads the started guest's CPU back its x86 way (see
+    # X86_CPU_READBACK_CAPABILITY); QEMU/KVM domains only.
+    x86_cpu_readback: bool = False
 
 
 def _check(pattern: re.Pattern[str], value: object, where: str) -> str:
@@ -170,6 +181,8 @@ def validate_spec(spec: DomainSpec) -> None:
         _check_path(spec.channel.path, "channel.path", max_len=SUN_PATH_MAX)
         _check(CHANNEL_NAME_RE, spec.channel.name, "channel.name")
     validate_metadata(spec.metadata)
+    if spec.x86_cpu_readback and spec.domain_type not in ("kvm", "qemu"):
+        raise ValidationError(f"x86_cpu_readback: only for kvm/qemu domains, not {spec.domain_type!r}")
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -253,6 +266,12 @@ def _disk_index(target: str) -> int:
     return n - 1
 
 
+def _qemu_capabilities(dom: ET.Element, spec: DomainSpec) -> None:
+    if spec.x86_cpu_readback:
+        caps = _sub(dom, f"{{{QEMU_NS}}}capabilities")
+        _sub(caps, f"{{{QEMU_NS}}}del", capability=X86_CPU_READBACK_CAPABILITY)
+
+
 def _qemu_overrides(dom: ET.Element, spec: DomainSpec) -> None:
     shared = [d for d in spec.disks if d.share_rw]
     if not shared:
@@ -279,6 +298,7 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _sub(dom, "on_reboot", "restart")
     _sub(dom, "on_crash", "destroy")
     _devices(dom, spec)
+    _qemu_capabilities(dom, spec)
     _qemu_overrides(dom, spec)
     ET.indent(dom, space="  ")
     return ET.tostring(dom, encoding="unicode") + "\n"

@@ -130,6 +130,16 @@ def test_share_rw_overrides_the_disk_frontend_by_its_libvirt_alias() -> None:
     assert ET.fromstring(build_domain_xml(service_bridge())).find(f"{q}override") is None
 
 
+def test_x86_cpu_readback_drops_one_capability_for_this_domain() -> None:
+    """guest_cpu_readback "x86": <qemu:capabilities><qemu:del capability='cpu-unavailable-features'/>, and
+    nothing of the kind without it (tests/farm_qemu/test_cpu_readback.py proves the effect on libvirt)."""
+    q = f"{{{domxml.QEMU_NS}}}"
+    dom = ET.fromstring(build_domain_xml(dataclasses.replace(service_bridge(), x86_cpu_readback=True)))
+    (cap,) = dom.findall(f"{q}capabilities/*")
+    assert cap.tag == f"{q}del" and cap.attrib == {"capability": "cpu-unavailable-features"}
+    assert ET.fromstring(build_domain_xml(service_bridge())).find(f"{q}capabilities") is None
+
+
 def test_metadata_round_trip() -> None:
     assert parse_metadata(build_domain_xml(worker_test())) == META
 
@@ -191,6 +201,7 @@ def test_hostile_text_cannot_inject_even_unvalidated(value: str) -> None:
         ({"disks": (DiskSpec("/a.qcow2", format="vmdk"),)}, r"disks\[0\]\.format"),
         ({"disks": (DiskSpec("/a.qcow2", target="vda; rm"),)}, r"disks\[0\]\.target"),
         ({"disks": (DiskSpec("/a.qcow2", share_rw=True),)}, r"disks\[0\]\.share_rw"),
+        ({"domain_type": "test", "x86_cpu_readback": True}, "x86_cpu_readback"),
         ({"disks": (DiskSpec("/a.raw", format="raw", target="sda", share_rw=True),)}, "share_rw"),
         ({"disks": (DiskSpec("/a.raw", format="raw", shareable=True, share_rw=True),)}, "share_rw"),
         ({"nics": (NicSpec("52:54:00:12:34:5G", bridge="br0"),)}, r"nics\[0\]\.mac"),

@@ -36,7 +36,6 @@ from provisioner.farm.qemu.hostconf import (
     config_files,
     holder_script,
     migration_ports,
-    without_generic_cpu_fetch,
 )
 from provisioner.farm.qemu.procs import (
     boot_id,
@@ -67,8 +66,7 @@ START_TIMEOUT_S = 30.0
 class QemuFarm:
     """One QEMU farm rooted at ``base`` with hosts hv1..hvN (``hosts`` is the list of their names)."""
 
-    def __init__(self, base: Path, hosts: int, netns: str | None = None,
-                 x86_cpu_fetch: bool | None = None) -> None:
+    def __init__(self, base: Path, hosts: int, netns: str | None = None) -> None:
         if not 1 <= hosts <= 16:
             raise ValidationError(f"qemu farm: hosts={hosts} out of range 1..16")
         self.base = Path(base).resolve()
@@ -81,9 +79,6 @@ class QemuFarm:
         self.lockspace_dir = self.shared_dir / "lockspace"
         self.state_file = self.base / "qemu-farm.json"
         self.timings: dict[str, float] = {}
-        # What-if, off by default (hostconf.GENERIC_CPU_FETCH_FLAG): libvirt's older x86 CPU read-back.
-        self.x86_cpu_fetch = (os.environ.get("DYNVM_FARM_X86_CPU_FETCH") == "1"
-                              if x86_cpu_fetch is None else x86_cpu_fetch)
 
     # ---- addresses -------------------------------------------------------------------------------
     def paths(self, host: str) -> HostPaths:
@@ -198,28 +193,11 @@ class QemuFarm:
             link.unlink()  # no default NAT network: guests use the farm bridge
         for name, text in config_files(p, index, self.lockspace_dir).items():
             (p.etc / name).write_text(text)
-        self._what_if_caps(p)
         for stale in [*p.run.iterdir(), *p.channels.iterdir()]:
             if not stale.is_dir():
                 stale.unlink()
         for daemon in ("holder", "virtlockd", "virtlogd", "libvirtd"):
             p.pidfile(daemon).unlink(missing_ok=True)
-
-    def _what_if_caps(self, p: HostPaths) -> None:
-        """Before libvirtd starts (it reads its capabilities cache once; the cache is made on a host's first
-        define): with the what-if on, drop the generic CPU fetch flag and leave a marker; with it off, remove
-        a cache file the what-if edited, so that libvirtd probes QEMU afresh instead of running the edit."""
-        for caps in sorted((p.cache / "qemu" / "capabilities").glob("*.xml")):
-            marker = caps.with_name(caps.name + ".dynvm-what-if")
-            if not self.x86_cpu_fetch:
-                if marker.exists():
-                    caps.unlink(missing_ok=True)
-                    marker.unlink()
-                continue
-            text = caps.read_text()
-            if without_generic_cpu_fetch(text) != text:
-                marker.touch()
-                caps.write_text(without_generic_cpu_fetch(text))
 
     def _start_holders(self, hosts: list[str] | None = None) -> dict[str, int]:
         procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -118,24 +118,6 @@ def qemu_conf(index: int) -> str:
     )
 
 
-# libvirt 9.0 (Debian 12) reads a started x86 guest's CPU back with one QMP ``qom-get`` per CPU property
-# (~415 commands, ~48 KB that QEMU's monitor reads one byte at a time) when QEMU advertises
-# ``unavailable-features`` (QEMU >= 4.1); without that capability it uses the older x86 path (two qom-gets of
-# ``feature-words`` / ``filtered-features``).  Measured on this machine, one define+start: QEMU 0.37 s CPU
-# (0.20 s of it the monitor thread) + libvirtd 0.05 s, against ~0.2 s + 0.01 s without the flag; five
-# concurrent starts on one host 1.38 s -> 0.85 s (load ~2).  Newer libvirt fetches all properties in one
-# ``qom-list-get`` (QEMU >= 10.1).  Dropping the flag from a host's capabilities cache is a what-if for the
-# farm only (DYNVM_FARM_X86_CPU_FETCH=1, off by default): production hosts and the Pacemaker peer run stock
-# libvirt, so figures taken with it on are not comparable with theirs.
-GENERIC_CPU_FETCH_FLAG = "<flag name='cpu-unavailable-features'/>"
-
-
-def without_generic_cpu_fetch(caps_xml: str) -> str:
-    """A libvirt QEMU capabilities cache file without the flag that selects the per-property CPU fetch."""
-    lines = [line for line in caps_xml.splitlines() if line.strip() != GENERIC_CPU_FETCH_FLAG]
-    return "\n".join(lines) + "\n"
-
-
 def qemu_lockd_conf(lockspace: Path) -> str:
     return (
         "auto_disk_leases = 1\n"
