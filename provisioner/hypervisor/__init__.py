@@ -1,1 +1,2 @@
-"""The hypervisor seam: libvirt access (libvirt_host, the only module importing libvirt), pure domain XML."""
+"""The hypervisor seam: libvirt access (libvirt_host over libvirt_conn, the only modules importing libvirt),
+pure domain XML."""
