@@ -67,13 +67,16 @@ def farm_kill(layout: FarmLayout, host: str, timeout_s: float = 15.0) -> dict[st
     st = _running(layout, host)
     layout.down_dir.mkdir(parents=True, exist_ok=True)
     marker = layout.down_dir / host
-    killed_at = time.time()
-    marker.write_text(f"{killed_at:.6f}\n")  # first: the supervisor must not restart what dies next
     children = _host_children(st, host)
     pids = [p for pid in children.values() for p in (pid, *descendants(pid))]
     watchdog = watchdog_pid(layout, host)
     if watchdog is not None and watchdog not in pids:
         pids.append(watchdog)
+    # The death's time is the first signal's, not the start of this call: finding the processes (a /proc
+    # walk, the watchdog's lock from the configuration) took ~0.1 s, a window in which the agent could
+    # still renew its lease, and failover benchmarks count from killed_at.
+    killed_at = time.time()
+    marker.write_text(f"{killed_at:.6f}\n")  # first: the supervisor must not restart what dies next
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
