@@ -6,8 +6,9 @@
 
 A 4-host QEMU farm (its own directory, two monitors) whose hosts carry the detection classes in turn
 (hv1 critical, hv2 fast, hv3 standard, hv4 critical).  One trial: N service VMs (CE, SE, WMS, ...) are
-started on the victim (the host of the class under test) and become ready; ``farm kill`` SIGKILLs its agent,
-watchdog, libvirtd, virtlockd and guests at t = 0; the clock stops when every one of them is *running* in
+started on the victim (the host of the class under test) and become ready; after a random part of the
+victim's lease-renewal period (seeded) ``farm kill`` SIGKILLs its agent, watchdog, libvirtd, virtlockd and
+guests at t = 0; the clock stops when every one of them is *running* in
 libvirt on a survivor (polled every 20 ms, as the Pacemaker harness polls every 50 ms) and when every one
 is *ready* (its readiness probe passed, as recorded by its agent).  The host is then revived and rejoined
 by the operator path, the VMs released.  Sizes alternate trial by trial (the same load for both); the
