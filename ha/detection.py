@@ -17,9 +17,6 @@ from enum import StrEnum
 
 from provisioner.model import WATCHED_HOST_STATES, HostState
 
-# Hosts whose death the monitor acts on; maintenance is disarmed, dead/fenced are already handled.
-WATCHED_STATES = WATCHED_HOST_STATES
-
 
 class Verdict(StrEnum):
     ALIVE = "alive"  # renewed within its lease
@@ -71,7 +68,7 @@ class Outcome:
 
 def classify(obs: Observation) -> Verdict:
     """One observation on its own (no debounce)."""
-    if obs.state not in WATCHED_STATES:
+    if obs.state not in WATCHED_HOST_STATES:
         return Verdict.IGNORED
     if obs.lease_alive and obs.silence_s <= obs.timing.lease_ttl_s:
         return Verdict.ALIVE
@@ -139,6 +136,6 @@ def heard_at(state: HostState, last_seen: float, watched_since: float) -> float:
     compare-and-set that moved it back (provisioner.state.hosts.set_host_state), so a leader elected
     after the return judges it as the one that saw it; a fencing deadline computed from it errs late.
     """
-    if state not in WATCHED_STATES:
+    if state not in WATCHED_HOST_STATES:
         return last_seen
     return max(last_seen, watched_since)
