@@ -4,12 +4,14 @@ a service VM (issue #4)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
+from provisioner.agent.domain import serial_log_path
 from provisioner.control.client import ENDED, choose_image, release, submit, wait
 from provisioner.control.execjob import exec_in_vm
 from provisioner.control.inventory import host_inventory
@@ -162,6 +164,11 @@ def test_se_data_survives_a_crash_and_a_restart_on_another_host(qfarm: QFarm) ->
     dup = xml.replace(se.domain_name, se.domain_name + "-dup").replace(
         "<uuid>", "<uuid>", 1)
     dup = dup.split("<uuid>")[0] + dup.split("</uuid>", 1)[1]
+    # Without dynvm's metadata: the other host's reconciler would otherwise see its instance id there and
+    # destroy the copy as an orphan, racing the start (QEMU then dies mid-start with no lock message; seen
+    # in CI as "process exited while connecting to monitor").  The refusal under test is the storage lock's.
+    dup = re.sub(r"<metadata[ >].*?</metadata>", "", dup, count=1, flags=re.S)
+    assert "instance_id" not in dup
     second = LibvirtHost(other.uri)
     with pytest.raises(HypervisorPermanentError) as err:
         second.define_and_start(se.domain_name + "-dup", dup)
@@ -185,34 +192,77 @@ def test_se_data_survives_a_crash_and_a_restart_on_another_host(qfarm: QFarm) ->
     assert not list(qfarm.rt.config.storage.overlays.glob(f"{se.id}*"))
 
 
-def test_a_guest_that_never_gets_ready_fails_at_its_deadline_and_is_cleaned_up(
-    qfarm: QFarm, tmp_path: Path
-) -> None:
-    cms = qfarm.rt.catalogue.resolve("cms-wn")
+def never_ready_image(farm: QFarm, tmp_path: Path, name: str, timeout_s: float) -> None:
+    """A CMS worker image whose readiness marker never appears (the guest boots and prints its usual
+    DYNVM_READY line), added to the farm's catalogue as ``name``."""
+    cms = farm.rt.catalogue.resolve("cms-wn")
     boot = cms.spec.boot
     assert boot is not None and boot.initrd is not None
     fam = {
-        "name": "never-ready-wn", "kind": "worker", "vos": ["cms"],
+        "name": name, "kind": "worker", "vos": ["cms"],
         "versions": [{
             "version": "1.0",
             "boot": {"kernel": boot.kernel.model_dump(), "initrd": boot.initrd.model_dump(),
                      "cmdline": boot.cmdline},
-            "readiness": {"type": "serial_marker", "marker": "THIS_NEVER_APPEARS", "timeout_s": 8},
+            "readiness": {"type": "serial_marker", "marker": "THIS_NEVER_APPEARS", "timeout_s": timeout_s},
         }],
         "channels": {"stable": "1.0"},
     }
-    f = tmp_path / "never-ready-wn.yaml"
+    f = tmp_path / f"{name}.yaml"
     f.write_text(yaml.safe_dump(fam))
     from provisioner.catalogue.store import Catalogue
 
-    cat = Catalogue.load(qfarm.rt.config.catalogue_dir, qfarm.rt.config.storage.artefacts)
+    cat = Catalogue.load(farm.rt.config.catalogue_dir, farm.rt.config.storage.artefacts)
     cat.add(f)
-    qfarm.rt.catalogue = Catalogue.load(qfarm.rt.config.catalogue_dir, qfarm.rt.config.storage.artefacts)
+    farm.rt.catalogue = Catalogue.load(farm.rt.config.catalogue_dir, farm.rt.config.storage.artefacts)
+
+
+def test_a_guest_that_never_gets_ready_fails_at_its_deadline_and_is_cleaned_up(
+    qfarm: QFarm, tmp_path: Path
+) -> None:
+    never_ready_image(qfarm, tmp_path, "never-ready-wn", 8)
     img, vo = choose_image(qfarm.rt, "never-ready-wn", "cms")
     inst, _ = submit(qfarm.rt, img, vo)
     done = wait(qfarm.rt, inst.id, 120, until=ENDED)
     assert done.state is InstanceState.FAILED
     assert "THIS_NEVER_APPEARS" in done.reason or "ready" in done.reason.lower()
+    # What the guest printed last is in the reason (its DYNVM_READY line or a later DYNVM_TICK).
+    assert "; console: DYNVM_" in done.reason, done.reason
     assert where(qfarm, inst.id) == []
     assert not (qfarm.rt.config.storage.shared_dir / "run" / inst.id).exists()
     assert all(inst.id not in qfarm.rt.store.claims_on(h.name) for h in qfarm.rt.store.list_hosts())
+
+
+def test_a_guest_destroyed_while_booting_fails_that_boot_at_once_not_at_its_deadline(
+    qfarm: QFarm, tmp_path: Path
+) -> None:
+    # A 300 s readiness deadline, far beyond the wait below: only the domain watch can end the boot.
+    never_ready_image(qfarm, tmp_path, "slow-ready-wn", 300)
+    img, vo = choose_image(qfarm.rt, "slow-ready-wn", "cms")
+    inst, _ = submit(qfarm.rt, img, vo)
+    try:
+        booting = wait(qfarm.rt, inst.id, 60, until=frozenset({InstanceState.BOOTING}))
+        assert booting.host is not None
+        conn = LibvirtHost(qfarm.rt.config.host(booting.host).uri)  # type: ignore[union-attr]
+        try:
+            wait_until(lambda: conn.state(inst.domain_name).value == "running", timeout=60, interval=0.1,
+                       what="the domain running")
+            log = serial_log_path(qfarm.rt, booting, booting.host)
+            wait_until(lambda: b"DYNVM_" in log.read_bytes(), timeout=60, interval=0.1,
+                       what="the guest's first DYNVM_ line on its console")
+            mark = qfarm.rt.store.last_event_id()
+            conn.destroy(inst.domain_name)
+        finally:
+            conn.close()
+
+        def retried() -> list[str]:
+            return [e.message for e in qfarm.rt.store.read_events(count=500, since_id=mark)
+                    if e.instance == inst.id and e.kind == "retry"]
+
+        msgs = wait_until(retried, timeout=60, interval=0.2, what="the boot's retry after the destroy")
+        assert "into the readiness wait" in msgs[0] and "domain shutoff" in msgs[0], msgs
+        assert "; console: " in msgs[0], msgs  # the guest had printed something before it was destroyed
+    finally:
+        release(qfarm.rt, inst.id)
+        wait(qfarm.rt, inst.id, 120, until=ENDED)
+    assert where(qfarm, inst.id) == []
