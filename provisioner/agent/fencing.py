@@ -252,7 +252,14 @@ class AgentFencing:
         if by_state is not None and self._still_fenced():
             self._fence_by_state(by_state)
             return Decision(Action.FENCE, False, by_state)
-        d = decide(self.isolation(now), storage, self.ttl_s, self.config.ha.fence_margin_s)
+        iso = self.isolation(now)
+        d = decide(iso, storage, self.ttl_s, self.config.ha.fence_margin_s)
+        if by_state is not None and storage is None and d.action is Action.NONE:
+            # Rejoined (up again in Redis) since the last renewal, which did not pet: pet now, not at the
+            # next renewal, or the watchdog, still expired, would destroy an HA guest placed here meanwhile.
+            pet(self.pet_path)
+            log.warning("fencing %s: %s no more; watchdog petted (last renewal %.1f s ago)",
+                        self.host, by_state, iso.since_renewal_s)
         if not self.config.ha.self_fence and storage is None:
             d = Decision(Action.NONE, False, "")  # test-only: the quorum rule is off (ha.self_fence)
         if d.pet:

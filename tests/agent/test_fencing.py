@@ -32,8 +32,9 @@ from provisioner.hypervisor.domxml import DomainSpec, build_domain_xml
 from provisioner.hypervisor.libvirt_host import LibvirtHost
 from provisioner.hypervisor.testdriver import write_test_host_xml
 from provisioner.interfaces import DomainState
-from provisioner.model import Capacity, Host
+from provisioner.model import Capacity, Host, HostState
 from provisioner.state import StateStore
+from provisioner.state.hosts import Renewal
 from tests.conftest import free_port, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.libvirt]
@@ -295,3 +296,35 @@ def test_a_fence_stays_a_fence_when_peers_come_back_before_redis(world: World) -
     finally:
         for p in back.values():
             p.stop()
+
+
+def test_a_rejoined_host_pets_its_watchdog_at_once_not_at_the_next_renewal(tmp_path: Path,
+                                                                          redis_url: str) -> None:
+    """Declared dead, the agent stops petting (its renewals see the state); an operator's rejoin must pet
+    the watchdog within a fencing cycle, or the still-expired watchdog destroys an HA guest placed on the
+    host before the next renewal.  No threads: the agent's own hooks are called in their order."""
+    uri = write_test_host_xml(tmp_path / "hv1.xml", cpus=8, memory_mib=8192)
+    cfg = Config(
+        redis_url=redis_url, domain_type="test", catalogue_dir=tmp_path,
+        detection_classes={"t": DetectionClass(lease_ttl_s=TTL, dead_after_s=2.0)},
+        hosts=[HostConfig(name="hv1", uri=uri, detection_class="t")],
+        ha=HAConfig(run_dir=tmp_path / "run", fence_margin_s=0.5),
+    )
+    store = StateStore(redis_url)
+    store.register_host(Host("hv1", uri, capacity=Capacity(8, 8192)))
+    hv = LibvirtHost(uri)
+    fencing = AgentFencing(cfg, "hv1", hv, store, TTL)
+    try:
+        fencing.last_ok = time.monotonic()
+        fencing.on_renewed(Renewal.RENEWED)
+        assert last_pet(fencing.pet_path) is not None  # up: a renewal pets
+        fencing.pet_path.unlink()
+        store.set_host_state("hv1", HostState.DEAD, expected=HostState.UP, reason="test")
+        fencing.on_renewed(Renewal.RENEWED)
+        assert fencing.cycle().action is Action.FENCE
+        assert last_pet(fencing.pet_path) is None  # dead in Redis: neither renewal nor cycle pets
+        store.set_host_state("hv1", HostState.UP, expected=HostState.DEAD, reason="rejoin", operator=True)
+        assert fencing.cycle().action is Action.NONE
+        assert last_pet(fencing.pet_path) is not None  # petted by the cycle that saw the rejoin
+    finally:
+        hv.close()
