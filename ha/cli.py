@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from provisioner.cli.context import CliContext
+from provisioner.cli.daemons import add_log_format
 from provisioner.errors import EXIT_OK, NotFoundError, UnavailableError, ValidationError
 
 
@@ -57,6 +58,7 @@ def register(subparsers: Any) -> None:
                      help="seconds between rounds (default: the configuration's ha.round_s)")
     mon.add_argument("--lease", type=float, default=None, metavar="S",
                      help="leader lease, the takeover time (default: ha.leader_lease_s)")
+    add_log_format(mon)
     mon.set_defaults(func=cmd_monitor)
 
     wd = subparsers.add_parser(
@@ -64,6 +66,7 @@ def register(subparsers: Any) -> None:
         help="a host's watchdog: kills its HA guests when its agent stops petting (agents start it)",
     )
     wd.add_argument("--host", required=True, metavar="NAME")
+    add_log_format(wd)
     wd.set_defaults(func=cmd_watchdog)
 
 
@@ -232,12 +235,14 @@ def cmd_monitor(ctx: CliContext, args: argparse.Namespace) -> int:
     from ha.engine import Settings
     from ha.monitor import Monitor, MonitorSettings
     from provisioner.cli.common import runtime
+    from provisioner.oplog import setup
 
     for name in ("round", "lease"):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and 0.01 <= v <= 3600):
             raise ValidationError(f"monitor --{name}: {v} is not between 0.01 and 3600 seconds")
     rt = runtime(ctx)
+    setup(args.log_format)
     ha = rt.config.ha
     engine = Settings(
         storm_share=ha.storm_share, safety_margin_s=ha.safety_margin_s, watchdog_s=ha.watchdog_s
@@ -270,12 +275,14 @@ def cmd_watchdog(ctx: CliContext, args: argparse.Namespace) -> int:
     from ha.watchdog import serve
     from provisioner.agent.handover import run_dir
     from provisioner.hypervisor.libvirt_host import LibvirtHost
+    from provisioner.oplog import setup
     from provisioner.yamlio import short_repr
 
     config = ctx.config
     hc = config.host(args.host)
     if hc is None:
         raise NotFoundError(f"host {short_repr(args.host)} is not in the configuration ({config.source})")
+    setup(args.log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -120,6 +120,8 @@ def run_watchdog(
                     st.fired += 1
                     st.armed = False
                     log.error("watchdog %s: no pet for %.1f s: fencing %s", pet_file, timeout_s, killed)
+                elif killed:  # an HA guest started (or came back) on the host while it is fenced
+                    log.error("watchdog %s: still no pet: destroyed %s", pet_file, killed)
                 st.killed += killed
             elif not st.armed:
                 st.armed = True

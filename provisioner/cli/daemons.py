@@ -18,8 +18,6 @@ MAX_CONCURRENCY = 256
 
 
 def register(sub: Any) -> None:
-    from provisioner.oplog import FORMATS
-
     p = sub.add_parser("agent", help="run the host agent of one hypervisor (serves queue host.NAME)")
     p.add_argument("--host", required=True, help="host name from the configuration")
     w = sub.add_parser("worker", help="run a control worker (serves queue provision; never talks to libvirt)")
@@ -30,14 +28,21 @@ def register(sub: Any) -> None:
             default=8,
             help=f"{what} (1..{MAX_CONCURRENCY}, default 8)",
         )
-        parser.add_argument(
-            "--log-format",
-            choices=FORMATS,
-            default="text",
-            help="one line per operation on stderr, as text or one JSON object (default text)",
-        )
+        add_log_format(parser)
     p.set_defaults(func=agent)
     w.set_defaults(func=worker)
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """``--log-format`` for a long-running process (agent, worker, monitor, watchdog)."""
+    from provisioner.oplog import FORMATS
+
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="one line per operation on stderr, as text or one JSON object (default text)",
+    )
 
 
 def agent(ctx: CliContext, args: argparse.Namespace) -> int:

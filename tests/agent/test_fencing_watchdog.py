@@ -6,6 +6,7 @@ The guests it kills are tested in-process (tests/ha/test_watchdog.py) and on rea
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -67,6 +68,10 @@ def test_one_watchdog_per_host_observable_rearmed_and_stopped(cfg: Path) -> None
         assert stop_watchdog(lock_file(run, "hv1"))
         assert proc.wait(timeout=10) == 0
         assert holder(lock_file(run, "hv1")) is None
+        # Its log (run/hv1.watchdog.log) says when: each line stamped, as the agents' and monitors' are.
+        lines = (run / "hv1.watchdog.log").read_text().splitlines()
+        fired = [ln for ln in lines if "no pet for" in ln]
+        assert len(fired) == 1 and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ERROR ", fired[0]), lines
     finally:
         if proc.poll() is None:
             proc.kill()
