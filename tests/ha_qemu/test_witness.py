@@ -145,6 +145,14 @@ def guest_complaints(farm: HAFarm, inst: Instance) -> list[str]:
     return out
 
 
+def story(farm: HAFarm, iid: str, since: str) -> list[str]:
+    """For a failure message: the instance's events since ``since``, and the hosts' fencing events."""
+    kinds = ("host", "fenc", "self", "storage", "lease")
+    return [f"{e.ts} {e.kind} {e.host or '-'} {e.message[:200]}"
+            for e in farm.rt.store.read_events(count=5000, since_id=since)
+            if e.instance == iid or (e.instance is None and e.kind.startswith(kinds))]
+
+
 def guest_boot_id(farm: HAFarm, inst: Instance) -> str:
     out = exec_in_vm(farm.rt, inst.id, ["cat", "/proc/sys/kernel/random/boot_id"], 60)
     assert out["exit_code"] == 0, out
@@ -222,7 +230,8 @@ def test_isolated_hosts_self_fence_and_the_witness_never_shows_two_copies(hafarm
                 wait_until(closed, timeout=300, interval=0.2, what=f"round {rnd}: {victim}'s recovery")
                 for m in moving:
                     now = store.require_instance(m.id)
-                    assert now.state is InstanceState.READY and now.host not in (None, victim), now
+                    assert now.state is InstanceState.READY and now.host not in (None, victim), \
+                        (now, story(hafarm, m.id, mark))
                     failovers[m.id] += 1
                 # The isolated host's copies are gone (self-fenced: its libvirtd was never touched).
                 conn = LibvirtHost(host_uri(hafarm, victim))
