@@ -103,20 +103,28 @@ class TcpProbe:
             return False
 
 
+class GuestGaveUp(DynvmError):
+    """The guest printed its image's ``fail_marker``: it says it cannot become ready (no point waiting)."""
+
+
 class SerialMarkerProbe:
     """Follows a serial log file for a marker, from ``offset``; each sample reads only the new bytes.
 
     A file that shrank or was replaced (a restarted guest truncates its log) is followed from its start.
+    With ``fail_marker``, a sample that finds it first raises :class:`GuestGaveUp` naming the guest's line.
     """
 
-    def __init__(self, path: str | os.PathLike[str], marker: str, offset: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike[str], marker: str, offset: int = 0,
+                 fail_marker: str | None = None) -> None:
         if not marker:
             raise ValidationError("serial_marker probe: empty marker")
         self.path = Path(path)
         self.marker = marker.encode()
+        self.fail_marker = fail_marker.encode() if fail_marker else None
         self.offset = offset
         self._ino: int | None = None
-        self._tail = b""  # the last len(marker)-1 bytes, for a marker split across two reads
+        self._keep = max(len(self.marker), len(self.fail_marker or b"")) - 1
+        self._tail = b""  # the last _keep bytes, for a marker split across two reads
         self.found_at: int | None = None
         self.what = f"serial marker {marker!r} in {self.path}"
 
@@ -135,10 +143,15 @@ class SerialMarkerProbe:
             return False
         data = self._tail + new
         i = data.find(self.marker)
+        j = data.find(self.fail_marker) if self.fail_marker else -1
+        if j >= 0 and (i < 0 or j < i):
+            line = data[j:].split(b"\n", 1)[0].decode("ascii", "replace")
+            text = "".join(c if 32 <= ord(c) < 127 else "?" for c in line.strip())[:160]
+            raise GuestGaveUp(f"{self.path}: the guest printed {text!r}")
         if i >= 0:
             self.found_at = self.offset - len(self._tail) + i
         self.offset += len(new)
-        self._tail = data[-(len(self.marker) - 1) :] if len(self.marker) > 1 else b""
+        self._tail = data[-self._keep:] if self._keep > 0 else b""
         return self.found_at is not None
 
 
@@ -258,7 +271,7 @@ def make_probe(
     if t is ProbeType.DOMAIN_STATE and domain_state is not None:
         return DomainStateProbe(domain_state)
     if t is ProbeType.SERIAL_MARKER and serial_log is not None and spec.marker:
-        return SerialMarkerProbe(serial_log, spec.marker, serial_offset)
+        return SerialMarkerProbe(serial_log, spec.marker, serial_offset, spec.fail_marker)
     if t is ProbeType.TCP and ip is not None and spec.port is not None:
         return TcpProbe(ip, spec.port, netns, connect_timeout=sample_timeout or 1.0)
     if t is ProbeType.EXEC and exec_socket is not None and spec.command:

@@ -25,7 +25,7 @@ def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
     wait_domain_running(rt, inst, min(probe.timeout_s, 30.0))
     if rt.config.domain_type is DomainType.TEST or probe.type is ProbeType.DOMAIN_STATE:
         return
-    from provisioner.probes import make_probe
+    from provisioner.probes import GuestGaveUp, make_probe
     from provisioner.probes import wait_ready as wait_probe
 
     assert rt.hypervisor is not None
@@ -46,6 +46,10 @@ def wait_ready(rt: Runtime, inst: Instance, image: ResolvedImage) -> None:
         raise NotReadyError(
             f"{inst.id} ({image.ref}) on {rt.host}: not ready after {probe.timeout_s:.0f} s "
             f"({probe.type.value} probe): {err}{console_tail(log_path)}"
+        ) from None
+    except GuestGaveUp as err:  # the image's fail_marker: the guest itself says it will not get ready
+        raise NotReadyError(
+            f"{inst.id} ({image.ref}) on {rt.host}: not ready ({probe.type.value} probe): {err}"
         ) from None
     except DomainStopped as err:
         # Not the image's fault as far as anyone can tell (a fence, an operator, the OOM killer): a

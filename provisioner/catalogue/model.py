@@ -125,6 +125,8 @@ class Probe(Strict):
 
     type: ProbeType
     marker: str | None = Field(default=None, pattern=r"^[A-Za-z0-9 _.:=/-]{1,128}$")
+    # serial_marker readiness only: a line the guest prints when it gives up (the boot fails at once)
+    fail_marker: str | None = Field(default=None, pattern=r"^[A-Za-z0-9 _.:=/-]{1,128}$")
     port: int | None = Field(default=None, ge=1, le=65535)
     command: list[str] | None = None
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
@@ -135,6 +137,8 @@ class Probe(Strict):
     def _needs(self) -> Probe:
         if self.type is ProbeType.SERIAL_MARKER and not self.marker:
             raise ValueError("a serial_marker probe needs 'marker'")
+        if self.fail_marker is not None and self.type is not ProbeType.SERIAL_MARKER:
+            raise ValueError("'fail_marker' belongs to a serial_marker probe")
         if self.type is ProbeType.TCP and self.port is None:
             raise ValueError("a tcp probe needs 'port'")
         if self.type is ProbeType.EXEC and not self.command:

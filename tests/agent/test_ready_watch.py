@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from provisioner.agent.ready import DomainStopped, StopsWhenDomainStops, console_tail
+from provisioner.catalogue.model import Probe as ProbeSpec
+from provisioner.catalogue.model import ProbeType
 from provisioner.errors import HypervisorError
 from provisioner.interfaces import DomainState
+from provisioner.probes import GuestGaveUp, SerialMarkerProbe
 
 
 class Probe:
@@ -106,3 +109,32 @@ def test_console_tail_is_the_last_printed_line_made_printable(tmp_path: Path) ->
     assert console_tail(log) == "; console: DYNVM_FAILED se mount /dev/vda?[2J?"
     log.write_bytes(b"A" * 500 + b"\n")
     assert console_tail(log, limit=20) == "; console: " + "A" * 20
+
+
+def test_a_fail_marker_ends_the_wait_with_the_guests_line(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    probe = SerialMarkerProbe(log, "DYNVM_READY se", fail_marker="DYNVM_FAILED se")
+    log.write_bytes(b"booting\nDYNVM_FAI")  # split across two samples
+    assert probe.check() is False
+    with log.open("ab") as f:
+        f.write(b"LED se no data disk /dev/vda\x1b[0m\nmore\n")
+    with pytest.raises(GuestGaveUp, match=r"printed 'DYNVM_FAILED se no data disk /dev/vda\?\[0m'"):
+        probe.check()
+
+
+def test_the_ready_marker_before_a_fail_marker_is_ready(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    log.write_bytes(b"DYNVM_READY se ip=10.0.0.1\nDYNVM_FAILED se later\n")
+    assert SerialMarkerProbe(log, "DYNVM_READY se", fail_marker="DYNVM_FAILED se").check() is True
+    log.write_bytes(b"DYNVM_FAILED se first\nDYNVM_READY se\n")
+    with pytest.raises(GuestGaveUp):
+        SerialMarkerProbe(log, "DYNVM_READY se", fail_marker="DYNVM_FAILED se").check()
+    assert SerialMarkerProbe(log, "DYNVM_READY se").check() is True  # no fail_marker: as before
+
+
+def test_fail_marker_belongs_to_serial_marker_probes() -> None:
+    ProbeSpec(type=ProbeType.SERIAL_MARKER, marker="DYNVM_READY se", fail_marker="DYNVM_FAILED se")
+    with pytest.raises(ValueError, match="fail_marker"):
+        ProbeSpec(type=ProbeType.TCP, port=80, fail_marker="DYNVM_FAILED se")
+    with pytest.raises(ValueError):
+        ProbeSpec(type=ProbeType.SERIAL_MARKER, marker="R", fail_marker="bad'quote")

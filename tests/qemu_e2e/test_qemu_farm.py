@@ -192,7 +192,8 @@ def test_se_data_survives_a_crash_and_a_restart_on_another_host(qfarm: QFarm) ->
     assert not list(qfarm.rt.config.storage.overlays.glob(f"{se.id}*"))
 
 
-def never_ready_image(farm: QFarm, tmp_path: Path, name: str, timeout_s: float) -> None:
+def never_ready_image(farm: QFarm, tmp_path: Path, name: str, timeout_s: float,
+                      fail_marker: str | None = None) -> None:
     """A CMS worker image whose readiness marker never appears (the guest boots and prints its usual
     DYNVM_READY line), added to the farm's catalogue as ``name``."""
     cms = farm.rt.catalogue.resolve("cms-wn")
@@ -204,7 +205,8 @@ def never_ready_image(farm: QFarm, tmp_path: Path, name: str, timeout_s: float) 
             "version": "1.0",
             "boot": {"kernel": boot.kernel.model_dump(), "initrd": boot.initrd.model_dump(),
                      "cmdline": boot.cmdline},
-            "readiness": {"type": "serial_marker", "marker": "THIS_NEVER_APPEARS", "timeout_s": timeout_s},
+            "readiness": {"type": "serial_marker", "marker": "THIS_NEVER_APPEARS", "timeout_s": timeout_s,
+                          **({"fail_marker": fail_marker} if fail_marker else {})},
         }],
         "channels": {"stable": "1.0"},
     }
@@ -265,4 +267,15 @@ def test_a_guest_destroyed_while_booting_fails_that_boot_at_once_not_at_its_dead
     finally:
         release(qfarm.rt, inst.id)
         wait(qfarm.rt, inst.id, 120, until=ENDED)
+    assert where(qfarm, inst.id) == []
+
+
+def test_a_guest_that_prints_its_fail_marker_fails_at_once(qfarm: QFarm, tmp_path: Path) -> None:
+    # The guest's usual DYNVM_READY line stands in for a failure line; the deadline (300 s) is far away.
+    never_ready_image(qfarm, tmp_path, "gives-up-wn", 300, fail_marker="DYNVM_READY cms-wn")
+    img, vo = choose_image(qfarm.rt, "gives-up-wn", "cms")
+    inst, _ = submit(qfarm.rt, img, vo)
+    done = wait(qfarm.rt, inst.id, 90, until=ENDED)
+    assert done.state is InstanceState.FAILED, done
+    assert "the guest printed 'DYNVM_READY cms-wn" in done.reason, done.reason
     assert where(qfarm, inst.id) == []
