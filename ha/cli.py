@@ -179,7 +179,8 @@ def cmd_ha_status(ctx: CliContext, args: argparse.Namespace) -> int:
         return EXIT_OK
     ctx.out.obj({k: v for k, v in st.items() if k not in ("hosts", "recoveries", "monitors", "failovers")},
                 title="HA")
-    ctx.out.table(st["hosts"], ["name", "state", "lease_age_s", "lease", "detection_class"], title="hosts")
+    ctx.out.table(st["hosts"], ["name", "state", "lease_age_s", "lease", "detection_class", "loops"],
+                  title="hosts")
     ctx.out.table(st["monitors"], ["member", "leading", "fence", "rounds", "errors", "age_s", "last_error"],
                   title="monitors")
     if st["recoveries"]:

@@ -169,17 +169,6 @@ class HealthStore:
         )
 
 
-def loop_key(prefix: str, host: str) -> str:
-    """Where a host agent's health loop records its last run, passes, errors, last error, VMs probed."""
-    return f"{check_id(prefix, 'key prefix')}:health:loop:{check_id(host, 'host name')}"
-
-
-def loop_stats(r: redis.Redis, prefix: str, host: str) -> dict[str, str]:
-    """The agent's health-loop record as ``health_loop_*`` fields for ``dynvm host show`` ({} if none)."""
-    raw = cast(dict[str, str], r.hgetall(loop_key(prefix, host)))
-    return {f"health_loop_{k}": v for k, v in sorted(raw.items())}
-
-
 @dataclass(frozen=True, slots=True)
 class Counter:
     """The agent's running judgement of one VM at one epoch (pure; one ``sample`` per probe result)."""

@@ -1,6 +1,6 @@
-"""What ``dynvm ha status`` shows: hosts with lease ages (Redis clock), the leader and every monitor's
-heartbeat, open recoveries, whether the survivors could take every critical service if any one host died,
-whether HA is paused, and the last failovers."""
+"""What ``dynvm ha status`` shows: hosts with lease ages (Redis clock) and their agents' late loops, the
+leader and every monitor's heartbeat, open recoveries, whether the survivors could take every critical
+service if any one host died, whether HA is paused, and the last failovers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ha.leader import LeaderLease
 from ha.plan import capacity_reserve
 from ha.recovery import RecoveryStore
 from ha.world import RedisWorld
+from provisioner.agent.loops import late_loops, read_loops
 from provisioner.runtime import Runtime
 from provisioner.scheduler import SchedulerPolicy
 
@@ -20,6 +21,7 @@ def ha_status(rt: Runtime) -> dict[str, Any]:
     prefix = rt.store.keys.prefix
     r = rt.store.r
     now = world.now()
+    wall = time.time()  # the agents stamp their loops with their own (NTP) clocks, as monitors do
     hosts = [
         {
             "name": h.name,
@@ -27,6 +29,9 @@ def ha_status(rt: Runtime) -> dict[str, Any]:
             "lease": "alive" if h.lease_alive else "expired",
             "lease_age_s": round(now - h.last_seen, 2) if h.last_seen else None,
             "detection_class": f"{h.timing.dead_after_s:g} s x{h.timing.samples}",
+            # A live agent whose reconcile, health or fencing loop stopped making progress (hung, stuck).
+            "loops": ("; ".join(late_loops(read_loops(r, prefix, h.name), wall)) or "ok") if h.lease_alive
+            else "-",
         }
         for h in world.hosts()
     ]

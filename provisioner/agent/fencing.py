@@ -35,6 +35,7 @@ from ha.peers import PeerHeartbeat
 from ha.watchdog import HA_ROLE, holder, kill_ha_guests, lock_file, pet, pet_file
 from provisioner.agent.handover import run_dir
 from provisioner.agent.lease import LeaseStats
+from provisioner.agent.loops import LoopRecord
 from provisioner.config import Config
 from provisioner.errors import ConflictError, NotFoundError, UnavailableError
 from provisioner.interfaces import DomainState, Hypervisor
@@ -147,6 +148,9 @@ class AgentFencing:
         self.stop = threading.Event()
         self.cycles = 0
         self.errors = 0
+        self.last_error = ""
+        self.last_run = 0.0  # wall clock of the last cycle's end, for provisioner.agent.loops
+        self.record = LoopRecord(store.r, store.keys.prefix, host, "fencing")
         self.fenced: list[str] = []  # HA guests destroyed in the current episode
         self.watchdog_starts = 0
         self._episode: tuple[Action, str, float] | None = None  # (action, why, monotonic start)
@@ -217,6 +221,9 @@ class AgentFencing:
                 with self._lock:
                     self._episode = self._episode or episode
                     self.fenced = fenced + self.fenced
+        # This loop's counters, written from here: the fencing thread itself never waits on Redis.
+        self.record.write(passes=self.cycles, errors=self.errors, last_error=self.last_error,
+                          last_run=self.last_run, every_s=self.period_s)
         if self.peers is not None:  # for the monitor: who still hears whom when a lease lapses
             heard = self.peers.heard_hosts(self.config.ha.peer_timeout_s)
             with contextlib.suppress(Exception):  # advisory; the next renewal reports again
@@ -229,8 +236,10 @@ class AgentFencing:
                 self.cycle()
             except Exception as err:  # the loop must outlive any error (libvirt down, a bug)
                 self.errors += 1
+                self.last_error = f"{type(err).__name__}: {err}"[:300]
                 if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
                     log.warning("fencing %s: cycle failed (%d so far): %s", self.host, self.errors, err)
+            self.last_run = time.time()
 
     def isolation(self, now: float) -> Isolation:
         heard = self.peers.heard(self.config.ha.peer_timeout_s, now) if self.peers else 0

@@ -24,14 +24,14 @@ The loop survives every exception (counted) and records its last run and last er
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ha.health import Counter, Health, HealthStore, Mark, loop_key, sample
+from ha.health import Counter, Health, HealthStore, Mark, sample
+from provisioner.agent.loops import LoopRecord
 from provisioner.catalogue.model import Probe
 from provisioner.config import DomainType
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
@@ -42,9 +42,7 @@ from provisioner.runtime import Runtime, boot_slot, resolve_image
 log = logging.getLogger(__name__)
 TICK_S = 0.25
 STOPPING_WHY = "hung, stopping for "  # the reason of a record this loop is stopping for the keeper
-STATS_EVERY_S = 1.0
 POOL_SIZE = 4
-STATS_TTL_S = 86400
 
 
 @dataclass
@@ -79,12 +77,11 @@ class HealthLoop:
         self.marks = HealthStore(rt.store.r, rt.store.keys.prefix)
         self.stop = threading.Event()
         self.stats = LoopStats()
-        self.stats_key = loop_key(rt.store.keys.prefix, self.host)
+        self.record = LoopRecord(rt.store.r, rt.store.keys.prefix, self.host, "health")
         self._pool = ThreadPoolExecutor(max_workers=POOL_SIZE, thread_name_prefix=f"health-{self.host}")
         self._watch: dict[str, _Watch] = {}
         self._stopping: dict[str, Future[None]] = {}
         self._unprobed: dict[str, int] = {}  # id -> epoch found without a usable health probe
-        self._stats_at = 0.0
         self._thread: threading.Thread | None = None
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -289,21 +286,9 @@ class HealthLoop:
     # -- observability ------------------------------------------------------------------------------
 
     def _record_stats(self) -> None:
-        now = time.monotonic()
-        if now - self._stats_at < STATS_EVERY_S:
-            return
-        self._stats_at = now
-        with contextlib.suppress(Exception):  # Redis down: the counters above still move
-            pipe = self.rt.store.r.pipeline(transaction=False)
-            pipe.hset(self.stats_key, mapping={
-                "last_run": f"{self.stats.last_run:.3f}",
-                "passes": self.stats.passes,
-                "errors": self.stats.errors,
-                "last_error": self.stats.last_error,
-                "probing": len(self._watch),
-            })
-            pipe.expire(self.stats_key, STATS_TTL_S)
-            pipe.execute()
+        st = self.stats
+        self.record.write(passes=st.passes, errors=st.errors, last_error=st.last_error, last_run=st.last_run,
+                          every_s=self.tick_s, probing=len(self._watch))
 
 
 def _result(f: Future[bool]) -> tuple[bool, str]:

@@ -13,12 +13,14 @@ import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 from ha.watchdog import pet, pet_file
 from provisioner.agent.fencing import AgentFencing
 from provisioner.agent.handover import forget, own_record, record_path, run_dir, take_over, write_record
 from provisioner.agent.lease import LeaseKeeper, acquire
+from provisioner.agent.loops import LoopRecord
 from provisioner.config import Config
 from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.model import Host, HostState
@@ -98,17 +100,21 @@ class ReconcileLoop:
     """
 
     def __init__(self, rt: Runtime) -> None:
+        assert rt.host is not None
         self.rt = rt
         self.stop = threading.Event()
         self.passes = 0
         self.failures = 0
         self.last_error = ""
+        self.last_run = 0.0  # wall clock of the last pass's end (see provisioner.agent.loops)
+        self.record = LoopRecord(rt.store.r, rt.store.keys.prefix, rt.host, "reconcile")
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
         from provisioner.agent.reconcile import reconcile_host
 
         startup = True
+        every = self.rt.config.timeouts.reconcile_interval_s
         while not self.stop.is_set():
             try:
                 reconcile_host(self.rt, startup=startup)
@@ -118,7 +124,10 @@ class ReconcileLoop:
                 self.failures += 1
                 self.last_error = f"{type(err).__name__}: {err}"[:300]
                 log.warning("reconcile %s: pass failed (%d so far): %s", self.rt.host, self.failures, err)
-            self.stop.wait(self.rt.config.timeouts.reconcile_interval_s)
+            self.last_run = time.time()
+            self.record.write(passes=self.passes, errors=self.failures, last_error=self.last_error,
+                              last_run=self.last_run, every_s=every)
+            self.stop.wait(every)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name=f"reconcile-{self.rt.host}", daemon=True)

@@ -106,9 +106,9 @@ def host_show(ctx: CliContext, args: argparse.Namespace) -> int:
     row["lease_refusals"] = health.refusals
     row["lease_losses"] = health.losses
     row["lease_last_error"] = health.last_error
-    from ha.health import loop_stats  # the agent's service-health loop: last run, passes, errors
+    from provisioner.agent.loops import loop_fields, read_loops  # the agent's loops: last pass, errors
 
-    row.update(loop_stats(rt.store.r, rt.store.keys.prefix, h.name))
+    row.update(loop_fields(read_loops(rt.store.r, rt.store.keys.prefix, h.name), time.time()))
     if args.inventory:
         from provisioner.control.inventory import host_inventory
 

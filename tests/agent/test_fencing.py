@@ -27,6 +27,7 @@ from ha.peers import PeerHeartbeat
 from ha.watchdog import last_pet
 from provisioner.agent.fencing import AgentFencing, decide, virtlockd_problem
 from provisioner.agent.lease import LeaseKeeper
+from provisioner.agent.loops import read_loops
 from provisioner.config import Config, DetectionClass, HAConfig, HostConfig
 from provisioner.hypervisor.domxml import DomainSpec, build_domain_xml
 from provisioner.hypervisor.libvirt_host import LibvirtHost
@@ -180,6 +181,9 @@ def test_decide_table() -> None:
 
 def test_redis_lost_with_peers_up_fences_nothing_and_keeps_petting(world: World) -> None:
     wait_until(lambda: world.keeper.stats.renewals >= 2, 10, what="renewals")
+    # The fencing loop's counters reach Redis through the renewals (provisioner/agent/loops.py).
+    wait_until(lambda: int(read_loops(world.store.r, world.store.keys.prefix, "hv1")
+                           .get("fencing", {}).get("passes", 0)) > 0, 10, what="the fencing loop's record")
     # Who hears whom reaches Redis with the renewals (a monitor tells a Redis-only cut from a death).
     wait_until(lambda: world.store.peer_reports(["hv1", "hv2"]) == {"hv1": ["hv2", "hv3"]}, 10)
     world.redis.kill()

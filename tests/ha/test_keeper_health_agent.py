@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ha.health import HealthStore, Mark, loop_stats
+from ha.health import HealthStore, Mark
 from ha.keeper import Hung, Start
 from ha.leader import LeaderLease
 from ha.services import Service, ServiceStore
 from ha.world import RedisWorld
 from provisioner.agent.health import HealthLoop
 from provisioner.agent.lifecycle import boot_instance
+from provisioner.agent.loops import loop_fields, read_loops
 from provisioner.catalogue.model import ImageKind
 from provisioner.configload import load_config
 from provisioner.errors import ConflictError
@@ -205,7 +206,7 @@ def test_hung_vm_found_restarted_in_place_then_relocated(
     kinds = events(store, "h1")
     assert kinds.count("service_stopped") == 2 and kinds.count("service_unhealthy") == 3
     assert loop.stats.errors == 0, loop.stats.last_error
-    stats = loop_stats(store.r, store.keys.prefix, "hv1")  # what `dynvm host show hv1` adds
+    stats = loop_fields(read_loops(store.r, store.keys.prefix, "hv1"), time.time())  # `dynvm host show hv1`
     assert int(stats["health_loop_passes"]) > 0 and stats["health_loop_errors"] == "0"
     assert float(stats["health_loop_last_run"]) > 0
 
