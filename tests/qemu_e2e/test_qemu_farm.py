@@ -192,10 +192,10 @@ def test_se_data_survives_a_crash_and_a_restart_on_another_host(qfarm: QFarm) ->
     assert not list(qfarm.rt.config.storage.overlays.glob(f"{se.id}*"))
 
 
-def never_ready_image(farm: QFarm, tmp_path: Path, name: str, timeout_s: float,
-                      fail_marker: str | None = None) -> None:
-    """A CMS worker image whose readiness marker never appears (the guest boots and prints its usual
-    DYNVM_READY line), added to the farm's catalogue as ``name``."""
+def submit_never_ready(farm: QFarm, tmp_path: Path, name: str, timeout_s: float,
+                       fail_marker: str | None = None) -> Instance:
+    """A CMS worker VM of an image whose readiness marker never appears (the guest boots and prints its
+    usual DYNVM_READY line), added to the farm's catalogue as ``name``: requested."""
     cms = farm.rt.catalogue.resolve("cms-wn")
     boot = cms.spec.boot
     assert boot is not None and boot.initrd is not None
@@ -217,14 +217,15 @@ def never_ready_image(farm: QFarm, tmp_path: Path, name: str, timeout_s: float,
     cat = Catalogue.load(farm.rt.config.catalogue_dir, farm.rt.config.storage.artefacts)
     cat.add(f)
     farm.rt.catalogue = Catalogue.load(farm.rt.config.catalogue_dir, farm.rt.config.storage.artefacts)
+    img, vo = choose_image(farm.rt, name, "cms")
+    inst, _ = submit(farm.rt, img, vo)
+    return inst
 
 
 def test_a_guest_that_never_gets_ready_fails_at_its_deadline_and_is_cleaned_up(
     qfarm: QFarm, tmp_path: Path
 ) -> None:
-    never_ready_image(qfarm, tmp_path, "never-ready-wn", 8)
-    img, vo = choose_image(qfarm.rt, "never-ready-wn", "cms")
-    inst, _ = submit(qfarm.rt, img, vo)
+    inst = submit_never_ready(qfarm, tmp_path, "never-ready-wn", 8)
     done = wait(qfarm.rt, inst.id, 120, until=ENDED)
     assert done.state is InstanceState.FAILED
     assert "THIS_NEVER_APPEARS" in done.reason or "ready" in done.reason.lower()
@@ -239,9 +240,7 @@ def test_a_guest_destroyed_while_booting_fails_that_boot_at_once_not_at_its_dead
     qfarm: QFarm, tmp_path: Path
 ) -> None:
     # A 300 s readiness deadline, far beyond the wait below: only the domain watch can end the boot.
-    never_ready_image(qfarm, tmp_path, "slow-ready-wn", 300)
-    img, vo = choose_image(qfarm.rt, "slow-ready-wn", "cms")
-    inst, _ = submit(qfarm.rt, img, vo)
+    inst = submit_never_ready(qfarm, tmp_path, "slow-ready-wn", 300)
     try:
         booting = wait(qfarm.rt, inst.id, 60, until=frozenset({InstanceState.BOOTING}))
         assert booting.host is not None
@@ -272,9 +271,7 @@ def test_a_guest_destroyed_while_booting_fails_that_boot_at_once_not_at_its_dead
 
 def test_a_guest_that_prints_its_fail_marker_fails_at_once(qfarm: QFarm, tmp_path: Path) -> None:
     # The guest's usual DYNVM_READY line stands in for a failure line; the deadline (300 s) is far away.
-    never_ready_image(qfarm, tmp_path, "gives-up-wn", 300, fail_marker="DYNVM_READY cms-wn")
-    img, vo = choose_image(qfarm.rt, "gives-up-wn", "cms")
-    inst, _ = submit(qfarm.rt, img, vo)
+    inst = submit_never_ready(qfarm, tmp_path, "gives-up-wn", 300, fail_marker="DYNVM_READY cms-wn")
     done = wait(qfarm.rt, inst.id, 90, until=ENDED)
     assert done.state is InstanceState.FAILED, done
     assert "the guest printed 'DYNVM_READY cms-wn" in done.reason, done.reason
