@@ -41,6 +41,7 @@ class Phase(StrEnum):
     RUNNING = "running"  # ready/draining
     MIGRATING = "migrating"  # a live migration in flight (its source and destination both keep it)
     STOPPING = "stopping"  # the release task tears it down
+    STOP_STALLED = "stop_stalled"  # stopping past the grace (or found at start-up): nobody releases it
     ENDED = "ended"  # gone/failed/lost
 
 
@@ -58,6 +59,7 @@ class Action(StrEnum):
     DESTROY_ORPHAN = "destroy_orphan"  # destroy and undefine the domain here
     MARK_LOST = "mark_lost"  # record -> lost (its claim goes with it, in the same step)
     REDRIVE_BOOT = "redrive_boot"  # boot it again (idempotent)
+    REDRIVE_RELEASE = "redrive_release"  # release it again (idempotent)
 
 
 class ClaimAction(StrEnum):
@@ -68,6 +70,7 @@ class ClaimAction(StrEnum):
 Key = tuple[Phase, Seen, bool, bool]  # phase, seen, here (record's host is this host), current
 
 K, D, L, B = Action.KEEP, Action.DESTROY_ORPHAN, Action.MARK_LOST, Action.REDRIVE_BOOT
+R = Action.REDRIVE_RELEASE
 _A, _V, _W = Seen.ABSENT, Seen.ALIVE, Seen.DOWN
 # (phase, here) -> action for each of (absent, alive, down), when the record is current.
 _ROWS: dict[tuple[Phase, bool], tuple[Action, Action, Action]] = {
@@ -84,6 +87,8 @@ _ROWS: dict[tuple[Phase, bool], tuple[Action, Action, Action]] = {
     (Phase.MIGRATING, False): (K, K, K),  # destination: the domain arrives before the record says so
     (Phase.STOPPING, True): (K, K, K),  # the release task (redelivered if we die) tears it down
     (Phase.STOPPING, False): (K, D, D),
+    (Phase.STOP_STALLED, True): (R, R, R),  # its release message was lost: release_instance is idempotent
+    (Phase.STOP_STALLED, False): (K, D, D),
     (Phase.ENDED, True): (K, D, D),
     (Phase.ENDED, False): (K, D, D),
 }
@@ -94,7 +99,7 @@ TABLE: dict[Key, Action] = {
     for current in (True, False)
 }
 # A claim on this host for a record in this phase, with the record's host here or not (whether a boot
-# is late does not matter to its claim: no STALLED rows).  A pending
+# or a release is late does not matter to its claim: no STALLED or STOP_STALLED rows).  A pending
 # record's claim stays: a control worker claims a moment before it records the placement (and a worker
 # that died in between is redelivered; the record moves on, and then the claim is judged again).
 CLAIM_TABLE: dict[tuple[Phase, bool], ClaimAction] = {
@@ -144,12 +149,19 @@ class Decision:
     action: Action
 
 
-def phase_of(rec: Instance | None, now: float, boot_grace_s: float, startup: bool) -> Phase:
+def phase_of(
+    rec: Instance | None, now: float, boot_grace_s: float, startup: bool, lost: bool = False
+) -> Phase:
+    """``lost``: this agent's own retry of the record's boot or release was lost (the broker refused it,
+    provisioner.tasking): stalled now, not after the grace."""
     if rec is None:
         return Phase.NONE
+    # At start-up nothing is booting or releasing in this (new) agent: what was died with the old one.
+    late = startup or lost or now - rec.updated > boot_grace_s
     if rec.state in (S.PLACED, S.BOOTING):
-        # At start-up nothing is booting in this (new) agent: whatever was booting died with the old one.
-        return Phase.STALLED if startup or now - rec.updated > boot_grace_s else Phase.STARTING
+        return Phase.STALLED if late else Phase.STARTING
+    if rec.state is S.STOPPING:
+        return Phase.STOP_STALLED if late else Phase.STOPPING
     return _PHASE[rec.state]
 
 
@@ -169,15 +181,19 @@ def is_current(host: str, first: Instance | None, record: Instance | None) -> bo
     return record_key(first) == record_key(record)
 
 
-def classify(host: str, obs: Observation, now: float, boot_grace_s: float, startup: bool) -> Key:
+def classify(host: str, obs: Observation, now: float, boot_grace_s: float, startup: bool,
+             lost: frozenset[str] = frozenset()) -> Key:
     rec = obs.record
     seen = Seen.ABSENT if obs.domain is None else _SEEN.get(obs.domain.state, Seen.DOWN)
     here = rec is not None and rec.host == host
-    return (phase_of(rec, now, boot_grace_s, startup), seen, here, is_current(host, obs.first, rec))
+    phase = phase_of(rec, now, boot_grace_s, startup, obs.instance_id in lost)
+    return (phase, seen, here, is_current(host, obs.first, rec))
 
 
-def decide(host: str, obs: Observation, now: float, boot_grace_s: float, startup: bool) -> Decision:
-    key = classify(host, obs, now, boot_grace_s, startup)
+def decide(host: str, obs: Observation, now: float, boot_grace_s: float, startup: bool,
+           lost: frozenset[str] = frozenset()) -> Decision:
+    """``lost``: instance ids whose boot or release retry this agent could not enqueue (see phase_of)."""
+    key = classify(host, obs, now, boot_grace_s, startup, lost)
     return Decision(obs, key, TABLE[key])
 
 
@@ -210,6 +226,7 @@ class Diff:
     orphans: list[str] = field(default_factory=list)  # domain names to destroy
     ghosts: list[str] = field(default_factory=list)  # instance ids whose VM is gone
     redrive: list[str] = field(default_factory=list)  # instance ids to boot again
+    rereleased: list[str] = field(default_factory=list)  # instance ids to release again
     replanned: list[str] = field(default_factory=list)  # changed between reads, or under the action
     claims_released: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # instance ids whose action raised (not one of ours)
@@ -244,6 +261,8 @@ def _note(out: Diff, d: Decision) -> None:
         out.ghosts.append(obs.instance_id)
     elif d.action is Action.REDRIVE_BOOT:
         out.redrive.append(obs.instance_id)
+    elif d.action is Action.REDRIVE_RELEASE:
+        out.rereleased.append(obs.instance_id)
     elif d.action is Action.REPLAN:
         out.replanned.append(obs.instance_id)
 
@@ -267,7 +286,11 @@ def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
     """One pass over this agent's host: decide every observed instance from the table and apply it."""
     assert rt.hypervisor is not None and rt.host is not None
     grace = rt.config.timeouts.provision_s
-    decisions = [decide(rt.host, o, time.time(), grace, startup) for o in read_world(rt)]
+    with rt.lock:
+        lost = frozenset(rt.lost_retries)
+    decisions = [decide(rt.host, o, time.time(), grace, startup, lost) for o in read_world(rt)]
+    with rt.lock:  # read and decided on: each is re-driven below if it still needs it, or needs it no more
+        rt.lost_retries -= lost
     out = Diff()
     for d in decisions:
         if d.action is Action.KEEP:
@@ -278,11 +301,14 @@ def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
             log.exception("reconcile %s: %s of %s raised", rt.host, d.action.value, d.observation.instance_id)
             out.failed.append(d.observation.instance_id)
             _report_failure(rt, d, err)
-            continue
+            done = False
         if done:
             _note(out, d)
-        else:
+        elif d.observation.instance_id not in out.failed:
             out.replanned.append(d.observation.instance_id)
+        if not done and d.observation.instance_id in lost:
+            with rt.lock:  # not re-driven after all (Redis flapped again): the next pass tries again
+                rt.lost_retries.add(d.observation.instance_id)
     out.claims_released = release_stale_claims(rt)
     return out
 
@@ -310,6 +336,8 @@ def apply(rt: Runtime, d: Decision) -> bool:
             return _mark_lost(rt, d.observation)
         if d.action is Action.REDRIVE_BOOT:
             return _redrive(rt, d.observation)
+        if d.action is Action.REDRIVE_RELEASE:
+            return _redrive_release(rt, d.observation)
     except ConflictError as err:
         log.info("reconcile %s: %s not applied: %s", rt.host, d.action.value, err)
         return False
@@ -362,6 +390,16 @@ def _redrive(rt: Runtime, obs: Observation) -> bool:
         "redrive", instance=obs.instance_id, host=rt.host, message="re-driving an unfinished boot"
     )
     boot_instance(rt, obs.instance_id, expected_epoch=obs.record.epoch)
+    return True
+
+
+def _redrive_release(rt: Runtime, obs: Observation) -> bool:
+    from provisioner.agent.lifecycle import release_instance
+
+    rt.store.add_event(
+        "redrive_release", instance=obs.instance_id, host=rt.host, message="re-driving an unfinished release"
+    )
+    release_instance(rt, obs.instance_id)
     return True
 
 

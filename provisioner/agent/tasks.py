@@ -4,22 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from provisioner.errors import TransientError
 from provisioner.messaging import BOOT, INVENTORY, MIGRATE, RELEASE
-from provisioner.tasking import RETRY, runtime_of
+from provisioner.tasking import AGENT_RETRY, RETRY, retry_or_note, runtime_of
 
 
 def register(app: Any) -> None:
-    @app.task(name=BOOT, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
+    @app.task(name=BOOT, shared=False, bind=True, **AGENT_RETRY)  # type: ignore[untyped-decorator]
     def boot(self: Any, instance_id: str) -> None:
         from provisioner.agent.lifecycle import boot_instance
 
-        boot_instance(runtime_of(self), instance_id, final_attempt=self.request.retries >= self.max_retries)
+        rt = runtime_of(self)
+        try:
+            boot_instance(rt, instance_id, final_attempt=self.request.retries >= self.max_retries)
+        except TransientError as exc:
+            retry_or_note(self, exc, lambda: note_lost_retry(rt, instance_id))
 
-    @app.task(name=RELEASE, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
+    @app.task(name=RELEASE, shared=False, bind=True, **AGENT_RETRY)  # type: ignore[untyped-decorator]
     def release(self: Any, instance_id: str) -> None:
         from provisioner.agent.lifecycle import release_instance
 
-        release_instance(runtime_of(self), instance_id)
+        rt = runtime_of(self)
+        try:
+            release_instance(rt, instance_id)
+        except TransientError as exc:
+            retry_or_note(self, exc, lambda: note_lost_retry(rt, instance_id))
 
     @app.task(name=MIGRATE, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
     def migrate(self: Any, instance_id: str, dest: str, epoch: int | None = None) -> None:
@@ -34,3 +43,14 @@ def register(app: Any) -> None:
         # Arguments pass through to the handler: a mismatch (client and agent of different versions)
         # becomes an error reply there instead of a TypeError here that leaves the caller waiting.
         answer_inventory(runtime_of(self), request_id, *args)
+
+
+def note_lost_retry(rt: Any, instance_id: str) -> None:
+    """The broker refused this instance's retry: the reconciler re-drives it at its next pass."""
+    import logging
+
+    with rt.lock:
+        rt.lost_retries.add(instance_id)
+    logging.getLogger(__name__).warning(
+        "agent %s: the retry of %s could not be queued (broker down): re-driven by the next reconcile pass",
+        rt.host, instance_id)

@@ -48,6 +48,8 @@ migrating    here   | keep     keep     keep
 migrating    other  | keep     keep     keep
 stopping     here   | keep     keep     keep
 stopping     other  | keep     destroy  destroy
+stop_stalled here   | release  release  release
+stop_stalled other  | keep     destroy  destroy
 ended        here   | keep     destroy  destroy
 ended        other  | keep     destroy  destroy
 """
@@ -56,6 +58,7 @@ WORDS = {
     "destroy": Action.DESTROY_ORPHAN,
     "lost": Action.MARK_LOST,
     "redrive": Action.REDRIVE_BOOT,
+    "release": Action.REDRIVE_RELEASE,
 }
 # One concrete record state per phase (the others of the phase are covered by test_every_state_has_a_phase).
 STATE_OF = {
@@ -65,6 +68,7 @@ STATE_OF = {
     Phase.RUNNING: S.READY,
     Phase.MIGRATING: S.MIGRATING,
     Phase.STOPPING: S.STOPPING,
+    Phase.STOP_STALLED: S.STOPPING,
     Phase.ENDED: S.LOST,
 }
 DOMAIN_OF = {Seen.ABSENT: None, Seen.ALIVE: DomainState.RUNNING, Seen.DOWN: DomainState.SHUTOFF}
@@ -106,7 +110,7 @@ def observation(phase: Phase, here: bool, seen: Seen, current: bool) -> Observat
     iid = "x1"
     record = None
     if phase is not Phase.NONE:
-        updated = NOW - 10 if phase is Phase.STARTING else NOW - 3600
+        updated = NOW - 10 if phase in (Phase.STARTING, Phase.STOPPING) else NOW - 3600
         record = rec(iid, STATE_OF[phase], host=ME if here else OTHER, updated=updated)
     first = record if record is not None and here else None
     if not current:  # the other read disagrees: a placement or move happened between the two
@@ -168,6 +172,13 @@ def test_every_state_has_a_phase() -> None:
     # a boot past its grace, or any unfinished boot found when the agent starts, is stalled
     assert phase_of(rec("a", S.BOOTING, updated=NOW - GRACE - 1), NOW, GRACE, False) is Phase.STALLED
     assert phase_of(rec("a", S.PLACED, updated=NOW - 1), NOW, GRACE, startup=True) is Phase.STALLED
+    # the same for a release (its message lost: nothing else would ever finish it)
+    assert phase_of(rec("a", S.STOPPING, updated=NOW - GRACE - 1), NOW, GRACE, False) is Phase.STOP_STALLED
+    assert phase_of(rec("a", S.STOPPING, updated=NOW - 1), NOW, GRACE, startup=True) is Phase.STOP_STALLED
+    # and for either at once when this agent's own retry of it was refused by the broker
+    assert phase_of(rec("a", S.BOOTING, updated=NOW - 1), NOW, GRACE, False, lost=True) is Phase.STALLED
+    assert phase_of(rec("a", S.STOPPING, updated=NOW - 1), NOW, GRACE, False, lost=True) is Phase.STOP_STALLED
+    assert phase_of(rec("a", S.READY, updated=NOW - 1), NOW, GRACE, False, lost=True) is Phase.RUNNING
     assert phase_of(None, NOW, GRACE, False) is Phase.NONE
 
 
