@@ -391,6 +391,15 @@ def farm_status(layout: FarmLayout) -> dict[str, Any]:
 
 
 def default_layout(base: Path | None = None) -> FarmLayout:
+    """The farm at ``base`` (--dir), else $DYNVM_FARM_DIR or the default.  A path that exists as something
+    other than a directory (or lies under such a thing) is refused in one line naming it."""
     from provisioner.config import farm_dir
+    from provisioner.errors import UsageError
 
-    return FarmLayout(base or farm_dir())
+    layout = FarmLayout(base or farm_dir())
+    for p in (layout.base, *layout.base.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise UsageError(f"farm directory {layout.base}: {p} exists and is not a directory")
+            break
+    return layout
