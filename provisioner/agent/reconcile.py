@@ -17,12 +17,14 @@ never act on a VM that has since moved or been placed anew.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from provisioner.errors import ConflictError, DynvmError, NotFoundError
+from provisioner.errors import ConflictError, DynvmError, NotFoundError, UnavailableError
 from provisioner.interfaces import DomainInfo, DomainState
 from provisioner.model import Instance, InstanceState
 from provisioner.runtime import Runtime, boot_slot
@@ -306,9 +308,6 @@ def reconcile_host(rt: Runtime, startup: bool = False) -> Diff:
             _note(out, d)
         elif d.observation.instance_id not in out.failed:
             out.replanned.append(d.observation.instance_id)
-        if not done and d.observation.instance_id in lost:
-            with rt.lock:  # not re-driven after all (Redis flapped again): the next pass tries again
-                rt.lost_retries.add(d.observation.instance_id)
     out.claims_released = release_stale_claims(rt)
     return out
 
@@ -389,7 +388,8 @@ def _redrive(rt: Runtime, obs: Observation) -> bool:
     rt.store.add_event(
         "redrive", instance=obs.instance_id, host=rt.host, message="re-driving an unfinished boot"
     )
-    boot_instance(rt, obs.instance_id, expected_epoch=obs.record.epoch)
+    with _again_if_redis_is_down(rt, obs.instance_id):
+        boot_instance(rt, obs.instance_id, expected_epoch=obs.record.epoch)
     return True
 
 
@@ -399,8 +399,21 @@ def _redrive_release(rt: Runtime, obs: Observation) -> bool:
     rt.store.add_event(
         "redrive_release", instance=obs.instance_id, host=rt.host, message="re-driving an unfinished release"
     )
-    release_instance(rt, obs.instance_id)
+    with _again_if_redis_is_down(rt, obs.instance_id):
+        release_instance(rt, obs.instance_id)
     return True
+
+
+@contextlib.contextmanager
+def _again_if_redis_is_down(rt: Runtime, instance_id: str) -> Iterator[None]:
+    """A re-drive that meets Redis down again is noted for the next pass (as its lost retry was); any other
+    failure leaves it to the grace, so a boot that keeps failing is not re-driven every pass."""
+    try:
+        yield
+    except UnavailableError:
+        with rt.lock:
+            rt.lost_retries.add(instance_id)
+        raise
 
 
 def release_stale_claims(rt: Runtime) -> list[str]:
