@@ -42,6 +42,7 @@ class Phase(StrEnum):
     STALLED = "stalled"  # placed/booting past the grace (or found at agent start-up): nobody boots it
     RUNNING = "running"  # ready/draining
     MIGRATING = "migrating"  # a live migration in flight (its source and destination both keep it)
+    MIG_STALLED = "mig_stalled"  # migrating past the grace (or found at start-up): nobody finishes it
     STOPPING = "stopping"  # the release task tears it down
     STOP_STALLED = "stop_stalled"  # stopping past the grace (or found at start-up): nobody releases it
     ENDED = "ended"  # gone/failed/lost
@@ -62,6 +63,7 @@ class Action(StrEnum):
     MARK_LOST = "mark_lost"  # record -> lost (its claim goes with it, in the same step)
     REDRIVE_BOOT = "redrive_boot"  # boot it again (idempotent)
     REDRIVE_RELEASE = "redrive_release"  # release it again (idempotent)
+    SETTLE_MIGRATION = "settle_migration"  # finish or undo the move, from where libvirt says it runs
 
 
 class ClaimAction(StrEnum):
@@ -72,7 +74,7 @@ class ClaimAction(StrEnum):
 Key = tuple[Phase, Seen, bool, bool]  # phase, seen, here (record's host is this host), current
 
 K, D, L, B = Action.KEEP, Action.DESTROY_ORPHAN, Action.MARK_LOST, Action.REDRIVE_BOOT
-R = Action.REDRIVE_RELEASE
+R, M = Action.REDRIVE_RELEASE, Action.SETTLE_MIGRATION
 _A, _V, _W = Seen.ABSENT, Seen.ALIVE, Seen.DOWN
 # (phase, here) -> action for each of (absent, alive, down), when the record is current.
 _ROWS: dict[tuple[Phase, bool], tuple[Action, Action, Action]] = {
@@ -87,6 +89,8 @@ _ROWS: dict[tuple[Phase, bool], tuple[Action, Action, Action]] = {
     (Phase.RUNNING, False): (K, D, D),  # the record says it runs elsewhere: a second copy here must go
     (Phase.MIGRATING, True): (K, K, K),  # source: the domain leaves when the migration lands
     (Phase.MIGRATING, False): (K, K, K),  # destination: the domain arrives before the record says so
+    (Phase.MIG_STALLED, True): (M, M, M),  # the source settles it (it can see both ends)
+    (Phase.MIG_STALLED, False): (K, K, K),
     (Phase.STOPPING, True): (K, K, K),  # the release task (redelivered if we die) tears it down
     (Phase.STOPPING, False): (K, D, D),
     (Phase.STOP_STALLED, True): (R, R, R),  # its release message was lost: release_instance is idempotent
@@ -101,7 +105,7 @@ TABLE: dict[Key, Action] = {
     for current in (True, False)
 }
 # A claim on this host for a record in this phase, with the record's host here or not (whether a boot
-# or a release is late does not matter to its claim: no STALLED or STOP_STALLED rows).  A pending
+# a release or a move is late does not matter to its claim: no *_STALLED rows).  A pending
 # record's claim stays: a control worker claims a moment before it records the placement (and a worker
 # that died in between is redelivered; the record moves on, and then the claim is judged again).
 CLAIM_TABLE: dict[tuple[Phase, bool], ClaimAction] = {
@@ -164,6 +168,8 @@ def phase_of(
         return Phase.STALLED if late else Phase.STARTING
     if rec.state is S.STOPPING:
         return Phase.STOP_STALLED if late else Phase.STOPPING
+    if rec.state is S.MIGRATING:
+        return Phase.MIG_STALLED if late else Phase.MIGRATING
     return _PHASE[rec.state]
 
 
@@ -229,6 +235,7 @@ class Diff:
     ghosts: list[str] = field(default_factory=list)  # instance ids whose VM is gone
     redrive: list[str] = field(default_factory=list)  # instance ids to boot again
     rereleased: list[str] = field(default_factory=list)  # instance ids to release again
+    settled: list[str] = field(default_factory=list)  # instance ids whose unfinished move was settled
     replanned: list[str] = field(default_factory=list)  # changed between reads, or under the action
     claims_released: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # instance ids whose action raised (not one of ours)
@@ -265,6 +272,8 @@ def _note(out: Diff, d: Decision) -> None:
         out.redrive.append(obs.instance_id)
     elif d.action is Action.REDRIVE_RELEASE:
         out.rereleased.append(obs.instance_id)
+    elif d.action is Action.SETTLE_MIGRATION:
+        out.settled.append(obs.instance_id)
     elif d.action is Action.REPLAN:
         out.replanned.append(obs.instance_id)
 
@@ -337,6 +346,12 @@ def apply(rt: Runtime, d: Decision) -> bool:
             return _redrive(rt, d.observation)
         if d.action is Action.REDRIVE_RELEASE:
             return _redrive_release(rt, d.observation)
+        if d.action is Action.SETTLE_MIGRATION:
+            from provisioner.agent.migrate import settle_stalled
+
+            assert d.observation.record is not None
+            settle_stalled(rt, d.observation.record)
+            return True
     except ConflictError as err:
         log.info("reconcile %s: %s not applied: %s", rt.host, d.action.value, err)
         return False

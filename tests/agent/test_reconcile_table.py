@@ -46,6 +46,8 @@ running      here   | lost     keep     lost
 running      other  | keep     destroy  destroy
 migrating    here   | keep     keep     keep
 migrating    other  | keep     keep     keep
+mig_stalled  here   | settle   settle   settle
+mig_stalled  other  | keep     keep     keep
 stopping     here   | keep     keep     keep
 stopping     other  | keep     destroy  destroy
 stop_stalled here   | release  release  release
@@ -59,6 +61,7 @@ WORDS = {
     "lost": Action.MARK_LOST,
     "redrive": Action.REDRIVE_BOOT,
     "release": Action.REDRIVE_RELEASE,
+    "settle": Action.SETTLE_MIGRATION,
 }
 # One concrete record state per phase (the others of the phase are covered by test_every_state_has_a_phase).
 STATE_OF = {
@@ -67,6 +70,7 @@ STATE_OF = {
     Phase.STALLED: S.PLACED,
     Phase.RUNNING: S.READY,
     Phase.MIGRATING: S.MIGRATING,
+    Phase.MIG_STALLED: S.MIGRATING,
     Phase.STOPPING: S.STOPPING,
     Phase.STOP_STALLED: S.STOPPING,
     Phase.ENDED: S.LOST,
@@ -110,7 +114,7 @@ def observation(phase: Phase, here: bool, seen: Seen, current: bool) -> Observat
     iid = "x1"
     record = None
     if phase is not Phase.NONE:
-        updated = NOW - 10 if phase in (Phase.STARTING, Phase.STOPPING) else NOW - 3600
+        updated = NOW - 10 if phase in (Phase.STARTING, Phase.STOPPING, Phase.MIGRATING) else NOW - 3600
         record = rec(iid, STATE_OF[phase], host=ME if here else OTHER, updated=updated)
     first = record if record is not None and here else None
     if not current:  # the other read disagrees: a placement or move happened between the two
@@ -179,6 +183,9 @@ def test_every_state_has_a_phase() -> None:
     assert phase_of(rec("a", S.BOOTING, updated=NOW - 1), NOW, GRACE, False, lost=True) is Phase.STALLED
     assert phase_of(rec("a", S.STOPPING, updated=NOW - 1), NOW, GRACE, False, lost=True) is Phase.STOP_STALLED
     assert phase_of(rec("a", S.READY, updated=NOW - 1), NOW, GRACE, False, lost=True) is Phase.RUNNING
+    # a move nobody finished (its agent died mid-migration, or its landing was never written)
+    assert phase_of(rec("a", S.MIGRATING, updated=NOW - GRACE - 1), NOW, GRACE, False) is Phase.MIG_STALLED
+    assert phase_of(rec("a", S.MIGRATING, updated=NOW - 1), NOW, GRACE, startup=True) is Phase.MIG_STALLED
     assert phase_of(None, NOW, GRACE, False) is Phase.NONE
 
 
@@ -197,12 +204,18 @@ def test_paused_is_alive_and_crashed_is_down() -> None:
 
 
 def test_migration_in_flight_is_kept_on_both_hosts() -> None:
-    moving = rec("mig1", S.MIGRATING, host=OTHER)  # hv2 -> hv1: the domain lands here first
+    moving = rec("mig1", S.MIGRATING, host=OTHER, updated=NOW - 10)  # hv2 -> hv1: the domain lands here first
     d = diff(ME, [dom("mig1")], [], NOW, GRACE, False, elsewhere={"mig1": moving})
-    assert (d.orphans, d.ghosts, d.replanned) == ([], [], [])
-    leaving = rec("mig1", S.MIGRATING, host=ME)  # hv1 -> hv2: the domain has left, the record not yet
+    assert (d.orphans, d.ghosts, d.replanned, d.settled) == ([], [], [], [])
+    leaving = rec("mig1", S.MIGRATING, host=ME, updated=NOW - 10)  # hv1 -> hv2: left, the record not yet
     d = diff(ME, [], [leaving], NOW, GRACE, False)
-    assert (d.orphans, d.ghosts, d.replanned) == ([], [], [])
+    assert (d.orphans, d.ghosts, d.replanned, d.settled) == ([], [], [], [])
+    # past the grace (or at start-up) the source settles it; the destination still keeps it
+    stale = dataclasses.replace(leaving, updated=NOW - GRACE - 1)
+    assert diff(ME, [], [stale], NOW, GRACE, False).settled == ["mig1"]
+    assert diff(ME, [], [leaving], NOW, GRACE, True).settled == ["mig1"]
+    far = dataclasses.replace(moving, updated=NOW - GRACE - 1)
+    assert diff(ME, [dom("mig1")], [], NOW, GRACE, False, elsewhere={"mig1": far}).orphans == []
 
 
 def test_a_migration_landing_between_the_two_reads_is_not_an_orphan() -> None:

@@ -126,6 +126,73 @@ def test_live_migration_keeps_the_guest_running(qfarm: QFarm) -> None:
     wait(qfarm.rt, vm.id, 60, until=ENDED)
 
 
+def test_a_move_whose_landing_was_never_written_is_settled_by_its_redelivered_request(qfarm: QFarm) -> None:
+    """The agent moved the guest and died (or lost Redis) before writing the landing: the record says
+    migrating from the source while the guest runs on the destination.  Before, the redelivered MIGRATE
+    found a record that was not ready and did nothing, for good.  Now it settles the move from where libvirt
+    says the guest runs, and the guest keeps running (no reboot)."""
+    from provisioner.agent.domain import instance_disks, spec_for
+    from provisioner.messaging import MIGRATE, PRIORITY_HA, host_queue
+    from provisioner.runtime import claim, resolve_image
+
+    rt = qfarm.rt
+    vm = provision(qfarm, vo="cms")
+    assert vm.host is not None
+    src = vm.host
+    dest = next(h.name for h in rt.config.hosts if h.name != src)
+    before = uptime(qfarm, vm.id)
+    moving = rt.store.transition_from(rt.store.require_instance(vm.id), InstanceState.MIGRATING)
+    assert claim(rt, dest, moving)  # what the agent had done before the libvirt move
+    image = resolve_image(rt, vm.image)
+    xml = spec_for(rt, moving, image, instance_disks(rt, moving, image), host=dest)
+    a = LibvirtHost(rt.config.host(src).uri)  # type: ignore[union-attr]
+    b = LibvirtHost(rt.config.host(dest).uri)  # type: ignore[union-attr]
+    try:
+        dest_cfg = rt.config.host(dest)
+        assert dest_cfg is not None
+        a.migrate(moving.domain_name, b, xml=xml, migrate_uri=dest_cfg.migration_uri,
+                  unsafe=rt.config.storage.unrecognised_shared)
+    finally:
+        a.close()
+        b.close()
+    assert where(qfarm, vm.id) == [(dest, "running")]
+    assert rt.store.require_instance(vm.id).state is InstanceState.MIGRATING  # the landing, never written
+    rt.app.send_task(MIGRATE, args=[vm.id, dest, moving.epoch], queue=host_queue(src), priority=PRIORITY_HA)
+    wait_until(lambda: (i := rt.store.get_instance(vm.id)) is not None and i.host == dest
+               and i.state is InstanceState.READY, 60, what="the move settled on the destination")
+    kinds = [e.kind for e in rt.store.read_events(count=500) if e.instance == vm.id]
+    assert "migration_settled" in kinds and "migrated" in kinds, kinds
+    assert vm.id in rt.store.claims_on(dest) and vm.id not in rt.store.claims_on(src)
+    assert uptime(qfarm, vm.id) > before  # the same guest, never restarted
+    assert where(qfarm, vm.id) == [(dest, "running")]
+    release(rt, vm.id)
+    wait(rt, vm.id, 60, until=ENDED)
+
+
+def test_a_move_that_never_left_is_undone_and_tried_again(qfarm: QFarm) -> None:
+    """The agent died right after it claimed the destination (the record says migrating, the guest never
+    left): the redelivered request puts the record back to ready and moves the guest for real."""
+    from provisioner.messaging import MIGRATE, PRIORITY_HA, host_queue
+    from provisioner.runtime import claim
+
+    rt = qfarm.rt
+    vm = provision(qfarm, vo="cms")
+    assert vm.host is not None
+    src = vm.host
+    dest = next(h.name for h in rt.config.hosts if h.name != src)
+    moving = rt.store.transition_from(rt.store.require_instance(vm.id), InstanceState.MIGRATING)
+    assert claim(rt, dest, moving)
+    rt.app.send_task(MIGRATE, args=[vm.id, dest, moving.epoch], queue=host_queue(src), priority=PRIORITY_HA)
+    wait_until(lambda: (i := rt.store.get_instance(vm.id)) is not None and i.host == dest
+               and i.state is InstanceState.READY, 60, what="the move undone, then done")
+    kinds = [e.kind for e in rt.store.read_events(count=500) if e.instance == vm.id]
+    assert kinds.index("migration_reverted") < kinds.index("migrated"), kinds
+    assert where(qfarm, vm.id) == [(dest, "running")]
+    assert vm.id in rt.store.claims_on(dest) and vm.id not in rt.store.claims_on(src)
+    release(rt, vm.id)
+    wait(rt, vm.id, 60, until=ENDED)
+
+
 def test_drain_moves_services_live_and_the_ce_keeps_its_address(qfarm: QFarm) -> None:
     ce = provision(qfarm, image="ce", service="ce-01", ip="10.77.0.10")
     assert ce.host is not None and ce.mac is not None
