@@ -17,14 +17,12 @@ never act on a VM that has since moved or been placed anew.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from provisioner.errors import ConflictError, DynvmError, NotFoundError, UnavailableError
+from provisioner.errors import ConflictError, DynvmError, NotFoundError
 from provisioner.interfaces import DomainInfo, DomainState
 from provisioner.model import Instance, InstanceState
 from provisioner.runtime import Runtime, boot_slot
@@ -342,15 +340,11 @@ def apply(rt: Runtime, d: Decision) -> bool:
             return _destroy_orphan(rt, d.observation)
         if d.action is Action.MARK_LOST:
             return _mark_lost(rt, d.observation)
-        if d.action is Action.REDRIVE_BOOT:
-            return _redrive(rt, d.observation)
-        if d.action is Action.REDRIVE_RELEASE:
-            return _redrive_release(rt, d.observation)
-        if d.action is Action.SETTLE_MIGRATION:
-            from provisioner.agent.migrate import settle_stalled
+        if d.action in (Action.REDRIVE_BOOT, Action.REDRIVE_RELEASE, Action.SETTLE_MIGRATION):
+            from provisioner.agent.redrive import redrive
 
             assert d.observation.record is not None
-            settle_stalled(rt, d.observation.record)
+            redrive(rt, d.action.value, d.observation.record)
             return True
     except ConflictError as err:
         log.info("reconcile %s: %s not applied: %s", rt.host, d.action.value, err)
@@ -361,8 +355,6 @@ def apply(rt: Runtime, d: Decision) -> bool:
         )
         return False
     return True  # KEEP / REPLAN: nothing to apply
-
-
 
 
 def _destroy_orphan(rt: Runtime, obs: Observation) -> bool:
@@ -394,41 +386,6 @@ def _mark_lost(rt: Runtime, obs: Observation) -> bool:
     )
     rt.store.notify(obs.instance_id)
     return True
-
-
-def _redrive(rt: Runtime, obs: Observation) -> bool:
-    from provisioner.agent.lifecycle import boot_instance
-
-    assert obs.record is not None
-    rt.store.add_event(
-        "redrive", instance=obs.instance_id, host=rt.host, message="re-driving an unfinished boot"
-    )
-    with _again_if_redis_is_down(rt, obs.instance_id):
-        boot_instance(rt, obs.instance_id, expected_epoch=obs.record.epoch)
-    return True
-
-
-def _redrive_release(rt: Runtime, obs: Observation) -> bool:
-    from provisioner.agent.lifecycle import release_instance
-
-    rt.store.add_event(
-        "redrive_release", instance=obs.instance_id, host=rt.host, message="re-driving an unfinished release"
-    )
-    with _again_if_redis_is_down(rt, obs.instance_id):
-        release_instance(rt, obs.instance_id)
-    return True
-
-
-@contextlib.contextmanager
-def _again_if_redis_is_down(rt: Runtime, instance_id: str) -> Iterator[None]:
-    """A re-drive that meets Redis down again is noted for the next pass (as its lost retry was); any other
-    failure leaves it to the grace, so a boot that keeps failing is not re-driven every pass."""
-    try:
-        yield
-    except UnavailableError:
-        with rt.lock:
-            rt.lost_retries.add(instance_id)
-        raise
 
 
 def release_stale_claims(rt: Runtime) -> list[str]:

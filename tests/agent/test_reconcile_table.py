@@ -340,16 +340,16 @@ def test_a_redrive_that_meets_redis_down_again_is_kept_for_the_next_pass_and_no_
     import threading
     import types
 
-    from provisioner.agent.reconcile import _again_if_redis_is_down
+    from provisioner.agent.redrive import again_if_redis_is_down
     from provisioner.errors import HypervisorError, UnavailableError
 
     rt = types.SimpleNamespace(lock=threading.Lock(), lost_retries=set())
-    with pytest.raises(UnavailableError), _again_if_redis_is_down(rt, "x1"):  # type: ignore[arg-type]
+    with pytest.raises(UnavailableError), again_if_redis_is_down(rt, "x1"):  # type: ignore[arg-type]
         raise UnavailableError("redis at redis://h:1/0 is unreachable")
     assert rt.lost_retries == {"x1"}
     # a boot that fails for another reason is left to the grace: not re-driven on every pass
-    with pytest.raises(HypervisorError), _again_if_redis_is_down(rt, "x2"):  # type: ignore[arg-type]
+    with pytest.raises(HypervisorError), again_if_redis_is_down(rt, "x2"):  # type: ignore[arg-type]
         raise HypervisorError("qemu:///system: define and start: internal error")
-    with _again_if_redis_is_down(rt, "x3"):  # type: ignore[arg-type]
+    with again_if_redis_is_down(rt, "x3"):  # type: ignore[arg-type]
         pass
     assert rt.lost_retries == {"x1"}
