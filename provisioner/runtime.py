@@ -32,8 +32,8 @@ class Runtime:
     hypervisor: Hypervisor | None = None  # set in a host agent
     lease_token: str = ""  # a host agent's lease token (its identity towards the host's lease)
     booting: set[str] = field(default_factory=set)  # instance ids this agent is booting right now
-    # Instance ids whose boot or release retry the broker refused (provisioner.tasking): the message is
-    # gone, so this agent's reconciler re-drives them at its next pass instead of after the grace.
+    # Instance ids whose boot, release or migrate retry the broker refused (provisioner.tasking): the
+    # message is gone, so this agent's reconciler re-drives (or settles) them at its next pass.
     lost_retries: set[str] = field(default_factory=set)
     catalogue_mtime: int | None = None  # catalogue signature (directory + files' mtimes) at the last load
     lock: threading.Lock = field(default_factory=threading.Lock)

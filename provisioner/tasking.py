@@ -25,8 +25,8 @@ def runtime_of(task: Any) -> Any:
     return rt
 
 
-# The host agent's boot and release: the same policy, applied by the task itself (retry_or_note) instead
-# of by Celery's autoretry, so that a retry the broker refuses is not silently gone.
+# The host agent's boot, release and migrate: the same policy, applied by the task itself (retry_or_note)
+# instead of by Celery's autoretry, so that a retry the broker refuses is not silently gone.
 AGENT_RETRY: dict[str, Any] = {"max_retries": RETRY["max_retries"]}
 
 

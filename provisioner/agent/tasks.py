@@ -6,7 +6,7 @@ from typing import Any
 
 from provisioner.errors import TransientError
 from provisioner.messaging import BOOT, INVENTORY, MIGRATE, RELEASE
-from provisioner.tasking import AGENT_RETRY, RETRY, retry_or_note, runtime_of
+from provisioner.tasking import AGENT_RETRY, retry_or_note, runtime_of
 
 
 def register(app: Any) -> None:
@@ -30,11 +30,15 @@ def register(app: Any) -> None:
         except TransientError as exc:
             retry_or_note(self, exc, lambda: note_lost_retry(rt, instance_id))
 
-    @app.task(name=MIGRATE, shared=False, bind=True, **RETRY)  # type: ignore[untyped-decorator]
+    @app.task(name=MIGRATE, shared=False, bind=True, **AGENT_RETRY)  # type: ignore[untyped-decorator]
     def migrate(self: Any, instance_id: str, dest: str, epoch: int | None = None) -> None:
         from provisioner.agent.migrate import migrate_instance
 
-        migrate_instance(runtime_of(self), instance_id, dest, expected_epoch=epoch)
+        rt = runtime_of(self)
+        try:
+            migrate_instance(rt, instance_id, dest, expected_epoch=epoch)
+        except TransientError as exc:  # a lost retry: the reconciler settles the move at its next pass
+            retry_or_note(self, exc, lambda: note_lost_retry(rt, instance_id))
 
     @app.task(name=INVENTORY, shared=False, bind=True)  # type: ignore[untyped-decorator]
     def inventory(self: Any, request_id: str, *args: Any) -> None:
@@ -46,7 +50,8 @@ def register(app: Any) -> None:
 
 
 def note_lost_retry(rt: Any, instance_id: str) -> None:
-    """The broker refused this instance's retry: the reconciler re-drives it at its next pass."""
+    """The broker refused this instance's retry: the reconciler re-drives it (boot, release) or settles it
+    (a move) at its next pass, instead of after the grace."""
     import logging
 
     with rt.lock:

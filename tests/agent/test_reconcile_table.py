@@ -186,6 +186,7 @@ def test_every_state_has_a_phase() -> None:
     # a move nobody finished (its agent died mid-migration, or its landing was never written)
     assert phase_of(rec("a", S.MIGRATING, updated=NOW - GRACE - 1), NOW, GRACE, False) is Phase.MIG_STALLED
     assert phase_of(rec("a", S.MIGRATING, updated=NOW - 1), NOW, GRACE, startup=True) is Phase.MIG_STALLED
+    assert phase_of(rec("a", S.MIGRATING, updated=NOW - 1), NOW, GRACE, False, lost=True) is Phase.MIG_STALLED
     assert phase_of(None, NOW, GRACE, False) is Phase.NONE
 
 
