@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from batch_hooks.context import JobContext
-from provisioner.errors import DynvmError, ValidationError
+from provisioner.errors import DynvmError, ValidationError, printable
 
 GLOBAL_ID_RE = re.compile(r"^([A-Za-z0-9_.@-]{1,128})#([0-9]{1,10})\.([0-9]{1,7})#([0-9]{1,12})$")
 MAX_AD_BYTES = 1024 * 1024
@@ -147,7 +147,7 @@ def read_global_id(source: TextIO) -> str:
 
 def ad_string(text: str) -> str:
     """A ClassAd string literal of printable ASCII."""
-    clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+    clean = printable(text)
     return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 
 from batch_hooks.context import JobContext
-from provisioner.errors import DynvmError, PermanentError, UnavailableError, ValidationError
+from provisioner.errors import DynvmError, PermanentError, UnavailableError, ValidationError, printable
 
 SCONTROL_TIMEOUT_S = 20.0
 MEM_RE = re.compile(r"^([0-9]{1,9})([KMGT]?)$")
@@ -117,7 +117,7 @@ def job_ref(env: Mapping[str, str]) -> str | None:
 
 def admin_comment(text: str) -> str:
     """One line, printable ASCII, bounded: the reason is shown by scontrol and read by the TaskProlog."""
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:400]
+    return printable(text, 400)
 
 
 def prolog(env: Mapping[str, str]) -> int:

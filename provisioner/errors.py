@@ -129,3 +129,10 @@ class NotReadyError(PermanentError):
 
     exit_code = EXIT_TIMEOUT
     code = "not_ready"
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """Untrusted text (a guest's console, a job's string) made safe to show in one line: printable ASCII
+    only (anything else becomes ``?``, so no terminal escape gets through), at most ``limit`` characters."""
+    clean = "".join(c if 32 <= ord(c) < 127 else "?" for c in text)
+    return clean if limit is None else clean[:limit]

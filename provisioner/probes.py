@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from provisioner.catalogue.model import Probe, ProbeType
-from provisioner.errors import DeadlineExceeded, DynvmError, UnavailableError, ValidationError
+from provisioner.errors import DeadlineExceeded, DynvmError, UnavailableError, ValidationError, printable
 from provisioner.execchan.client import MAX_TIMEOUT_S, build_script
 from provisioner.interfaces import DomainState
 
@@ -146,8 +146,7 @@ class SerialMarkerProbe:
         j = data.find(self.fail_marker) if self.fail_marker else -1
         if j >= 0 and (i < 0 or j < i):
             line = data[j:].split(b"\n", 1)[0].decode("ascii", "replace")
-            text = "".join(c if 32 <= ord(c) < 127 else "?" for c in line.strip())[:160]
-            raise GuestGaveUp(f"{self.path}: the guest printed {text!r}")
+            raise GuestGaveUp(f"{self.path}: the guest printed {printable(line.strip(), 160)!r}")
         if i >= 0:
             self.found_at = self.offset - len(self._tail) + i
         self.offset += len(new)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from provisioner.catalogue.model import ProbeType, ResolvedImage
 from provisioner.config import DomainType
-from provisioner.errors import DeadlineExceeded, DynvmError, HypervisorError, NotReadyError
+from provisioner.errors import DeadlineExceeded, DynvmError, HypervisorError, NotReadyError, printable
 from provisioner.interfaces import DomainState
 from provisioner.model import Instance
 from provisioner.runtime import Runtime
@@ -104,8 +104,7 @@ def console_tail(path: Path, limit: int = 160) -> str:
     lines = [ln for ln in data.decode("ascii", "replace").splitlines() if ln.strip()]
     if not lines:
         return ""
-    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in lines[-1].strip())
-    return f"; console: {text[:limit]}"
+    return f"; console: {printable(lines[-1].strip(), limit)}"
 
 
 def domain_running(rt: Runtime, inst: Instance) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from provisioner.errors import TransientError
 from provisioner.messaging import BOOT, INVENTORY, MIGRATE, RELEASE
 from provisioner.tasking import AGENT_RETRY, retry_or_note, runtime_of
+
+log = logging.getLogger(__name__)
 
 
 def register(app: Any) -> None:
@@ -52,10 +55,8 @@ def register(app: Any) -> None:
 def note_lost_retry(rt: Any, instance_id: str) -> None:
     """The broker refused this instance's retry: the reconciler re-drives it (boot, release) or settles it
     (a move) at its next pass, instead of after the grace."""
-    import logging
-
     with rt.lock:
         rt.lost_retries.add(instance_id)
-    logging.getLogger(__name__).warning(
+    log.warning(
         "agent %s: the retry of %s could not be queued (broker down): re-driven by the next reconcile pass",
         rt.host, instance_id)
